@@ -1,0 +1,41 @@
+from django.conf import settings
+from django.utils import timezone
+from rest_framework.authentication import BaseAuthentication, get_authorization_header
+
+from gatehouse.accounts.models import ApiToken
+from gatehouse.accounts.services import api_token_touch, token_hash
+from gatehouse.core.errors import NotAuthenticated
+
+
+def token_from_header(header: bytes) -> ApiToken | None:
+    """The active token named by an `Authorization: Bearer …` header, None when there is no header.
+
+    A header that names a bad token fails loudly: a typo must not silently become an anonymous call.
+    """
+    parts = header.split()
+    if not parts or parts[0].lower() != b"bearer":
+        return None
+    if len(parts) != 2:
+        raise NotAuthenticated("Malformed Authorization header; send 'Authorization: Bearer <token>'.")
+    raw = parts[1].decode("latin-1")
+    token = ApiToken.objects.select_related("user").filter(key_hash=token_hash(raw)).first()
+    if token is None:
+        raise NotAuthenticated("Invalid token. Create one with `manage.py create_token` or in your settings.")
+    now = timezone.now()
+    if token.revoked_at is not None:
+        raise NotAuthenticated(f"Token {token.prefix}… was revoked; create a new one.")
+    if token.expires_at is not None and token.expires_at <= now:
+        raise NotAuthenticated(f"Token {token.prefix}… expired at {token.expires_at:%Y-%m-%d %H:%M} UTC; create a new one.")
+    if not token.user.is_active:
+        raise NotAuthenticated("The token's user account is disabled.")
+    api_token_touch(token=token, resolution_seconds=settings.API_TOKEN_LAST_USED_RESOLUTION_SECONDS)
+    return token
+
+
+class BearerTokenAuthentication(BaseAuthentication):
+    def authenticate(self, request):
+        token = token_from_header(get_authorization_header(request))
+        return (token.user, token) if token else None
+
+    def authenticate_header(self, request):
+        return 'Bearer realm="gatehouse"'

@@ -1,0 +1,58 @@
+"""Shared REST plumbing: one error shape, pagination."""
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.http import Http404
+from rest_framework import exceptions, status
+from rest_framework.pagination import PageNumberPagination
+from rest_framework.response import Response
+
+from gatehouse.core.errors import ApplicationError
+
+
+def error_body(status_code: int, code: str, message: str, fields: dict | None = None) -> dict:
+    body = {"error": {"status": status_code, "code": code, "message": message}}
+    if fields:
+        body["error"]["fields"] = fields
+    return body
+
+
+def _flatten(detail) -> dict:
+    if isinstance(detail, dict):
+        return {key: [str(item) for item in value] if isinstance(value, list) else str(value)
+                for key, value in detail.items()}
+    return {"non_field_errors": [str(item) for item in detail]}
+
+
+def exception_handler(exc, context):
+    """Every API error, ours or DRF's, leaves as {"error": {status, code, message[, fields]}}."""
+    if isinstance(exc, ApplicationError):
+        response = Response(error_body(exc.status, exc.code, exc.message, exc.fields), status=exc.status)
+        if exc.status == 401:
+            response["WWW-Authenticate"] = 'Bearer realm="gatehouse"'
+        return response
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound("Not found.")
+    elif isinstance(exc, DjangoPermissionDenied):
+        exc = exceptions.PermissionDenied()
+    if not isinstance(exc, exceptions.APIException):
+        return None  # a bug: let Django log it and answer 500 through handler500
+    if isinstance(exc, exceptions.ValidationError):
+        fields = _flatten(exc.detail)
+        message = "The request is invalid: " + "; ".join(
+            f"{key}: {' '.join(value) if isinstance(value, list) else value}" for key, value in fields.items()
+        )
+        return Response(error_body(400, "invalid", message, fields), status=400)
+    code = exc.get_codes() if isinstance(exc.get_codes(), str) else exc.default_code
+    if isinstance(exc, (exceptions.NotAuthenticated, exceptions.AuthenticationFailed)):
+        response = Response(error_body(401, code, str(exc.detail)), status=status.HTTP_401_UNAUTHORIZED)
+        response["WWW-Authenticate"] = 'Bearer realm="gatehouse"'
+        return response
+    response = Response(error_body(exc.status_code, code, str(exc.detail)), status=exc.status_code)
+    if getattr(exc, "wait", None):
+        response["Retry-After"] = str(int(exc.wait))
+    return response
+
+
+class Pagination(PageNumberPagination):
+    page_size = 50
+    page_size_query_param = "page_size"
+    max_page_size = 100

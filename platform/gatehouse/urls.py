@@ -1,0 +1,15 @@
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("api/v1/", include("gatehouse.registry.api.urls")),
+    path("api/v1/", include("gatehouse.accounts.api")),
+    path("", include("gatehouse.web.urls")),
+]
+
+handler404 = "gatehouse.core.views.not_found"
+handler500 = "gatehouse.core.views.server_error"

@@ -1,0 +1,1 @@
+"""Gatehouse's training module: pure PyTorch, never imports Django (arrives with its own issue)."""
