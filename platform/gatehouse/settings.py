@@ -67,6 +67,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "django.contrib.humanize",
     "rest_framework",
     "drf_spectacular",
     "drf_spectacular_sidecar",
@@ -138,6 +139,7 @@ USE_TZ = True
 # --- Static files and weight storage --------------------------------------------------------
 STATIC_URL = "/static/"
 STATIC_ROOT = VAR_DIR / "static"
+STATIC_ROOT.mkdir(exist_ok=True)
 WHITENOISE_USE_FINDERS = True  # `make run` works before collectstatic; no CDN anywhere.
 
 GATEHOUSE_STORAGE = os.environ.get("GATEHOUSE_STORAGE", "local")

@@ -1,0 +1,57 @@
+#!/usr/bin/env python
+"""Start the embedded stack (web + Celery worker) in the foreground; Ctrl-C stops all of it."""
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", default="8000")
+    args = parser.parse_args()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "platform"), str(ROOT)]), PYTHONUNBUFFERED="1")
+    py = sys.executable
+    commands = {
+        "worker": [py, "-m", "celery", "-A", "gatehouse", "worker", "-Q", "default,gpu", "--concurrency", "1",
+                   "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"],
+        "web": [py, str(ROOT / "manage.py"), "runserver", f"{args.host}:{args.port}", "--noreload"],
+    }
+    processes = {name: subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
+                 for name, cmd in commands.items()}
+
+    def stop(*_):
+        for proc in processes.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.time() + 10
+        for proc in processes.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(0)))
+    print(f"\nGatehouse is running at http://{args.host}:{args.port}/  (API docs: /api/docs/, admin: /admin/)"
+          "\nPress Ctrl-C to stop the web server and the worker.\n", flush=True)
+    try:
+        while True:
+            for name, proc in processes.items():
+                if proc.poll() is not None:
+                    print(f"{name} exited with status {proc.returncode}; stopping.", file=sys.stderr)
+                    stop()
+                    return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        stop()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Personas and helpers. alice owns aurora (admin), bob is her teammate (member), carol is an outsider
+(admin of her own organization), root is a superuser who approves."""
+from pathlib import Path
+
+import pytest
+from django.core.files.storage import storages
+from rest_framework.test import APIClient
+
+from gatehouse import celery_app
+from gatehouse.accounts.models import Membership, Organization, User
+from gatehouse.accounts.services import api_token_create
+from gatehouse.registry.demo import write_model_folder
+from gatehouse.registry.services.ingest import files_from_directory, model_version_ingest
+from gatehouse.registry.services.versions import model_version_verify
+
+
+@pytest.fixture(autouse=True)
+def _isolated_storage(settings, tmp_path):
+    settings.STORAGES = {**settings.STORAGES, "weights": {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {"location": str(tmp_path / "weights")}}}
+    (tmp_path / "weights").mkdir()
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _eager_celery():
+    celery_app.conf.task_always_eager = True
+    celery_app.conf.task_eager_propagates = True
+    yield
+
+
+@pytest.fixture
+def weights_dir(tmp_path) -> Path:
+    return tmp_path / "weights"
+
+
+@pytest.fixture
+def stored_files(weights_dir):
+    """Every file currently in weight storage, as relative paths."""
+    return lambda: sorted(str(p.relative_to(weights_dir)) for p in weights_dir.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def aurora(db, alice):
+    org = Organization.objects.create(slug="aurora", name="Aurora")
+    Membership.objects.create(user=alice, organization=org, role=Membership.Role.ADMIN)
+    return org
+
+
+@pytest.fixture
+def northwind(db, carol):
+    org = Organization.objects.create(slug="northwind", name="Northwind")
+    Membership.objects.create(user=carol, organization=org, role=Membership.Role.ADMIN)
+    return org
+
+
+@pytest.fixture
+def alice(db):
+    return User.objects.create_user("alice", "alice@example.com", "pw-alice")
+
+
+@pytest.fixture
+def bob(db, aurora):
+    user = User.objects.create_user("bob", "bob@example.com", "pw-bob")
+    Membership.objects.create(user=user, organization=aurora, role=Membership.Role.MEMBER)
+    return user
+
+
+@pytest.fixture
+def carol(db):
+    return User.objects.create_user("carol", "carol@example.com", "pw-carol")
+
+
+@pytest.fixture
+def root(db):
+    return User.objects.create_superuser("root", "root@example.com", "pw-root")
+
+
+@pytest.fixture
+def token_for():
+    def make(user, scopes=("read",), **kwargs):
+        return api_token_create(user=user, name="test", scopes=list(scopes), **kwargs).secret
+    return make
+
+
+@pytest.fixture
+def client_for(token_for):
+    """An API client authenticated with a fresh token; `client_for(None)` is anonymous."""
+    def make(user=None, scopes=("read",)):
+        client = APIClient()
+        if user is not None:
+            client.credentials(HTTP_AUTHORIZATION=f"Bearer {token_for(user, scopes)}")
+        return client
+    return make
+
+
+@pytest.fixture
+def model_folder(tmp_path):
+    counter = iter(range(10_000))
+
+    def make(metadata=None, body="# Model\n", seed=None, **kwargs) -> Path:
+        n = next(counter)
+        return write_model_folder(tmp_path / f"folder{n}", metadata=metadata, body=body,
+                                  seed=n if seed is None else seed, **kwargs)
+    return make
+
+
+@pytest.fixture
+def register(model_folder):
+    """Ingest and verify a model folder; returns the verified version."""
+    def make(org, name, user, *, tier="open", metadata=None, seed=None, verify=True):
+        folder = model_folder(metadata=metadata, seed=seed)
+        version = model_version_ingest(organization=org, name=name, files=files_from_directory(folder), user=user,
+                                       tier=tier)
+        return model_version_verify(version_id=version.pk) if verify else version
+    return make
+
+
+@pytest.fixture
+def weights_storage():
+    return storages["weights"]
