@@ -18,8 +18,9 @@ def main() -> int:
     args = parser.parse_args()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "platform"), str(ROOT)]), PYTHONUNBUFFERED="1")
     py = sys.executable
+    queue = os.environ.get("GATEHOUSE_DEFAULT_QUEUE", "default")
     commands = {
-        "worker": [py, "-m", "celery", "-A", "gatehouse", "worker", "-Q", "default,gpu", "--concurrency", "1",
+        "worker": [py, "-m", "celery", "-A", "gatehouse", "worker", "-Q", f"{queue},gpu", "--concurrency", "1",
                    "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"],
         "web": [py, str(ROOT / "manage.py"), "runserver", f"{args.host}:{args.port}", "--noreload"],
     }

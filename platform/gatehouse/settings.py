@@ -146,7 +146,7 @@ GATEHOUSE_STORAGE = os.environ.get("GATEHOUSE_STORAGE", "local")
 if GATEHOUSE_STORAGE == "local":
     WEIGHTS_STORAGE = {
         "BACKEND": "django.core.files.storage.FileSystemStorage",
-        "OPTIONS": {"location": str(VAR_DIR / "weights")},
+        "OPTIONS": {"location": os.environ.get("GATEHOUSE_WEIGHTS_DIR") or str(VAR_DIR / "weights")},
     }
 elif GATEHOUSE_STORAGE == "s3":
     if not os.environ.get("AWS_STORAGE_BUCKET_NAME"):
@@ -192,7 +192,7 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
 CELERY_TASK_ALWAYS_EAGER = envbool("CELERY_TASK_ALWAYS_EAGER")
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
-CELERY_TASK_DEFAULT_QUEUE = "default"
+CELERY_TASK_DEFAULT_QUEUE = os.environ.get("GATEHOUSE_DEFAULT_QUEUE", "default")
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1

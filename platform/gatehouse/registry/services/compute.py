@@ -8,6 +8,7 @@ from django.db.models import Sum
 from gatehouse.audit.services import audit_record
 from gatehouse.core.errors import InvalidInput
 from gatehouse.registry.models import ComputeRecord, ModelVersion
+from gatehouse.registry.selectors import organization_for_writer
 
 
 def estimate_flops(*, parameters: int | None, tokens: int | None, flops: float | None, hardware: str,
@@ -29,6 +30,7 @@ def compute_record_create(*, version: ModelVersion, actor, hardware: str, device
                           parameters: int | None = None, tokens: int | None = None, utilization: float | None = None,
                           energy_kwh: float | None = None, precision: str = "", provider: str = "",
                           stage: str = "pretraining") -> ComputeRecord:
+    organization_for_writer(user=actor, organization=version.model.organization)
     if device_count < 1:
         raise InvalidInput("device_count must be at least 1.")
     if wall_time_seconds < 0 or (flops is not None and flops < 0) or (energy_kwh is not None and energy_kwh < 0):
