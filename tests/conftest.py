@@ -114,8 +114,8 @@ def model_folder(tmp_path):
 @pytest.fixture
 def register(model_folder):
     """Ingest and verify a model folder; returns the verified version."""
-    def make(org, name, user, *, tier="open", metadata=None, seed=None, verify=True):
-        folder = model_folder(metadata=metadata, seed=seed)
+    def make(org, name, user, *, tier="open", metadata=None, seed=None, verify=True, body="# Model\n"):
+        folder = model_folder(metadata=metadata, seed=seed, body=body)
         version = model_version_ingest(organization=org, name=name, files=files_from_directory(folder), user=user,
                                        tier=tier)
         return model_version_verify(version_id=version.pk) if verify else version

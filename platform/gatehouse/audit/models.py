@@ -24,7 +24,9 @@ class AuditEvent(models.Model):
     action = models.CharField(max_length=64, db_index=True)
     target_type = models.CharField(max_length=64, blank=True)
     target_id = models.CharField(max_length=64, blank=True)
-    data = models.JSONField(default=dict)
+    # Canonical JSON text, not a JSONField: jsonb rewrites numbers (3.36e+23 comes back as an integer),
+    # which would break the hash. What is stored is exactly what was hashed.
+    data = models.TextField(default="{}")
     prev_hash = models.CharField(max_length=64)
     hash = models.CharField(max_length=64, unique=True)
 
@@ -38,6 +40,12 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.pk} {self.action} {self.target_type}:{self.target_id}"
+
+    @property
+    def payload(self) -> dict:
+        import json
+
+        return json.loads(self.data)
 
     def save(self, *args, **kwargs):
         if not self._state.adding:

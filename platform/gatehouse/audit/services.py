@@ -43,8 +43,7 @@ def audit_record(*, actor, action: str, target=None, data: dict | None = None) -
             action=action,
             target_type=target._meta.label_lower if target is not None else "",
             target_id=str(target.pk) if target is not None else "",
-            # Round-trip through JSON so what is hashed is exactly what the database will give back.
-            data=json.loads(_canonical(data or {})),
+            data=_canonical(data or {}),
             prev_hash=last or AuditEvent.GENESIS,
         )
         event.hash = event_hash(event)

@@ -46,9 +46,10 @@ class ModelAdmin(admin.ModelAdmin):
 class ModelVersionAdmin(admin.ModelAdmin):
     list_display = ["__str__", "status", "parameters", "cumulative_flops", "created_at"]
     list_filter = ["status"]
-    readonly_fields = ["model", "commit", "status", "error", "card", "card_metadata", "config", "total_bytes",
-                       "own_flops", "cumulative_flops", "base_version", "parameters", "verified_at", "created_by"]
     inlines = [ModelFileInline]
+
+    def get_readonly_fields(self, request, obj=None):
+        return [f.name for f in m.ModelVersion._meta.fields] + ["datasets"]  # versions are immutable
 
 
 @admin.register(m.ComputeRecord)

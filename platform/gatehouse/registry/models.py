@@ -65,7 +65,7 @@ class Dataset(models.Model):
                           "distribution", "maintenance")
 
     class Meta:
-        ordering = ["organization__slug", "name"]
+        ordering = ["name"]
         constraints = [
             models.UniqueConstraint(fields=["organization", "name"], name="dataset_unique_name"),
             models.CheckConstraint(condition=Q(name__regex=SLUG_RE), name="dataset_name_format"),
@@ -91,7 +91,7 @@ class DatasetVersion(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
-        ordering = ["dataset", "-created_at"]
+        ordering = ["-created_at"]
         constraints = [
             models.UniqueConstraint(fields=["dataset", "version"], name="dataset_version_unique"),
             models.CheckConstraint(condition=Q(documents__gte=0) & Q(tokens__gte=0) & Q(bytes__gte=0),
@@ -120,6 +120,10 @@ class BaseRelation(models.TextChoices):
     DISTILLATION = "distillation", "Distillation"
 
 
+# Meta.ordering uses local fields only: ordering through a relation makes Django resolve the related
+# model's ordering on every query (a measurable cost on the hot list and detail paths).
+
+
 class Model(models.Model):
     """A repository `org/name`. Its facts at any point in time live on its versions."""
 
@@ -139,7 +143,7 @@ class Model(models.Model):
     updated_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
-        ordering = ["organization__slug", "name"]
+        ordering = ["name"]
         constraints = [
             models.UniqueConstraint(fields=["organization", "name"], name="model_unique_name"),
             models.CheckConstraint(condition=Q(name__regex=SLUG_RE), name="model_name_format"),
@@ -150,7 +154,7 @@ class Model(models.Model):
                 name="model_base_relation_consistent"),
             models.CheckConstraint(condition=~Q(base_model=F("id")), name="model_not_own_base"),
         ]
-        indexes = [models.Index(fields=["tier"]), models.Index(fields=["task"]), models.Index(fields=["-updated_at"])]
+        indexes = [models.Index(fields=["tier"]), models.Index(fields=["task"]), models.Index(fields=["-updated_at", "-id"], name="model_recent_first")]
 
     def __str__(self) -> str:
         return self.repo_id
@@ -192,7 +196,7 @@ class ModelVersion(models.Model):
     verified_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
-        ordering = ["model", "-created_at"]
+        ordering = ["-created_at"]
         get_latest_by = "created_at"
         constraints = [
             models.UniqueConstraint(fields=["model", "commit"], name="model_version_unique_commit"),
@@ -210,6 +214,13 @@ class ModelVersion(models.Model):
     def __str__(self) -> str:
         return f"{self.model_id}@{self.commit[:10]}"
 
+    def save(self, *args, **kwargs):
+        # A verified version is immutable: its commit id promises these exact files and facts.
+        # (Derived totals and status move through conditional UPDATEs in the services, not save().)
+        if self.pk and ModelVersion.objects.filter(pk=self.pk, status=self.Status.VERIFIED).exists():
+            raise ValueError(f"{self} is verified and immutable; register a new version instead.")
+        super().save(*args, **kwargs)
+
     @property
     def is_usable(self) -> bool:
         return self.status == self.Status.VERIFIED
@@ -225,7 +236,7 @@ class ModelFile(models.Model):
     safetensors = models.JSONField(null=True, blank=True)
 
     class Meta:
-        ordering = ["version", "path"]
+        ordering = ["path"]
         constraints = [
             models.UniqueConstraint(fields=["version", "path"], name="model_file_unique_path"),
             models.CheckConstraint(condition=Q(size__gte=0), name="model_file_size_nonnegative"),
@@ -248,7 +259,7 @@ class ModelRef(models.Model):
     updated_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
-        ordering = ["model", "kind", "name"]
+        ordering = ["kind", "name"]
         constraints = [
             models.UniqueConstraint(fields=["model", "name"], name="model_ref_unique_name"),
             models.CheckConstraint(condition=Q(name__regex=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -287,7 +298,7 @@ class ComputeRecord(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
-        ordering = ["version", "created_at"]
+        ordering = ["created_at"]
         constraints = [
             models.CheckConstraint(condition=Q(flops__gte=0) & Q(energy_kwh__gte=0) & Q(emissions_kg__gte=0)
                                    & Q(device_hours__gte=0) & Q(wall_time_seconds__gte=0) & Q(cost_usd__gte=0),
@@ -376,7 +387,7 @@ class EvaluationResult(models.Model):
     evaluated_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
-        ordering = ["version", "benchmark__key", "metric"]
+        ordering = ["id"]
         constraints = [
             models.UniqueConstraint(fields=["version", "benchmark", "metric", "evaluator"],
                                     name="evaluation_result_unique"),
@@ -419,7 +430,7 @@ class RiskDomain(models.Model):
     description = models.TextField(blank=True)
 
     class Meta:
-        ordering = ["framework", "key"]
+        ordering = ["key"]
         constraints = [models.UniqueConstraint(fields=["framework", "key"], name="risk_domain_unique")]
 
     def __str__(self) -> str:
@@ -437,7 +448,7 @@ class RiskThreshold(models.Model):
     required_safeguards = models.TextField(blank=True)
 
     class Meta:
-        ordering = ["domain", "rank"]
+        ordering = ["rank"]
         constraints = [
             models.UniqueConstraint(fields=["domain", "key"], name="risk_threshold_unique_key"),
             models.UniqueConstraint(fields=["domain", "rank"], name="risk_threshold_unique_rank"),
@@ -470,7 +481,7 @@ class RiskAssessment(models.Model):
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
 
     class Meta:
-        ordering = ["version", "threshold", "-assessed_at"]
+        ordering = ["-assessed_at"]
         constraints = [
             models.CheckConstraint(condition=Q(outcome__in=["below", "cannot_rule_out", "above"]),
                                    name="risk_assessment_outcome_valid"),

@@ -205,3 +205,10 @@ def test_schema_and_docs_are_served_without_a_cdn(db, client):
     assert "cdn" not in html.lower() and "unpkg" not in html.lower()
     asset = next(part.split('"')[0] for part in html.split('src="')[1:] if "swagger-ui-bundle" in part)
     assert client.get(asset).status_code == 200
+
+
+def test_a_token_without_read_scope_cannot_read(catalog, alice, client_for):
+    response = client_for(alice, scopes=["inference"]).get("/api/v1/models")
+    assert response.status_code == 403
+    assert response.json()["error"] == {"status": 403, "code": "missing_scope",
+                                        "message": "This token lacks the 'read' scope; create a token with --scopes read."}

@@ -213,3 +213,26 @@ def test_register_model_refuses_pickle_with_one_line(aurora, alice, model_folder
     with pytest.raises(CommandError, match="pytorch_model.bin is a pickle-based format"):
         call_command("register_model", str(folder), "--model", "aurora/m", "--user", "alice")
     _assert_nothing_happened(stored_files)
+
+
+def test_a_verified_version_is_immutable(aurora, alice, register):
+    version = register(aurora, "m", alice)
+    version.message = "rewritten history"
+    with pytest.raises(ValueError, match="is verified and immutable"):
+        version.save()
+    assert ModelVersion.objects.get(pk=version.pk).message == ""
+
+
+def test_verification_fails_when_stored_bytes_changed(aurora, alice, register, weights_dir):
+    from gatehouse.registry.services.versions import model_version_verify
+
+    version = register(aurora, "m", alice, verify=False)
+    stored = version.files.get(path="config.json")
+    (weights_dir / stored.storage_key).write_text('{"tampered": true}')
+    result = model_version_verify(version_id=version.pk)
+    assert result.status == "failed"
+    assert "config.json: stored" in result.error
+    assert Model.objects.get().latest_version is None
+    assert ModelRef.objects.count() == 0
+    assert model_version_verify(version_id=version.pk).status == "failed"  # idempotent: a redelivery changes nothing
+    assert AuditEvent.objects.filter(action="model_version.fail").count() == 1

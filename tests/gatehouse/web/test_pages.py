@@ -11,9 +11,7 @@ def test_model_list_page_shows_visible_models_only(aurora, alice, bob, register,
 
 def test_model_card_page_renders_markdown_safely(aurora, alice, register, client):
     body = "# Title\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n<script>alert(1)</script>\n\n[x](javascript:alert(1))\n\n<img src=x onerror=alert(1)>\n"
-    version = register(aurora, "m", alice, metadata={"license": "mit"})
-    version.card = "---\nlicense: mit\n---\n" + body
-    version.save(update_fields=["card"])
+    version = register(aurora, "m", alice, metadata={"license": "mit"}, body=body)
     html = client.get("/aurora/m").content.decode()
     assert "<h1>Title</h1>" in html and "<table>" in html
     assert "<script>alert" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html  # shown, never run

@@ -269,3 +269,45 @@ class LineageEntrySerializer(serializers.Serializer):
     relation = serializers.CharField()
     own_flops = serializers.FloatField()
     cumulative_flops = serializers.FloatField()
+
+
+LIST_FIELDS = ("organization__slug", "name", "summary", "tier", "task", "tags", "license__key", "created_at",
+               "updated_at", "latest_version__commit", "latest_version__created_at", "latest_version__verified_at",
+               "latest_version__architecture", "latest_version__parameters", "latest_version__context_length",
+               "latest_version__total_bytes", "latest_version__own_flops", "latest_version__cumulative_flops")
+
+
+def _iso(value):
+    if value is None:
+        return None
+    text = value.isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+def model_list_rows(rows, thresholds: list[DesignationThreshold]) -> list[dict]:
+    """The list endpoint's items, shaped like ModelListSerializer, built from `.values(*LIST_FIELDS)` rows.
+
+    Lists are the hottest read; a nested ModelSerializer per row cost more than the queries did, and
+    values() also keeps large per-version text (cards, configs) out of the list query.
+    """
+    items = []
+    for row in rows:
+        latest = None
+        if row["latest_version__commit"] is not None:
+            own, cumulative = row["latest_version__own_flops"], row["latest_version__cumulative_flops"]
+            latest = {
+                "commit": row["latest_version__commit"], "created_at": _iso(row["latest_version__created_at"]),
+                "verified_at": _iso(row["latest_version__verified_at"]),
+                "architecture": row["latest_version__architecture"], "parameters": row["latest_version__parameters"],
+                "context_length": row["latest_version__context_length"],
+                "total_bytes": row["latest_version__total_bytes"], "own_flops": own, "cumulative_flops": cumulative,
+            }
+        items.append({
+            "id": f"{row['organization__slug']}/{row['name']}", "organization": row["organization__slug"],
+            "name": row["name"], "summary": row["summary"], "tier": row["tier"], "task": row["task"],
+            "tags": row["tags"], "license": row["license__key"], "latest_version": latest,
+            "designations": [t.key for t in thresholds
+                             if latest and t.applies_to(own_flops=own, cumulative_flops=cumulative)],
+            "created_at": _iso(row["created_at"]), "updated_at": _iso(row["updated_at"]),
+        })
+    return items

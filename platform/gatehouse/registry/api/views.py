@@ -45,9 +45,8 @@ class ModelListApi(GenericAPIView):
         models = selectors.model_list(user=request.user, q=params.get("q", "")[:200], license=params.get("license", ""),
                                       tier=tier, task=params.get("task", ""), organization=params.get("organization", ""),
                                       designation=params.get("designation", ""))
-        page = self.paginate_queryset(models)
-        context = {"thresholds": selectors.designation_thresholds()}
-        return self.get_paginated_response(s.ModelListSerializer(page, many=True, context=context).data)
+        page = self.paginate_queryset(models.values(*s.LIST_FIELDS))
+        return self.get_paginated_response(s.model_list_rows(page, selectors.designation_thresholds()))
 
 
 class ModelDetailApi(GenericAPIView):
