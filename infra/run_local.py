@@ -20,7 +20,7 @@ def main() -> int:
     py = sys.executable
     queue = os.environ.get("GATEHOUSE_DEFAULT_QUEUE", "default")
     commands = {
-        "worker": [py, "-m", "celery", "-A", "gatehouse", "worker", "-Q", f"{queue},gpu", "--concurrency", "1",
+        "worker": [py, "-m", "celery", "-A", "gatehouse", "worker", "-Q", f"{queue},gpu", "--pool", "solo",
                    "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"],
         "web": [py, str(ROOT / "manage.py"), "runserver", f"{args.host}:{args.port}", "--noreload"],
     }
@@ -38,7 +38,12 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
 
-    signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(0)))
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    # Installed explicitly: a shell that starts us in the background leaves SIGINT ignored otherwise.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupted)
     print(f"\nGatehouse is running at http://{args.host}:{args.port}/  (API docs: /api/docs/, admin: /admin/)"
           "\nPress Ctrl-C to stop the web server and the worker.\n", flush=True)
     try:
@@ -51,6 +56,7 @@ def main() -> int:
             time.sleep(0.5)
     except KeyboardInterrupt:
         stop()
+        print("Stopped.", flush=True)
         return 0
 
 

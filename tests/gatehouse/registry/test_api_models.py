@@ -212,3 +212,10 @@ def test_a_token_without_read_scope_cannot_read(catalog, alice, client_for):
     assert response.status_code == 403
     assert response.json()["error"] == {"status": 403, "code": "missing_scope",
                                         "message": "This token lacks the 'read' scope; create a token with --scopes read."}
+
+
+def test_openapi_schema_is_valid_and_warning_free(db, tmp_path):
+    from django.core.management import call_command
+
+    call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(tmp_path / "schema.yaml"))
+    assert "/api/v1/models/{org}/{name}/risk-assessments" in (tmp_path / "schema.yaml").read_text()
