@@ -219,3 +219,37 @@ def test_openapi_schema_is_valid_and_warning_free(db, tmp_path):
 
     call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(tmp_path / "schema.yaml"))
     assert "/api/v1/models/{org}/{name}/risk-assessments" in (tmp_path / "schema.yaml").read_text()
+
+
+def test_tags_resolve_as_revisions(aurora, alice, register, client_for):
+    from gatehouse.core.errors import InvalidInput
+    from gatehouse.registry.services.versions import model_ref_set
+
+    first = register(aurora, "m", alice)
+    register(aurora, "m", alice, seed=42)
+    model_ref_set(model=first.model, name="v1.0", version=first, actor=alice)
+    with pytest.raises(InvalidInput, match="'main' always points at the newest verified version"):
+        model_ref_set(model=first.model, name="main", version=first, actor=alice)
+    compute = client_for(None).get("/api/v1/models/aurora/m/compute?revision=v1.0").json()
+    assert compute["commit"] == first.commit
+    refs = {r["name"]: r["commit"] for r in client_for(None).get("/api/v1/models/aurora/m").json()["refs"]}
+    assert refs["v1.0"] == first.commit and refs["main"] != first.commit
+
+
+def test_dataset_list_uses_a_constant_number_of_queries(aurora, alice, client_for):
+    from gatehouse.registry.models import Dataset, DatasetVersion, License
+
+    client = client_for(None)
+
+    def add(n):
+        for i in range(n):
+            dataset = Dataset.objects.create(organization=aurora, name=f"d{Dataset.objects.count()}", provenance="synthetic")
+            dataset.licenses.set(License.objects.filter(key__in=["mit", "apache-2.0"]))
+            DatasetVersion.objects.create(dataset=dataset, version="v1")
+
+    add(2)
+    few, _ = _count_queries(client, "/api/v1/datasets")
+    add(20)
+    many, response = _count_queries(client, "/api/v1/datasets")
+    assert response.json()["count"] == 22
+    assert few == many == 4  # count, page, licences, versions
