@@ -1,3 +1,5 @@
 import sys
 
-sys.exit("python -m training: the training module is not built yet; see the issue tracker.")
+from training.cli import main
+
+sys.exit(main())

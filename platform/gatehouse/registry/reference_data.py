@@ -26,6 +26,11 @@ LICENSES = [
      "attribution_text": "Credit the creator, link the licence, indicate changes.",
      "text": "Share and adapt for non-commercial purposes with attribution. "
              "Full text: https://creativecommons.org/licenses/by-nc/4.0/legalcode"},
+    {"key": "PSF-2.0", "name": "Python Software Foundation License 2.0", "version": "2.0",
+     "url": "https://docs.python.org/3/license.html", "osi_approved": True, "commercial_use": True,
+     "attribution_required": True, "attribution_text": "Keep the PSF copyright notice and licence.",
+     "text": "Permissive licence of the Python standard library; derived works must retain the PSF notice. "
+             "Full text: https://docs.python.org/3/license.html"},
     {"key": "openrail", "name": "Open RAIL", "url": "https://www.licenses.ai/", "commercial_use": True,
      "use_restrictions": "Use-based restrictions in the licence attachment.", "restrictions_inherited": True,
      "attribution_required": True, "text": "Responsible AI licence family: open access with use-based restrictions "

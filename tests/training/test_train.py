@@ -1,0 +1,114 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from training.checkpoint import CheckpointError
+from training.config import ConfigError
+from training.trainer import EXIT_STOPPED, lr_at, train
+
+from .conftest import events, quick_config
+
+
+def test_loss_falls_and_events_carry_the_facts(trained):
+    steps = events(trained, "step")
+    assert len(steps) == 40
+    first, last = sum(s["loss"] for s in steps[:5]) / 5, sum(s["loss"] for s in steps[-5:]) / 5
+    assert last < first - 0.5
+    evals = events(trained, "eval")
+    assert [e["step"] for e in evals] == [15, 30, 40]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    start = events(trained, "start")[0]
+    assert start["flops_per_token"] == 6 * start["matmul_parameters"] + 12 * 2 * 4 * 16 * 64
+    assert start["peak_source"] == "measured fp32 matmul on this CPU" and start["peak_flops"] > 1e9
+    step = steps[-1]
+    assert step["tokens"] == 40 * 8 * 64
+    assert step["flops"] == pytest.approx(start["flops_per_token"] * step["tokens"])
+    assert 0 < step["mfu"] < 1 and step["tokens_per_s"] > 0 and step["memory_bytes"] > 0
+    assert step["energy_j"] is None  # no NVML on a CPU
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    cfg = quick_config("d", "o", max_steps=100, warmup_steps=10, lr=1.0, min_lr=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.55)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+
+
+def _train_cmd(data_dir, out, steps):
+    return [sys.executable, "-m", "training", "train", "--data", str(data_dir), "--out", str(out),
+            "--preset", "debug", "--batch-size", "4", "--seq-len", "64", "--max-steps", str(steps),
+            "--warmup-steps", "5", "--eval-interval", "1000", "--eval-batches", "1", "--checkpoint-interval", "1000"]
+
+
+def test_sigterm_checkpoints_and_a_resumed_run_matches_an_uninterrupted_one(tmp_path, data_dir):
+    steps = 400
+    straight = tmp_path / "straight"
+    assert subprocess.run(_train_cmd(data_dir, straight, steps), capture_output=True).returncode == 0
+
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen(_train_cmd(data_dir, interrupted, steps), stderr=subprocess.PIPE, text=True)
+    log = interrupted / "events.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (log.exists() and log.read_text().count('"event": "step"') >= 20):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == EXIT_STOPPED, proc.stderr.read()
+    stopped = events(interrupted, "stopped")[0]
+    assert stopped["signal"] == "SIGTERM" and stopped["resumable"] is True
+    assert 20 <= stopped["step"] < steps
+    assert not (interrupted / "export").exists()
+
+    assert subprocess.run(_train_cmd(data_dir, interrupted, steps), capture_output=True).returncode == 0
+    resumed_start = events(interrupted, "start")[1]
+    assert resumed_start["resumed_from_step"] == stopped["step"]
+    assert [(e["step"], e["loss"]) for e in events(interrupted, "step")] == \
+        [(e["step"], e["loss"]) for e in events(straight, "step")]
+    straight_export = json.loads((straight / "export" / "manifest.json").read_text())
+    resumed_export = json.loads((interrupted / "export" / "manifest.json").read_text())
+    assert resumed_export["files"]["model.safetensors"] == straight_export["files"]["model.safetensors"]
+    assert resumed_export["tokens"] == straight_export["tokens"] == steps * 4 * 64
+
+
+def test_corrupt_checkpoint_is_refused_clearly(tmp_path, data_dir):
+    out = tmp_path / "run"
+    assert train(quick_config(data_dir, out, max_steps=4)) == 0
+    weights = out / "checkpoint" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7] + b"garbage")
+    with pytest.raises(CheckpointError, match="model.safetensors is corrupt \\(sha256 does not match"):
+        train(quick_config(data_dir, out, max_steps=8))
+    (out / "checkpoint" / "checkpoint.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="checkpoint.json is corrupt"):
+        train(quick_config(data_dir, out, max_steps=8))
+
+
+def test_checkpoint_of_another_shape_is_refused(tmp_path, data_dir):
+    out = tmp_path / "run"
+    assert train(quick_config(data_dir, out, max_steps=3)) == 0
+    with pytest.raises(ConfigError, match="was written for a different model or method"):
+        train(quick_config(data_dir, out, max_steps=4, preset="tiny"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "error: --batch-size must be positive, not 0"),
+    (["--lr", "0.001", "--min-lr", "0.01"], "error: --min-lr must be positive and at most --lr (0.001)"),
+    (["--method", "bias"], "error: --method bias adapts an existing model: give --init-from EXPORT_DIR"),
+    (["--method", "lora", "--init-from", "/nonexistent"], "error: /nonexistent is not a model folder (no config.json)"),
+])
+def test_cli_rejects_bad_configs_with_one_line(tmp_path, data_dir, args, message):
+    cmd = [sys.executable, "-m", "training", "train", "--data", str(data_dir), "--out", str(tmp_path / "r"),
+           "--max-steps", "2", "--warmup-steps", "0", "--seq-len", "64", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip() == message
+    assert not (tmp_path / "r" / "checkpoint").exists()
+
+
+def test_missing_data_fails_clearly(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "training", "train", "--data", str(tmp_path / "none"), "--out",
+                          str(tmp_path / "r")], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"error: {tmp_path / 'none' / 'manifest.json'} not found: run `python -m training prepare` first"

@@ -1,0 +1,129 @@
+"""python -m training {prepare,train,merge,eval}: every failure is one line on stderr and a non-zero exit."""
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from training.checkpoint import CheckpointError
+from training.config import PRESETS, ConfigError, TrainConfig
+from training.data import DataError
+
+
+def _train_parser(sub):
+    parser = sub.add_parser("train", help="train a model, or adapt an exported one (--init-from)")
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, tuple):
+            parser.add_argument(flag, default=",".join(default), help=f"comma-separated (default {','.join(default)})")
+        elif isinstance(default, bool):
+            parser.add_argument(flag, action="store_true")
+        else:
+            parser.add_argument(flag, type=type(default), default=default,
+                                **({"choices": list(PRESETS)} if f.name == "preset" else {}))
+    parser.add_argument("--echo", action="store_true", help="also print events to stdout")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training", description="Gatehouse training module")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    prep = sub.add_parser("prepare", help="tokenize text files, folders and JSONL into shards + manifest")
+    prep.add_argument("inputs", nargs="*", type=Path)
+    prep.add_argument("--out", type=Path, required=True)
+    prep.add_argument("--demo-corpus", choices=["stdlib"], help="use the Python standard library's sources (PSF-2.0)")
+    prep.add_argument("--vocab-size", type=int, default=2048)
+    prep.add_argument("--val-fraction", type=float, default=0.05)
+    prep.add_argument("--tokenizer-from", type=Path, help="reuse the tokenizer of a prepared or exported folder")
+    prep.add_argument("--redact", action="store_true", help="replace personal data with placeholders")
+    prep.add_argument("--license", default="", help="the source data's licence, recorded as given")
+    prep.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    prep.add_argument("--max-bytes", type=int, help="stop reading inputs after this many bytes")
+    prep.add_argument("--description", default="")
+
+    _train_parser(sub)
+
+    merge = sub.add_parser("merge", help="merge a LoRA adapter export into full weights")
+    merge.add_argument("adapter", type=Path)
+    merge.add_argument("--base", type=Path, required=True, help="the exported base model the adapter was trained on")
+    merge.add_argument("--out", type=Path, required=True)
+
+    ev = sub.add_parser("eval", help="score an exported model on the built-in tasks")
+    ev.add_argument("model", type=Path)
+
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    if args.command == "prepare":
+        from training.data import prepare, stdlib_corpus
+
+        inputs, license = list(args.inputs), args.license
+        if args.demo_corpus == "stdlib":
+            root, license = stdlib_corpus()
+            inputs.append(root)
+        if not inputs:
+            raise DataError("give input files or folders, or --demo-corpus stdlib")
+        prepared = prepare(inputs, args.out, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
+                           tokenizer_from=args.tokenizer_from, redact=args.redact, license=license,
+                           text_field=args.text_field, max_bytes=args.max_bytes, description=args.description)
+        m = prepared.manifest
+        print(json.dumps({"out": str(prepared.directory), "documents": m["documents"], "tokens": m["tokens"],
+                          "exact_duplicates_removed": m["exact_duplicates_removed"],
+                          "personal_data_found": m["personal_data_found"]}))
+        return 0
+    if args.command == "train":
+        from training.trainer import train
+
+        values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "extra"}
+        values["lora_targets"] = tuple(t for t in values["lora_targets"].split(",") if t)
+        return train(TrainConfig(**values), echo=args.echo)
+    if args.command == "merge":
+        return _merge(args)
+    if args.command == "eval":
+        from training.evaluate import run_tasks
+        from training.export import load_exported
+        from training.tokenizer import load_tokenizer
+
+        model, _ = load_exported(args.model)
+        print(json.dumps(run_tasks(model, load_tokenizer(args.model))))
+        return 0
+    return 2
+
+
+def _merge(args) -> int:
+    from safetensors.torch import load_file
+
+    from training.adapt import apply_method, merge_lora
+    from training.export import export, load_exported
+
+    config_path = args.adapter / "adapter_config.json"
+    if not config_path.exists():
+        raise ConfigError(f"{args.adapter} is not a LoRA adapter export (no adapter_config.json)")
+    adapter_config = json.loads(config_path.read_text())
+    model, _ = load_exported(args.base)
+    apply_method(model, "lora", lora_rank=adapter_config["r"], lora_alpha=adapter_config["lora_alpha"],
+                 lora_targets=tuple(adapter_config["target_modules"]))
+    state = {k.removeprefix("base_model.model.").replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B"): v
+             for k, v in load_file(str(args.adapter / "adapter_model.safetensors")).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or len([m for m in missing if "lora_" in m]):
+        raise ConfigError(f"{args.adapter} does not fit {args.base}")
+    merge_lora(model)
+    manifest = json.loads((args.adapter / "manifest.json").read_text()) if (args.adapter / "manifest.json").exists() else {}
+    manifest.update({"method": "lora-merged", "adapter": False, "merged_from": str(args.adapter)})
+    manifest.pop("files", None)
+    manifest.pop("format_version", None)
+    card = (args.adapter / "README.md").read_text().replace("library_name: peft", "library_name: transformers")
+    export(model, args.out, tokenizer_dir=args.adapter, manifest=manifest, card=card)
+    print(json.dumps({"out": str(args.out)}))
+    return 0

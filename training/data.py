@@ -1,0 +1,262 @@
+"""Data preparation and loading.
+
+`prepare` reads text files, folders and JSONL, removes exact-duplicate documents, counts (and optionally
+redacts) personal data, splits train/validation by a stable hash, trains or reuses a tokenizer, and writes
+memory-mapped token shards plus manifest.json. `TokenStream` serves deterministic batches from the shards;
+its position is one integer, so a resumed run sees exactly the batches it would have seen.
+"""
+import hashlib
+import json
+import re
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.tokenizer import EOS, load_tokenizer, save_tokenizer, train_tokenizer
+
+FORMAT_VERSION = 1
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".csv", ".html", ".tex")
+SHARD_TOKENS = 64 * 1024 * 1024
+
+# Personal data and secrets. Conservative patterns: a false "found" is cheaper than a missed key.
+PII_PATTERNS = {
+    "email": re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b"),
+    "phone": re.compile(r"(?<![\w.])(?:\+\d{1,3}[ .-]?)?(?:\(\d{3}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]\d{4}(?![\w.])"),
+    "ip_address": re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?![\w.])"),
+    "secret_key": re.compile(
+        r"\b(?:AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{36}|hf_[A-Za-z0-9]{34}|sk-[A-Za-z0-9_-]{20,}"
+        r"|xox[abpr]-[A-Za-z0-9-]{10,})\b|-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+}
+REDACTIONS = {"email": "<EMAIL>", "phone": "<PHONE>", "ip_address": "<IP_ADDRESS>", "secret_key": "<SECRET>"}
+
+
+class DataError(ValueError):
+    """Input data that cannot be prepared or loaded; the message says what to fix."""
+
+
+@dataclass
+class Source:
+    path: str
+    sha256: str
+    bytes: int
+    documents: int = 0
+    license: str = ""
+
+
+@dataclass
+class Prepared:
+    directory: Path
+    manifest: dict = field(default_factory=dict)
+
+
+def scan_personal_data(text: str, counts: dict[str, int], *, redact: bool) -> str:
+    for kind, pattern in PII_PATTERNS.items():
+        text, found = pattern.subn(REDACTIONS[kind], text) if redact else (text, len(pattern.findall(text)))
+        counts[kind] = counts.get(kind, 0) + found
+    return text
+
+
+def _sha256_file(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def read_documents(paths: list[Path], *, text_field: str, license: str, max_bytes: int | None):
+    """Yield (source, document text) pairs; one document per text file, one per JSONL line."""
+    files: list[Path] = []
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + (".jsonl",)))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{path} does not exist")
+    if not files:
+        raise DataError("no input files found (looked for " + ", ".join(TEXT_SUFFIXES + (".jsonl",)) + ")")
+    total = 0
+    for file in files:
+        size = file.stat().st_size
+        if max_bytes is not None and total + size > max_bytes and total > 0:
+            break
+        total += size
+        source = Source(path=str(file), sha256=_sha256_file(file), bytes=size, license=license)
+        raw = file.read_bytes().decode("utf-8", errors="replace")
+        if file.suffix == ".jsonl":
+            for number, line in enumerate(raw.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    raise DataError(f"{file}:{number} is not valid JSON") from None
+                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                    raise DataError(f"{file}:{number} has no string field {text_field!r} (set --text-field)")
+                source.documents += 1
+                yield source, record[text_field]
+        else:
+            source.documents += 1
+            yield source, raw
+
+
+def _is_validation(text: str, fraction: float) -> bool:
+    digest = hashlib.blake2b(text.encode("utf-8", errors="replace"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+def prepare(paths: list[Path], out: Path, *, vocab_size: int = 2048, val_fraction: float = 0.05,
+            tokenizer_from: Path | None = None, redact: bool = False, license: str = "", text_field: str = "text",
+            max_bytes: int | None = None, seq_len_hint: int = 2048, description: str = "") -> Prepared:
+    if not 0 <= val_fraction < 1:
+        raise DataError("--val-fraction must be at least 0 and below 1")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    seen: set[bytes] = set()
+    duplicates = 0
+    pii: dict[str, int] = {kind: 0 for kind in PII_PATTERNS}
+    sources: dict[str, Source] = {}
+    train_docs, val_docs = [], []
+    input_bytes = 0
+    for source, text in read_documents(paths, text_field=text_field, license=license, max_bytes=max_bytes):
+        sources[source.path] = source
+        key = hashlib.sha256(text.encode("utf-8", errors="replace")).digest()
+        if key in seen:
+            duplicates += 1
+            continue
+        seen.add(key)
+        input_bytes += len(text.encode("utf-8", errors="replace"))
+        text = scan_personal_data(text, pii, redact=redact)
+        (val_docs if _is_validation(text, val_fraction) else train_docs).append(text)
+    if not train_docs:
+        raise DataError("no training documents left after de-duplication and the validation split")
+    if val_fraction > 0 and not val_docs:
+        val_docs.append(train_docs.pop())  # tiny corpora: keep at least one validation document
+
+    if tokenizer_from is not None:
+        tokenizer = load_tokenizer(tokenizer_from)
+    else:
+        tokenizer = train_tokenizer(iter(train_docs), vocab_size)
+    save_tokenizer(tokenizer, out, model_max_length=seq_len_hint)
+    eos = tokenizer.token_to_id(EOS)
+    if eos is None:
+        raise DataError(f"the tokenizer has no {EOS} token")
+    dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
+
+    splits = {}
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        splits[split] = _write_split(out, split, docs, tokenizer, eos, dtype)
+    tokenizer_sha = _sha256_file(out / "tokenizer.json")
+    source_rows = [vars(s) for s in sorted(sources.values(), key=lambda s: s.path)]
+    manifest = {
+        "format_version": FORMAT_VERSION, "kind": "gatehouse.training.dataset", "created_at": time.time(),
+        "description": description, "license": license,
+        "content_sha256": hashlib.sha256("".join(s["sha256"] for s in source_rows).encode()).hexdigest(),
+        "sources": source_rows, "documents": len(train_docs) + len(val_docs) + duplicates,
+        "documents_kept": len(train_docs) + len(val_docs), "bytes": input_bytes,
+        "exact_duplicates_removed": duplicates,
+        "exact_duplicate_rate": duplicates / max(1, len(train_docs) + len(val_docs) + duplicates),
+        "personal_data_found": pii, "personal_data_redacted": redact,
+        "tokenizer": {"vocab_size": tokenizer.get_vocab_size(), "sha256": tokenizer_sha, "eos_token_id": eos,
+                      "trained_here": tokenizer_from is None},
+        "token_dtype": np.dtype(dtype).name, "splits": splits,
+        "tokens": sum(s["tokens"] for s in splits.values()),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return Prepared(directory=out, manifest=manifest)
+
+
+def _write_split(out: Path, split: str, docs: list[str], tokenizer, eos: int, dtype) -> dict:
+    shards, buffer, count = [], [], 0
+
+    def flush():
+        nonlocal buffer, count
+        if not buffer:
+            return
+        name = f"{split}_{len(shards):03d}.bin"
+        array = np.concatenate(buffer).astype(dtype)
+        array.tofile(out / name)
+        shards.append({"file": name, "tokens": int(array.size), "sha256": _sha256_file(out / name)})
+        buffer, count = [], 0
+
+    for start in range(0, len(docs), 1024):
+        for encoding in tokenizer.encode_batch(docs[start:start + 1024]):
+            ids = np.asarray(encoding.ids + [eos], dtype=np.int64)
+            buffer.append(ids)
+            count += ids.size
+            if count >= SHARD_TOKENS:
+                flush()
+    flush()
+    return {"documents": len(docs), "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+
+
+def stdlib_corpus() -> tuple[Path, str]:
+    """The Python standard library's own sources: present on every machine, licensed PSF-2.0."""
+    return Path(sysconfig.get_paths()["stdlib"]), "PSF-2.0"
+
+
+def load_manifest(directory: Path) -> dict:
+    path = Path(directory) / "manifest.json"
+    if not path.exists():
+        raise DataError(f"{path} not found: run `python -m training prepare` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise DataError(f"{path} is not valid JSON") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{path} has format_version {manifest.get('format_version')!r}; expected {FORMAT_VERSION}")
+    return manifest
+
+
+class TokenStream:
+    """Fixed-length training windows drawn from memory-mapped shards in a seeded order.
+
+    Window w covers T + 1 tokens of one shard (inputs and shifted targets).
+    Sequence number s (counted over the whole run) maps to window perm_epoch[s % windows] with
+    epoch = s // windows; so the data position is the single integer `cursor`.
+    """
+
+    def __init__(self, directory: Path, split: str, seq_len: int, *, seed: int, shuffle: bool = True):
+        manifest = load_manifest(directory)
+        if split not in manifest["splits"]:
+            raise DataError(f"{directory} has no {split!r} split")
+        dtype = np.dtype(manifest["token_dtype"])
+        arrays = []
+        for shard in manifest["splits"][split]["shards"]:
+            path = Path(directory) / shard["file"]
+            if not path.exists() or path.stat().st_size != shard["tokens"] * dtype.itemsize:
+                raise DataError(f"{path} is missing or truncated; prepare the data again")
+            arrays.append(np.memmap(path, dtype=dtype, mode="r"))
+        # Windows never straddle shards, so no shard is ever copied into memory.
+        self.shards = arrays
+        self.seq_len, self.seed, self.shuffle = seq_len, seed, shuffle
+        per_shard = [max(0, (len(a) - 1) // seq_len) for a in arrays]
+        self.shard_starts = np.cumsum([0] + per_shard)
+        self.windows = int(self.shard_starts[-1])
+        if self.windows < 1:
+            raise DataError(f"the {split} split has {sum(len(a) for a in arrays)} tokens, too few for one window "
+                            f"of {seq_len}; use a shorter --seq-len or more data")
+        self._epoch, self._perm = None, None
+        self.vocab_size = manifest["tokenizer"]["vocab_size"]
+
+    def _window(self, sequence: int) -> int:
+        epoch, index = divmod(sequence, self.windows)
+        if not self.shuffle:
+            return index
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm, self._epoch = torch.randperm(self.windows, generator=generator), epoch
+        return int(self._perm[index])
+
+    def batch(self, first_sequence: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = []
+        for sequence in range(first_sequence, first_sequence + batch_size):
+            window = self._window(sequence)
+            shard = int(np.searchsorted(self.shard_starts, window, side="right")) - 1
+            start = (window - int(self.shard_starts[shard])) * self.seq_len
+            rows.append(torch.from_numpy(self.shards[shard][start:start + self.seq_len + 1].astype(np.int64)))
+        data = torch.stack(rows)
+        return data[:, :-1], data[:, 1:]

@@ -1,0 +1,334 @@
+"""The training loop.
+
+    python -m training train --data data/ --out runs/r1 --preset debug             # CPU or one GPU
+    torchrun --nproc_per_node 8 -m training train --data data/ --out runs/r1 ...   # DDP, rank 0 does I/O
+
+AdamW (fused on CUDA) with warmup + cosine decay, gradient accumulation and clipping, optional bf16 autocast
+and torch.compile, periodic validation, exact checkpoint/resume (re-running the same command resumes),
+SIGTERM → checkpoint and exit with status 75. Events go to OUT/events.jsonl, one JSON object per line.
+Exit status: 0 done, 2 bad configuration or data, 75 stopped by a signal with a resumable checkpoint.
+"""
+import json
+import math
+import os
+import platform
+import resource
+import signal
+import subprocess
+import time
+import uuid
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from training.adapt import apply_method
+from training.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from training.config import ConfigError, TrainConfig, preset
+from training.data import TokenStream, load_manifest
+from training.evaluate import run_tasks, validation_loss
+from training.export import card_text, export, load_exported
+from training.model import Transformer
+from training.tokenizer import load_tokenizer
+
+EXIT_STOPPED = 75
+
+# Dense bf16 peaks (no sparsity), by device name substring. See docs in performance-anchors §0.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
+def peak_flops(device: torch.device) -> tuple[float, str]:
+    """The peak MFU divides by, and where it came from."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_FLOPS.items():
+            if key in name:
+                return value, f"{key} bf16 dense datasheet"
+        return 0.0, f"unknown GPU {name!r}: MFU not reported"
+    return measure_cpu_matmul_peak(), "measured fp32 matmul on this CPU"
+
+
+def measure_cpu_matmul_peak(n: int = 1024, repeats: int = 8) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+class Distributed:
+    """Process-group facts. DDP is used when torchrun sets WORLD_SIZE > 1."""
+
+    def __init__(self, device_choice: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+        if device_choice == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda but no CUDA device is available")
+        self.device = torch.device(f"cuda:{self.local_rank}" if use_cuda else "cpu")
+        if use_cuda:
+            torch.cuda.set_device(self.device)
+        if self.world > 1:
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        self.is_main = self.rank == 0
+
+    def close(self):
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class Events:
+    """JSON-lines event log written by rank 0 only."""
+
+    def __init__(self, path: Path, enabled: bool, echo: bool):
+        self.enabled, self.echo = enabled, echo
+        self.fh = open(path, "a", buffering=1) if enabled else None
+
+    def emit(self, kind: str, **fields):
+        if not self.enabled:
+            return
+        line = json.dumps({"event": kind, "time": time.time(), **fields}, default=str)
+        self.fh.write(line + "\n")
+        if self.echo:
+            print(line, flush=True)
+
+    def close(self):
+        if self.fh:
+            self.fh.close()
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
+
+
+def code_version() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def build_model(cfg: TrainConfig, data_manifest: dict) -> tuple[Transformer, dict]:
+    """A fresh model from a preset, or an exported one to adapt; returns it with facts about its base."""
+    vocab = data_manifest["tokenizer"]["vocab_size"]
+    if cfg.init_from:
+        model, hf_config = load_exported(Path(cfg.init_from))
+        if model.config.vocab_size < vocab:
+            raise ConfigError(f"--init-from model has vocab_size {model.config.vocab_size} but the data was tokenized "
+                              f"with {vocab} tokens; prepare the data with --tokenizer-from {cfg.init_from}")
+        base_manifest = Path(cfg.init_from) / "manifest.json"
+        base = {"path": str(cfg.init_from),
+                "manifest": json.loads(base_manifest.read_text()) if base_manifest.exists() else None}
+        return model, base
+    return Transformer(preset(cfg.preset, vocab_size=vocab, max_seq_len=max(cfg.seq_len, 16))), {}
+
+
+def train(cfg: TrainConfig, *, echo: bool = False) -> int:
+    cfg.validate()
+    out = Path(cfg.out)
+    data_manifest = load_manifest(Path(cfg.data))
+    env = Distributed(cfg.device)
+    try:
+        return _train(cfg, env, out, data_manifest, echo)
+    finally:
+        env.close()
+
+
+def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, echo: bool) -> int:
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model, base = build_model(cfg, data_manifest)
+    if cfg.seq_len > model.config.max_seq_len:
+        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
+    trainable = apply_method(model, cfg.method, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                             lora_targets=cfg.lora_targets)
+    model.to(env.device)
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and env.device.type == "cuda")
+    autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  fused=env.device.type == "cuda")
+
+    checkpoint_dir = out / "checkpoint"
+    step, cursor, run_id = 0, 0, cfg.run_id or uuid.uuid4().hex[:12]
+    started_tokens, flops_done, device_seconds = 0, 0.0, 0.0
+    if checkpoint_dir.exists():
+        meta = read_checkpoint_meta(checkpoint_dir)
+        if meta["model_config"] != model.config.to_dict() or meta["method"] != cfg.method:
+            raise ConfigError(f"{checkpoint_dir} was written for a different model or method; use another --out "
+                              "or delete the checkpoint")
+        meta = load_checkpoint(checkpoint_dir, model=model, optimizer=optimizer)
+        step, cursor, run_id = meta["step"], meta["cursor"], meta["run_id"]
+        started_tokens, flops_done, device_seconds = meta["tokens"], meta["flops"], meta["device_seconds"]
+
+    train_stream = TokenStream(Path(cfg.data), "train", cfg.seq_len, seed=cfg.seed)
+    val_stream = TokenStream(Path(cfg.data), "val", cfg.seq_len, seed=cfg.seed, shuffle=False)
+    if train_stream.vocab_size > model.config.vocab_size:
+        raise ConfigError("the data's tokenizer is larger than the model's vocabulary")
+
+    compiled = cfg.compile == "yes" or (cfg.compile == "auto" and env.device.type == "cuda")
+    forward_model = torch.compile(model) if compiled else model
+    if env.world > 1:
+        forward_model = DistributedDataParallel(forward_model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+
+    flops_per_token = model.flops_per_token(cfg.seq_len)
+    peak, peak_source = peak_flops(env.device)
+    events = Events(out / "events.jsonl", env.is_main, echo)
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * env.world
+    events.emit("start", run_id=run_id, resumed_from_step=step if step else None, device=str(env.device),
+                world_size=env.world, parameters=model.num_parameters(), trainable_parameters=trainable,
+                matmul_parameters=model.matmul_parameters(), flops_per_token=flops_per_token,
+                flops_formula="6N + 12*L*H*Q*T (N: matmul parameters, embedding lookup excluded unless tied)",
+                peak_flops=peak, peak_source=peak_source, bf16=use_bf16, compiled=compiled,
+                model_config=model.config.to_dict(), train_config=asdict(cfg))
+    energy = _EnergyMeter(env.device)
+    model.train()
+    last_loss, metrics = float("nan"), {}
+    try:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            total_loss = 0.0
+            for micro in range(cfg.grad_accum):
+                first = cursor + (micro * env.world + env.rank) * cfg.batch_size
+                x, y = train_stream.batch(first, cfg.batch_size)
+                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+                sync = micro == cfg.grad_accum - 1 or env.world == 1
+                context = nullcontext() if sync else forward_model.no_sync()
+                with context, autocast():
+                    _, loss = forward_model(x, y)
+                    loss = loss / cfg.grad_accum
+                loss.backward()
+                total_loss += loss.detach()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            cursor += cfg.batch_size * cfg.grad_accum * env.world
+            step += 1
+            if env.world > 1:
+                dist.all_reduce(total_loss, op=dist.ReduceOp.AVG)
+            last_loss = float(total_loss)
+            if env.device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t0
+            device_seconds += elapsed * env.world
+            started_tokens += tokens_per_step
+            flops_done += flops_per_token * tokens_per_step
+            tokens_per_s = tokens_per_step / elapsed
+            events.emit("step", step=step, loss=last_loss, lr=lr, tokens=started_tokens, tokens_per_s=tokens_per_s,
+                        flops=flops_done, mfu=(flops_per_token * tokens_per_s / (peak * env.world)) if peak else None,
+                        memory_bytes=_memory_bytes(env.device), energy_j=energy.joules())
+            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                metrics = validation_loss(model, val_stream, batches=cfg.eval_batches, batch_size=cfg.batch_size,
+                                          device=env.device, autocast=autocast)
+                events.emit("eval", step=step, **metrics)
+            finished = step == cfg.max_steps
+            if env.is_main and (step % cfg.checkpoint_interval == 0 or finished or stop["signal"]):
+                save_checkpoint(checkpoint_dir, model=model, optimizer=optimizer, state={
+                    "step": step, "cursor": cursor, "run_id": run_id, "tokens": started_tokens, "flops": flops_done,
+                    "device_seconds": device_seconds, "model_config": model.config.to_dict(), "method": cfg.method})
+                events.emit("checkpoint", step=step, path=str(checkpoint_dir))
+            if env.world > 1:
+                dist.barrier()
+            if stop["signal"] and not finished:
+                events.emit("stopped", step=step, signal=stop["signal"], resumable=True)
+                return EXIT_STOPPED
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    if env.is_main:
+        _finish(cfg, out, model, run_id, data_manifest, base, trainable, metrics, last_loss, started_tokens,
+                flops_done, device_seconds, events, env)
+    events.close()
+    return 0
+
+
+def _finish(cfg, out, model, run_id, data_manifest, base, trainable, metrics, last_loss, tokens, flops,
+            device_seconds, events, env):
+    tokenizer = load_tokenizer(Path(cfg.data))
+    evaluations = run_tasks(model, tokenizer, seed=cfg.seed)
+    events.emit("evaluation", results=evaluations)
+    adapter = cfg.method == "lora"
+    base_name = (base.get("manifest") or {}).get("name") or (Path(cfg.init_from).name if cfg.init_from else None)
+    license = cfg.license or data_manifest.get("license") or ""
+    name = Path(cfg.out).name
+    card = card_text(name=name, license=license, datasets=[], base_model=base_name, method=cfg.method,
+                     evaluations=evaluations, metrics=metrics, description=data_manifest.get("description", ""),
+                     adapter=adapter)
+    device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else platform.processor() or "CPU"
+    manifest = {
+        "kind": "gatehouse.training.export", "name": name, "run_id": run_id, "code_version": code_version(),
+        "method": cfg.method, "adapter": adapter, "trainable_parameters": trainable,
+        "parameters": model.num_parameters(),
+        "base": {"path": base["path"], "run_id": (base.get("manifest") or {}).get("run_id"),
+                 "files": (base.get("manifest") or {}).get("files")} if base else None,
+        "model_config": model.config.to_dict(), "train_config": asdict(cfg),
+        "data": [{key: data_manifest.get(key) for key in (
+            "description", "license", "content_sha256", "documents", "documents_kept", "bytes",
+            "exact_duplicates_removed", "exact_duplicate_rate", "personal_data_found", "personal_data_redacted",
+            "tokens", "tokenizer", "sources")}],
+        "metrics": {"train_loss": last_loss, **metrics}, "evaluations": evaluations,
+        "tokens": tokens, "flops": flops, "flops_per_token": model.flops_per_token(cfg.seq_len),
+        "device_hours": device_seconds / 3600, "hardware": {"device": device_name, "count": env.world,
+                                                             "type": env.device.type},
+        "license": license,
+    }
+    path = export(model, out / "export", tokenizer_dir=Path(cfg.data), manifest=manifest, card=card,
+                  adapter=adapter, base_model_path=cfg.init_from)
+    events.emit("export", path=str(path), train_loss=last_loss, **metrics)
+
+
+def _memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _EnergyMeter:
+    """Joules since start from NVML's energy counter, where the driver reports one; None elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.handle, self.start = None, None
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            self.start = pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
+        except Exception:  # no pynvml or no energy counter on this GPU: energy is simply not reported
+            self.handle = None
+
+    def joules(self) -> float | None:
+        if self.handle is None:
+            return None
+        return (self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) - self.start) / 1000.0
