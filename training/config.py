@@ -130,6 +130,7 @@ class TrainConfig:
     data: str = ""  # a folder written by `python -m training prepare`
     out: str = "runs/run"  # checkpoints, events and the export go here
     preset: str = "debug"
+    vocab_size: int = 0  # 0: the tokenizer's; larger pads the embedding (e.g. 50304, a multiple of 64, is faster)
     init_from: str = ""  # an exported Hugging Face folder to fine-tune instead of a fresh model
     method: str = "full"  # full | lora | last-layer | bias (only with init_from)
     lora_rank: int = 8
@@ -177,5 +178,7 @@ class TrainConfig:
             raise ConfigError(f"--dtype must be auto, float32 or bfloat16, not {self.dtype!r}")
         if self.compile not in ("auto", "yes", "no"):
             raise ConfigError(f"--compile must be auto, yes or no, not {self.compile!r}")
+        if self.vocab_size < 0:
+            raise ConfigError("--vocab-size cannot be negative (0 means the tokenizer's size)")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError("--grad-clip and --weight-decay cannot be negative")

@@ -124,6 +124,8 @@ def code_version() -> str:
 def build_model(cfg: TrainConfig, data_manifest: dict) -> tuple[Transformer, dict]:
     """A fresh model from a preset, or an exported one to adapt; returns it with facts about its base."""
     vocab = data_manifest["tokenizer"]["vocab_size"]
+    if cfg.vocab_size and cfg.vocab_size < vocab:
+        raise ConfigError(f"--vocab-size {cfg.vocab_size} is smaller than the tokenizer's {vocab} tokens")
     if cfg.init_from:
         model, hf_config = load_exported(Path(cfg.init_from))
         if model.config.vocab_size < vocab:
@@ -133,7 +135,7 @@ def build_model(cfg: TrainConfig, data_manifest: dict) -> tuple[Transformer, dic
         base = {"path": str(cfg.init_from),
                 "manifest": json.loads(base_manifest.read_text()) if base_manifest.exists() else None}
         return model, base
-    return Transformer(preset(cfg.preset, vocab_size=vocab, max_seq_len=max(cfg.seq_len, 16))), {}
+    return Transformer(preset(cfg.preset, vocab_size=cfg.vocab_size or vocab, max_seq_len=max(cfg.seq_len, 16))), {}
 
 
 def train(cfg: TrainConfig, *, echo: bool = False) -> int:

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# GPU checks for a lent NVIDIA machine (device tool), about 4 minutes. Run from the repo root:
+#   bash tests/bench/gpu_check.sh
+# Uses the machine's own python3 (torch, transformers, peft, tokenizers, safetensors are in its image);
+# the training tests never import Django, so the repository's Django conftest is left out (--confcutdir).
+set -uo pipefail
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUT="${OUT:-/tmp/gpu-check}"
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+
+echo "=== CUDA training tests (the CPU suite runs in CI) ==="
+timeout 150 python3 -m pytest -c /dev/null --rootdir "$PWD" --confcutdir tests/training --import-mode=importlib \
+  -p no:cacheprovider -q tests/training/test_gpu.py 2>&1 | tee "$OUT/tests.log"
+
+echo "=== train_throughput: 124M shape, seq 1024, bf16 + torch.compile, ours vs transformers ==="
+timeout 300 python3 tests/bench/train_throughput.py --device cuda --preset 124m --seq-len 1024 --batch-size 16 \
+  --model-vocab 50304 --steps 20 --warmup 5 2>&1 | grep -v -i warn | tee "$OUT/bench.log"

@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""Training throughput: our trainer (the real `training.trainer.train` path, read from its events) against
+transformers' LlamaForCausalLM with the same shape, the same starting weights, the same token windows and
+the same AdamW settings, in the same run. Prints a table and one JSON line.
+
+    python tests/bench/train_throughput.py                     # CPU: 'small' shape, seq 256
+    python tests/bench/train_throughput.py --device cuda --preset 124m --seq-len 1024 --batch-size 16
+
+MFU uses one formula for both (6N + 12·L·H·Q·T per token) and one peak: the datasheet bf16 figure on
+A100/H100/H200, the measured fp32 matmul peak on a CPU.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+
+def prepare_data(directory: Path, vocab: int) -> Path:
+    import sysconfig
+
+    from training.data import prepare
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    prepare([stdlib], directory, vocab_size=vocab, license="PSF-2.0", max_bytes=3_000_000, val_fraction=0.02)
+    return directory
+
+
+def ours(args, data: Path, out: Path) -> dict:
+    from training.config import TrainConfig
+    from training.trainer import train
+
+    cfg = TrainConfig(data=str(data), out=str(out), preset=args.preset, batch_size=args.batch_size,
+                      seq_len=args.seq_len, max_steps=args.warmup + args.steps, warmup_steps=1,
+                      eval_interval=10**6, checkpoint_interval=10**6, device=args.device,
+                      compile=args.compile, dtype=args.dtype, seed=0, vocab_size=args.model_vocab)
+    # The export at the end is part of a real run but not of throughput; the step events carry the figures.
+    assert train(cfg) == 0
+    steps = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    start = next(e for e in steps if e["event"] == "start")
+    timed = [e for e in steps if e["event"] == "step"][args.warmup:]
+    tokens_per_s = statistics.median(e["tokens_per_s"] for e in timed)
+    return {"tokens_per_s": tokens_per_s, "flops_per_token": start["flops_per_token"], "peak": start["peak_flops"],
+            "first_step_s": None, "losses": [e["loss"] for e in timed][:3]}
+
+
+def transformers_peer(args, data: Path, init_dir: Path) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from training.data import TokenStream
+
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(str(init_dir), local_files_only=True, dtype=torch.float32,
+                                                 attn_implementation="sdpa").to(device)
+    model.train()
+    use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
+    compiled = args.compile == "yes" or (args.compile == "auto" and device.type == "cuda")
+    step_model = torch.compile(model) if compiled else model
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=3e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    stream = TokenStream(data, "train", args.seq_len, seed=0)
+    times = []
+    for step in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        x, y = stream.batch(step * args.batch_size, args.batch_size)
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = step_model(input_ids=x).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    tokens = args.batch_size * args.seq_len
+    return {"tokens_per_s": tokens / statistics.median(times[args.warmup:])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--compile", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--vocab", type=int, default=4096, help="tokenizer vocabulary to train")
+    parser.add_argument("--model-vocab", type=int, default=0, help="pad the model's vocabulary (50304 = GPT-2's)")
+    args = parser.parse_args()
+
+    import torch
+
+    from training.config import preset
+    from training.export import export
+    from training.model import Transformer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = prepare_data(tmp / "data", args.vocab)
+        vocab = json.loads((data / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+        # Both start from the same weights: ours exported, the peer loads that folder.
+        torch.manual_seed(0)
+        config = preset(args.preset, vocab_size=args.model_vocab or vocab, max_seq_len=max(args.seq_len, 16))
+        export(Transformer(config), tmp / "init", tokenizer_dir=data, manifest={"run_id": "bench-init"},
+               card="---\nlicense: PSF-2.0\n---\n")
+        peer = transformers_peer(args, data, tmp / "init")
+        us = ours(args, data, tmp / "ours")
+
+    flops_per_token, peak = us["flops_per_token"], us["peak"]
+    rows = [("gatehouse trainer", us["tokens_per_s"]), ("transformers LlamaForCausalLM", peer["tokens_per_s"])]
+    threads = torch.get_num_threads()
+    print(f"\nTraining throughput, preset {args.preset} ({config.num_layers}L x {config.hidden_size}, vocab {vocab}), "
+          f"batch {args.batch_size} x seq {args.seq_len}, device {args.device}, {threads} CPU threads, "
+          f"median of {args.steps} steps after {args.warmup} warm-up")
+    print(f"{'trainer':32} {'tokens/s':>12} {'MFU':>8}")
+    for name, tps in rows:
+        print(f"{name:32} {tps:12.0f} {flops_per_token * tps / peak if peak else float('nan'):8.3f}")
+    ratio = us["tokens_per_s"] / peer["tokens_per_s"]
+    print(f"ratio (ours / transformers): {ratio:.2f}x; peak {peak:.3g} FLOP/s, {flops_per_token:.4g} FLOP/token")
+    print(json.dumps({"bench": "train_throughput", "preset": args.preset, "seq_len": args.seq_len,
+                      "batch_size": args.batch_size, "device": args.device, "ours_tokens_per_s": round(us["tokens_per_s"]),
+                      "transformers_tokens_per_s": round(peer["tokens_per_s"]), "ratio": round(ratio, 3),
+                      "ours_mfu": round(flops_per_token * us["tokens_per_s"] / peak, 4) if peak else None,
+                      "transformers_mfu": round(flops_per_token * peer["tokens_per_s"] / peak, 4) if peak else None,
+                      "peak_flops": peak}))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

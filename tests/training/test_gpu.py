@@ -1,0 +1,33 @@
+"""Checks that need CUDA; skipped elsewhere. tests/bench/gpu_check.sh runs them on a lent GPU."""
+import json
+
+import pytest
+import torch
+
+from training.trainer import train
+
+from .conftest import events, quick_config
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_bf16_compiled_training_on_cuda_learns_and_exports(tmp_path, data_dir):
+    out = tmp_path / "gpu-run"
+    assert train(quick_config(data_dir, out, device="cuda", max_steps=60, batch_size=16, seq_len=128)) == 0
+    start = events(out, "start")[0]
+    assert start["bf16"] is True and start["compiled"] is True and start["device"].startswith("cuda")
+    assert start["peak_source"].endswith("bf16 dense datasheet")
+    steps = events(out, "step")
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.5
+    assert steps[-1]["mfu"] is not None and steps[-1]["memory_bytes"] > 0
+    from transformers import AutoModelForCausalLM
+
+    from training.export import load_exported
+
+    hf = AutoModelForCausalLM.from_pretrained(str(out / "export"), local_files_only=True, dtype=torch.float32).eval()
+    ours, _ = load_exported(out / "export")
+    ids = torch.randint(0, ours.config.vocab_size, (2, 64))
+    with torch.no_grad():
+        assert (hf(ids).logits - ours.eval()(ids)[0]).abs().max().item() < 1e-4
+    manifest = json.loads((out / "export" / "manifest.json").read_text())
+    assert manifest["hardware"]["type"] == "cuda"
