@@ -28,6 +28,7 @@ test: install
 
 bench: install
 	$(PY) tests/bench/registry_api.py
+	$(PY) tests/bench/train_throughput.py
 
 clean:
 	rm -rf var

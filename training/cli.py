@@ -86,6 +86,7 @@ def _run(args) -> int:
 
         values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "extra"}
         values["lora_targets"] = tuple(t for t in values["lora_targets"].split(",") if t)
+        values["datasets"] = tuple(t for t in values["datasets"].split(",") if t)
         return train(TrainConfig(**values), echo=args.echo)
     if args.command == "merge":
         return _merge(args)

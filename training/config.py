@@ -156,6 +156,7 @@ class TrainConfig:
     compile: str = "auto"  # auto (on CUDA) | yes | no
     run_id: str = ""
     license: str = ""  # the exported card's license; defaults to the data's license
+    datasets: tuple[str, ...] = ()  # registry dataset ids (org/name) named in the exported card
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:

@@ -281,7 +281,7 @@ def _finish(cfg, out, model, run_id, data_manifest, base, trainable, metrics, la
     base_name = (base.get("manifest") or {}).get("name") or (Path(cfg.init_from).name if cfg.init_from else None)
     license = cfg.license or data_manifest.get("license") or ""
     name = Path(cfg.out).name
-    card = card_text(name=name, license=license, datasets=[], base_model=base_name, method=cfg.method,
+    card = card_text(name=name, license=license, datasets=list(cfg.datasets), base_model=base_name, method=cfg.method,
                      evaluations=evaluations, metrics=metrics, description=data_manifest.get("description", ""),
                      adapter=adapter)
     device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else platform.processor() or "CPU"

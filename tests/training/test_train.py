@@ -112,3 +112,23 @@ def test_missing_data_fails_clearly(tmp_path):
                           str(tmp_path / "r")], capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.strip() == f"error: {tmp_path / 'none' / 'manifest.json'} not found: run `python -m training prepare` first"
+
+
+def test_cli_end_to_end_on_the_stdlib_demo_corpus(tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    prep = subprocess.run([sys.executable, "-m", "training", "prepare", "--demo-corpus", "stdlib", "--max-bytes",
+                           "150000", "--vocab-size", "400", "--out", str(data)], capture_output=True, text=True)
+    assert prep.returncode == 0, prep.stderr
+    assert json.loads(prep.stdout)["tokens"] > 10_000
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["license"] == "PSF-2.0" and all(s["license"] == "PSF-2.0" for s in manifest["sources"])
+    trained = subprocess.run([sys.executable, "-m", "training", "train", "--data", str(data), "--out", str(run),
+                              "--max-steps", "6", "--warmup-steps", "1", "--seq-len", "64", "--batch-size", "4",
+                              "--datasets", "aurora/stdlib,aurora/extra"], capture_output=True, text=True)
+    assert trained.returncode == 0, trained.stderr
+    card = (run / "export" / "README.md").read_text()
+    assert "license: PSF-2.0" in card and "- aurora/stdlib\n- aurora/extra" in card
+    scored = subprocess.run([sys.executable, "-m", "training", "eval", str(run / "export")], capture_output=True,
+                            text=True)
+    assert scored.returncode == 0
+    assert [r["task"] for r in json.loads(scored.stdout)] == ["copy", "count", "brackets"]
