@@ -19,9 +19,14 @@ def main() -> int:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "platform"), str(ROOT)]), PYTHONUNBUFFERED="1")
     py = sys.executable
     queue = os.environ.get("GATEHOUSE_DEFAULT_QUEUE", "default")
+    training_queue = os.environ.get("GATEHOUSE_TRAINING_QUEUE", "gpu")
+    worker = [py, "-m", "celery", "-A", "gatehouse", "worker", "--pool", "solo", "--loglevel", "INFO",
+              "--without-gossip", "--without-mingle", "--without-heartbeat"]
     commands = {
-        "worker": [py, "-m", "celery", "-A", "gatehouse", "worker", "-Q", f"{queue},gpu", "--pool", "solo",
-                   "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"],
+        # Short tasks (verification) and the periodic reaper of stale training runs (-B: embedded beat).
+        "worker": worker + ["-Q", queue, "-B", "-n", f"default-{os.getpid()}@%h"],
+        # Training runs get their own worker, as GPU workers do in production, so uploads never wait on them.
+        "training-worker": worker + ["-Q", training_queue, "-n", f"training-{os.getpid()}@%h"],
         "web": [py, str(ROOT / "manage.py"), "runserver", f"{args.host}:{args.port}", "--noreload"],
     }
     processes = {name: subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)

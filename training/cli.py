@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     prep.add_argument("--text-field", default="text", help="JSONL field holding the text")
     prep.add_argument("--max-bytes", type=int, help="stop reading inputs after this many bytes")
     prep.add_argument("--description", default="")
+    prep.add_argument("--mixture", type=Path, help='JSON list of {"name", "paths", "weight", "license"}: a weighted '
+                      "mixture of datasets, with facts kept per dataset")
 
     _train_parser(sub)
 
@@ -67,15 +69,26 @@ def _run(args) -> int:
     if args.command == "prepare":
         from training.data import prepare, stdlib_corpus
 
-        inputs, license = list(args.inputs), args.license
+        from training.data import InputGroup
+
+        inputs, license, groups = list(args.inputs), args.license, None
         if args.demo_corpus == "stdlib":
             root, license = stdlib_corpus()
             inputs.append(root)
-        if not inputs:
-            raise DataError("give input files or folders, or --demo-corpus stdlib")
+        if args.mixture:
+            try:
+                spec = json.loads(args.mixture.read_text())
+                groups = [InputGroup(name=g["name"], paths=[Path(p) for p in g["paths"]], weight=float(g.get("weight", 1)),
+                                     license=g.get("license", "")) for g in spec]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise DataError(f"--mixture {args.mixture}: expected a JSON list of {{name, paths, weight, license}} "
+                                f"({exc.__class__.__name__}: {exc})") from None
+        elif not inputs:
+            raise DataError("give input files or folders, --mixture FILE, or --demo-corpus stdlib")
         prepared = prepare(inputs, args.out, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
                            tokenizer_from=args.tokenizer_from, redact=args.redact, license=license,
-                           text_field=args.text_field, max_bytes=args.max_bytes, description=args.description)
+                           text_field=args.text_field, max_bytes=args.max_bytes, description=args.description,
+                           groups=groups)
         m = prepared.manifest
         print(json.dumps({"out": str(prepared.directory), "documents": m["documents"], "tokens": m["tokens"],
                           "exact_duplicates_removed": m["exact_duplicates_removed"],

@@ -45,6 +45,22 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    def num_parameters(self) -> int:
+        """Parameter count by arithmetic (no torch), equal to Transformer(config).num_parameters()."""
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        attention = 2 * h * h + 2 * h * kv + ((2 * h + 2 * kv) if self.attention_bias else 0)
+        mlp = 3 * h * self.intermediate_size + ((2 * self.intermediate_size + h) if self.mlp_bias else 0)
+        embeddings = self.vocab_size * h * (1 if self.tie_embeddings else 2)
+        return self.num_layers * (attention + mlp + 2 * h) + h + embeddings
+
+    def matmul_parameters(self) -> int:
+        """N in 6·N·D: the embedding lookup is not a matmul unless it is tied to the output head."""
+        return self.num_parameters() - (0 if self.tie_embeddings else self.vocab_size * self.hidden_size)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token, PaLM/nanoGPT form: 6N + 12·L·H·Q·T."""
+        return 6.0 * self.matmul_parameters() + 12.0 * self.num_layers * self.num_heads * self.head_dim * seq_len
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -157,6 +173,7 @@ class TrainConfig:
     run_id: str = ""
     license: str = ""  # the exported card's license; defaults to the data's license
     datasets: tuple[str, ...] = ()  # registry dataset ids (org/name) named in the exported card
+    base_model_id: str = ""  # the base's registry id (org/name) for the card; defaults to the folder name
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:

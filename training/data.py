@@ -108,29 +108,56 @@ def _is_validation(text: str, fraction: float) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
+@dataclass
+class InputGroup:
+    """One dataset of a mixture: its files, its licence and its weight (how often each training document is
+    repeated: 2.0 twice, 0.5 half of them, chosen by a stable hash)."""
+
+    name: str
+    paths: list[Path]
+    weight: float = 1.0
+    license: str = ""
+
+
+def _repeats(text: str, weight: float) -> int:
+    whole, fraction = int(weight), weight - int(weight)
+    digest = hashlib.blake2b(b"mix" + text.encode("utf-8", errors="replace"), digest_size=8).digest()
+    return whole + (1 if int.from_bytes(digest, "big") / 2**64 < fraction else 0)
+
+
 def prepare(paths: list[Path], out: Path, *, vocab_size: int = 2048, val_fraction: float = 0.05,
             tokenizer_from: Path | None = None, redact: bool = False, license: str = "", text_field: str = "text",
-            max_bytes: int | None = None, seq_len_hint: int = 2048, description: str = "") -> Prepared:
+            max_bytes: int | None = None, seq_len_hint: int = 2048, description: str = "",
+            groups: list[InputGroup] | None = None) -> Prepared:
+    """Prepare `paths` as one dataset, or a weighted mixture of `groups` with facts kept per group."""
     if not 0 <= val_fraction < 1:
         raise DataError("--val-fraction must be at least 0 and below 1")
+    groups = groups or [InputGroup(name="data", paths=list(paths), license=license)]
+    for group in groups:
+        if not group.weight > 0:
+            raise DataError(f"dataset {group.name!r}: mixture weight must be positive, not {group.weight}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seen: set[bytes] = set()
-    duplicates = 0
-    pii: dict[str, int] = {kind: 0 for kind in PII_PATTERNS}
-    sources: dict[str, Source] = {}
+    stats = [{"name": g.name, "weight": g.weight, "license": g.license, "documents": 0, "documents_kept": 0,
+              "exact_duplicates_removed": 0, "bytes": 0, "personal_data_found": {k: 0 for k in PII_PATTERNS},
+              "tokens": 0, "train_tokens_weighted": 0, "sources": {}} for g in groups]
     train_docs, val_docs = [], []
-    input_bytes = 0
-    for source, text in read_documents(paths, text_field=text_field, license=license, max_bytes=max_bytes):
-        sources[source.path] = source
-        key = hashlib.sha256(text.encode("utf-8", errors="replace")).digest()
-        if key in seen:
-            duplicates += 1
-            continue
-        seen.add(key)
-        input_bytes += len(text.encode("utf-8", errors="replace"))
-        text = scan_personal_data(text, pii, redact=redact)
-        (val_docs if _is_validation(text, val_fraction) else train_docs).append(text)
+    for index, group in enumerate(groups):
+        stat = stats[index]
+        for source, text in read_documents(group.paths, text_field=text_field, license=group.license,
+                                           max_bytes=max_bytes):
+            stat["sources"][source.path] = source
+            stat["documents"] += 1
+            key = hashlib.sha256(text.encode("utf-8", errors="replace")).digest()
+            if key in seen:
+                stat["exact_duplicates_removed"] += 1
+                continue
+            seen.add(key)
+            stat["documents_kept"] += 1
+            stat["bytes"] += len(text.encode("utf-8", errors="replace"))
+            text = scan_personal_data(text, stat["personal_data_found"], redact=redact)
+            (val_docs if _is_validation(text, val_fraction) else train_docs).append((index, text))
     if not train_docs:
         raise DataError("no training documents left after de-duplication and the validation split")
     if val_fraction > 0 and not val_docs:
@@ -139,38 +166,45 @@ def prepare(paths: list[Path], out: Path, *, vocab_size: int = 2048, val_fractio
     if tokenizer_from is not None:
         tokenizer = load_tokenizer(tokenizer_from)
     else:
-        tokenizer = train_tokenizer(iter(train_docs), vocab_size)
+        tokenizer = train_tokenizer((text for _, text in train_docs), vocab_size)
     save_tokenizer(tokenizer, out, model_max_length=seq_len_hint)
     eos = tokenizer.token_to_id(EOS)
     if eos is None:
         raise DataError(f"the tokenizer has no {EOS} token")
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
 
-    splits = {}
-    for split, docs in (("train", train_docs), ("val", val_docs)):
-        splits[split] = _write_split(out, split, docs, tokenizer, eos, dtype)
+    weights = [g.weight for g in groups]
+    splits = {"train": _write_split(out, "train", train_docs, tokenizer, eos, dtype, stats, weights=weights),
+              "val": _write_split(out, "val", val_docs, tokenizer, eos, dtype, stats, weights=None)}
     tokenizer_sha = _sha256_file(out / "tokenizer.json")
-    source_rows = [vars(s) for s in sorted(sources.values(), key=lambda s: s.path)]
+    for stat in stats:
+        stat["sources"] = [vars(s) for s in sorted(stat["sources"].values(), key=lambda s: s.path)]
+        stat["exact_duplicate_rate"] = stat["exact_duplicates_removed"] / max(1, stat["documents"])
+    source_rows = [row for stat in stats for row in stat["sources"]]
+    pii = {kind: sum(stat["personal_data_found"][kind] for stat in stats) for kind in PII_PATTERNS}
+    documents = sum(stat["documents"] for stat in stats)
+    duplicates = sum(stat["exact_duplicates_removed"] for stat in stats)
     manifest = {
         "format_version": FORMAT_VERSION, "kind": "gatehouse.training.dataset", "created_at": time.time(),
-        "description": description, "license": license,
+        "description": description, "license": license or ", ".join(sorted({g.license for g in groups if g.license})),
         "content_sha256": hashlib.sha256("".join(s["sha256"] for s in source_rows).encode()).hexdigest(),
-        "sources": source_rows, "documents": len(train_docs) + len(val_docs) + duplicates,
-        "documents_kept": len(train_docs) + len(val_docs), "bytes": input_bytes,
-        "exact_duplicates_removed": duplicates,
-        "exact_duplicate_rate": duplicates / max(1, len(train_docs) + len(val_docs) + duplicates),
+        "sources": source_rows, "documents": documents, "documents_kept": documents - duplicates,
+        "bytes": sum(stat["bytes"] for stat in stats), "exact_duplicates_removed": duplicates,
+        "exact_duplicate_rate": duplicates / max(1, documents),
         "personal_data_found": pii, "personal_data_redacted": redact,
         "tokenizer": {"vocab_size": tokenizer.get_vocab_size(), "sha256": tokenizer_sha, "eos_token_id": eos,
                       "trained_here": tokenizer_from is None},
         "token_dtype": np.dtype(dtype).name, "splits": splits,
-        "tokens": sum(s["tokens"] for s in splits.values()),
+        "tokens": sum(s["tokens"] for s in splits.values()), "groups": stats,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return Prepared(directory=out, manifest=manifest)
 
 
-def _write_split(out: Path, split: str, docs: list[str], tokenizer, eos: int, dtype) -> dict:
-    shards, buffer, count = [], [], 0
+def _write_split(out: Path, split: str, docs: list[tuple[int, str]], tokenizer, eos: int, dtype, stats: list[dict],
+                 *, weights: list[float] | None) -> dict:
+    """Tokenize each document once; with mixture weights, write it as many times as its weight says."""
+    shards, buffer, count, written = [], [], 0, 0
 
     def flush():
         nonlocal buffer, count
@@ -183,14 +217,21 @@ def _write_split(out: Path, split: str, docs: list[str], tokenizer, eos: int, dt
         buffer, count = [], 0
 
     for start in range(0, len(docs), 1024):
-        for encoding in tokenizer.encode_batch(docs[start:start + 1024]):
+        chunk = docs[start:start + 1024]
+        for (group, text), encoding in zip(chunk, tokenizer.encode_batch([text for _, text in chunk])):
             ids = np.asarray(encoding.ids + [eos], dtype=np.int64)
-            buffer.append(ids)
-            count += ids.size
+            stats[group]["tokens"] += ids.size
+            repeats = 1 if weights is None else _repeats(text, weights[group])
+            if weights is not None:
+                stats[group]["train_tokens_weighted"] += ids.size * repeats
+            for _ in range(repeats):
+                buffer.append(ids)
+                count += ids.size
+            written += repeats
             if count >= SHARD_TOKENS:
                 flush()
     flush()
-    return {"documents": len(docs), "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+    return {"documents": written, "tokens": sum(s["tokens"] for s in shards), "shards": shards}
 
 
 def stdlib_corpus() -> tuple[Path, str]:

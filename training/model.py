@@ -149,12 +149,11 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())  # shared (tied) tensors count once
 
     def matmul_parameters(self) -> int:
-        """N in 6N: every parameter that takes part in a matmul. The embedding table is a lookup, so it is
-        left out unless it is tied to the output head (then it is the head and counted once)."""
+        """N in 6N (see ModelConfig.matmul_parameters); counted from the live modules."""
         total = self.num_parameters()
         return total if self.config.tie_embeddings else total - self.model.embed_tokens.weight.numel()
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token, PaLM/nanoGPT form: 6N + 12·L·H·Q·T (attention scores and values)."""
+        """Training FLOPs per token: 6N + 12·L·H·Q·T (ModelConfig.flops_per_token documents the form)."""
         c = self.config
         return 6.0 * self.matmul_parameters() + 12.0 * c.num_layers * c.num_heads * c.head_dim * seq_len

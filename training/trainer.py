@@ -8,6 +8,7 @@ and torch.compile, periodic validation, exact checkpoint/resume (re-running the 
 SIGTERM → checkpoint and exit with status 75. Events go to OUT/events.jsonl, one JSON object per line.
 Exit status: 0 done, 2 bad configuration or data, 75 stopped by a signal with a resumable checkpoint.
 """
+import fcntl
 import json
 import math
 import os
@@ -152,6 +153,13 @@ def train(cfg: TrainConfig, *, echo: bool = False) -> int:
 def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, echo: bool) -> int:
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        # One trainer per run folder: a second one (say, a retry started while the first still checkpoints)
+        # must not interleave writes. The lock goes with the process, however it ends.
+        lock = open(out / ".lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another trainer is running in {out}; wait for it or use another --out") from None
     torch.manual_seed(cfg.seed)
     model, base = build_model(cfg, data_manifest)
     if cfg.seq_len > model.config.max_seq_len:
@@ -278,7 +286,7 @@ def _finish(cfg, out, model, run_id, data_manifest, base, trainable, metrics, la
     evaluations = run_tasks(model, tokenizer, seed=cfg.seed)
     events.emit("evaluation", results=evaluations)
     adapter = cfg.method == "lora"
-    base_name = (base.get("manifest") or {}).get("name") or (Path(cfg.init_from).name if cfg.init_from else None)
+    base_name = cfg.base_model_id or (Path(cfg.init_from).name if cfg.init_from else None)
     license = cfg.license or data_manifest.get("license") or ""
     name = Path(cfg.out).name
     card = card_text(name=name, license=license, datasets=list(cfg.datasets), base_model=base_name, method=cfg.method,

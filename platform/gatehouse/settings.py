@@ -199,6 +199,11 @@ CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BEAT_SCHEDULE = {
+    "requeue-stale-training-runs": {"task": "gatehouse.registry.tasks.requeue_stale_training_runs_task",
+                                    "schedule": float(os.environ.get("TRAINING_REAPER_INTERVAL_SECONDS", "10"))},
+}
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celery" / "beat-schedule")
 
 # --- REST API -------------------------------------------------------------------------------
 REST_FRAMEWORK = {
@@ -223,6 +228,11 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "TierEnum": "gatehouse.registry.models.Tier",
+        "VersionStatusEnum": "gatehouse.registry.models.ModelVersion.Status",
+        "TrainingRunStatusEnum": "gatehouse.registry.models.TrainingRun.Status",
+    },
 }
 
 # --- Gatehouse domain knobs -----------------------------------------------------------------
@@ -241,6 +251,17 @@ COMPUTE_PRICE_TABLE = {
     "CPU": {"usd_per_hour": envfloat("PRICE_CPU", 0.05), "watts": 65, "peak_flops": 2.07e11},
 }
 API_TOKEN_LAST_USED_RESOLUTION_SECONDS = 60
+
+# --- Training runs --------------------------------------------------------------------------
+# Runs work under TRAINING_ROOT/<run id>; dataset versions may read folders under GATEHOUSE_DATA_ROOT only.
+TRAINING_ROOT = Path(os.environ.get("GATEHOUSE_TRAINING_ROOT") or VAR_DIR / "training")
+GATEHOUSE_DATA_ROOT = Path(os.environ.get("GATEHOUSE_DATA_ROOT") or VAR_DIR / "datasets")
+# GPU workers consume "gpu"; the embedded worker consumes both queues, so "gpu" works everywhere.
+TRAINING_QUEUE = os.environ.get("GATEHOUSE_TRAINING_QUEUE", "gpu")
+# A running run whose worker has not written a heartbeat for this long is requeued (it resumes from its
+# last checkpoint). Worker heartbeats come every couple of seconds.
+TRAINING_HEARTBEAT_STALE_SECONDS = int(os.environ.get("TRAINING_HEARTBEAT_STALE_SECONDS", "30"))
+TRAINING_PYTHON = os.environ.get("GATEHOUSE_TRAINING_PYTHON", "")  # default: the worker's own interpreter
 
 LOGGING = {
     "version": 1,

@@ -118,3 +118,28 @@ def test_cli_prepare_one_line_errors(tmp_path):
                           str(tmp_path / "o")], capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.strip() == f"error: {tmp_path / 'nope'} does not exist"
+
+
+def test_mixture_weights_and_per_dataset_facts(tmp_path):
+    from training.data import InputGroup
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    for i in range(40):
+        (a / f"{i}.txt").write_text(f"alpha document number {i} " * 20)
+        (b / f"{i}.txt").write_text(f"beta document {i} with mail b{i}@example.com " * 5)
+    (b / "dup.txt").write_text("alpha document number 3 " * 20)  # duplicates a/3.txt across datasets
+    prepared = prepare([], tmp_path / "out", vocab_size=300, val_fraction=0.0, groups=[
+        InputGroup("org/alpha", [a], weight=2.0, license="CC-BY-4.0"),
+        InputGroup("org/beta", [b], weight=0.5, license="MIT")])
+    alpha, beta = prepared.manifest["groups"]
+    assert (alpha["documents"], alpha["documents_kept"], alpha["exact_duplicates_removed"]) == (40, 40, 0)
+    assert (beta["documents"], beta["documents_kept"], beta["exact_duplicates_removed"]) == (41, 40, 1)
+    assert beta["personal_data_found"]["email"] == 40 * 5 and alpha["personal_data_found"]["email"] == 0
+    assert alpha["train_tokens_weighted"] == 2 * alpha["tokens"]
+    assert 0.25 * beta["tokens"] < beta["train_tokens_weighted"] < 0.75 * beta["tokens"]
+    assert prepared.manifest["splits"]["train"]["tokens"] == alpha["train_tokens_weighted"] + beta["train_tokens_weighted"]
+    assert prepared.manifest["license"] == "CC-BY-4.0, MIT"
+    with pytest.raises(DataError, match="mixture weight must be positive"):
+        prepare([], tmp_path / "bad", groups=[InputGroup("x", [a], weight=0)])

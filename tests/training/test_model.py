@@ -73,3 +73,13 @@ def test_causality_and_length_limit():
     assert torch.equal(a[0, :10], b[0, :10])  # earlier positions never see later tokens
     with pytest.raises(ValueError, match="longer than max_seq_len 32"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": True}, {"attention_bias": True, "mlp_bias": True},
+                                       {"num_kv_heads": 1}])
+def test_parameter_arithmetic_matches_the_module(overrides):
+    config = preset("debug", vocab_size=300, **overrides)
+    model = Transformer(config)
+    assert config.num_parameters() == model.num_parameters()
+    assert config.matmul_parameters() == model.matmul_parameters()
+    assert config.flops_per_token(64) == model.flops_per_token(64)

@@ -88,6 +88,9 @@ class DatasetVersion(models.Model):
     bytes = models.BigIntegerField(default=0)
     exact_duplicate_rate = models.FloatField(default=0.0, help_text="Share of documents removed as exact duplicates")
     personal_data_found = models.JSONField(default=dict, blank=True, help_text='Counts by kind, e.g. {"email": 3}')
+    source_uri = models.CharField(
+        max_length=500, blank=True,
+        help_text="Where training runs read the documents: builtin:python-stdlib, or file:///… under GATEHOUSE_DATA_ROOT")
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -490,3 +493,96 @@ class RiskAssessment(models.Model):
 
     def __str__(self) -> str:
         return f"{self.version} {self.threshold}: {self.outcome} ({self.mitigation})"
+
+
+class TrainingRun(models.Model):
+    """A training or fine-tuning run launched by the platform; its facts are recorded, never typed in."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    organization = models.ForeignKey(Organization, on_delete=models.PROTECT, related_name="training_runs")
+    model_name = models.CharField(max_length=96, validators=[slug_validator])
+    tier = models.CharField(max_length=8, choices=Tier.choices, default=Tier.CLOSED)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
+    preset = models.CharField(max_length=32, blank=True)
+    method = models.CharField(max_length=12, default="full")
+    base_version = models.ForeignKey(ModelVersion, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    config = models.JSONField(default=dict, help_text="Trainer options (python -m training train flags)")
+    processes = models.PositiveSmallIntegerField(default=1)
+    estimated_flops = models.FloatField(default=0.0)
+    estimated_cumulative_flops = models.FloatField(default=0.0)
+    expected_designations = models.JSONField(default=list, blank=True)
+    attempt = models.PositiveIntegerField(default=0)
+    cancel_requested = models.BooleanField(default=False)
+    step = models.PositiveIntegerField(default=0)
+    total_steps = models.PositiveIntegerField(default=0)
+    tokens = models.BigIntegerField(default=0)
+    last_loss = models.FloatField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    log_tail = models.TextField(blank=True)
+    result_version = models.OneToOneField(ModelVersion, null=True, blank=True, on_delete=models.SET_NULL,
+                                          related_name="training_run")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(condition=Q(status__in=["queued", "running", "succeeded", "failed", "cancelled"]),
+                                   name="training_run_status_valid"),
+            models.CheckConstraint(condition=Q(method__in=["full", "lora", "last-layer", "bias"]),
+                                   name="training_run_method_valid"),
+            models.CheckConstraint(condition=Q(method="full") | Q(base_version__isnull=False),
+                                   name="training_run_adaptation_has_base"),
+            models.CheckConstraint(condition=Q(processes__gte=1), name="training_run_processes_positive"),
+        ]
+        indexes = [models.Index(fields=["status", "heartbeat_at"])]
+
+    def __str__(self) -> str:
+        return f"run {self.pk} → {self.organization_id}/{self.model_name} ({self.status})"
+
+    @property
+    def repo_id(self) -> str:
+        return f"{self.organization.slug}/{self.model_name}"
+
+
+class TrainingRunDataset(models.Model):
+    run = models.ForeignKey(TrainingRun, on_delete=models.CASCADE, related_name="datasets")
+    dataset_version = models.ForeignKey(DatasetVersion, on_delete=models.PROTECT, related_name="training_runs")
+    weight = models.FloatField(default=1.0)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "dataset_version"], name="training_run_dataset_unique"),
+            models.CheckConstraint(condition=Q(weight__gt=0), name="training_run_dataset_weight_positive"),
+        ]
+
+
+class TrainingMetric(models.Model):
+    """One point of a run's live series, as the trainer reported it (events.jsonl)."""
+
+    run = models.ForeignKey(TrainingRun, on_delete=models.CASCADE, related_name="metrics")
+    kind = models.CharField(max_length=8)  # step | eval
+    step = models.PositiveIntegerField()
+    loss = models.FloatField(null=True, blank=True)
+    lr = models.FloatField(null=True, blank=True)
+    tokens = models.BigIntegerField(null=True, blank=True)
+    tokens_per_s = models.FloatField(null=True, blank=True)
+    mfu = models.FloatField(null=True, blank=True)
+    flops = models.FloatField(null=True, blank=True)
+    memory_bytes = models.BigIntegerField(null=True, blank=True)
+    val_loss = models.FloatField(null=True, blank=True)
+    val_perplexity = models.FloatField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["kind", "step"]
+        constraints = [models.UniqueConstraint(fields=["run", "kind", "step"], name="training_metric_unique")]

@@ -1,5 +1,6 @@
 from django.urls import path, register_converter
 
+from gatehouse.registry.api import training as t
 from gatehouse.registry.api import views as v
 
 
@@ -36,5 +37,11 @@ urlpatterns = [
     path("licenses/<str:key>", v.LicenseDetailApi.as_view(), name="license-detail"),
     path("benchmarks", v.BenchmarkListApi.as_view(), name="benchmark-list"),
     path("risk-frameworks", v.RiskFrameworkListApi.as_view(), name="risk-framework-list"),
+    path("training-runs", t.TrainingRunListApi.as_view(), name="training-run-list"),
+    path("training-runs/<int:run_id>", t.TrainingRunDetailApi.as_view(), name="training-run-detail"),
+    path("training-runs/<int:run_id>/cancel", t.TrainingRunCancelApi.as_view(), name="training-run-cancel"),
+    path("training-runs/<int:run_id>/metrics", t.TrainingRunMetricsApi.as_view(), name="training-run-metrics"),
+    path("training-runs/<int:run_id>/logs", t.TrainingRunLogsApi.as_view(), name="training-run-logs"),
+    path(f"{M}/evaluations/import", v.EvaluationImportApi.as_view(), name="model-evaluations-import"),
     path("designation-thresholds", v.DesignationThresholdListApi.as_view(), name="designation-threshold-list"),
 ]

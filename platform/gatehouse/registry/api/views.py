@@ -2,7 +2,7 @@
 service or selector, and serializes."""
 from django.db.models import Prefetch
 from drf_spectacular.utils import OpenApiParameter, extend_schema
-from rest_framework import status
+from rest_framework import serializers, status
 from rest_framework.generics import GenericAPIView
 from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
@@ -12,10 +12,12 @@ from gatehouse.core.errors import InvalidInput, NotFound
 from gatehouse.registry import selectors
 from gatehouse.registry.api import serializers as s
 from gatehouse.registry.models import (
-    Benchmark, ComputeRecord, Dataset, DatasetVersion, DesignationThreshold, EvaluationResult, License, ModelRef,
+    Benchmark, ComputeRecord, Dataset, DatasetVersion, DesignationThreshold, EvaluationResult, EvaluatorKind, License,
+    ModelRef,
     ModelVersion, RiskAssessment, RiskFramework, RiskThreshold, Tier,
 )
 from gatehouse.registry.services.compute import compute_record_create
+from gatehouse.registry.services.evaluations import evaluations_import
 from gatehouse.registry.services.ingest import IncomingFile, model_version_ingest
 from gatehouse.registry.services.records import (
     dataset_create, dataset_version_create, evaluation_result_record, risk_assessment_record,
@@ -364,3 +366,23 @@ class BenchmarkListApi(GenericAPIView):
     def get(self, request):
         rows = Benchmark.objects.order_by("key").values("key", "name", "category", "task_type", "higher_is_better")
         return Response(list(rows))
+
+
+class EvaluationImportInput(serializers.Serializer):
+    format = serializers.ChoiceField(["lm-eval", "model-index"])
+    data = serializers.JSONField(help_text="The lm-evaluation-harness results file, or a model-index list")
+    evaluator = serializers.CharField(max_length=200, required=False, default="")
+    evaluator_kind = serializers.ChoiceField(EvaluatorKind.choices, default=EvaluatorKind.INTERNAL)
+    evidence_url = serializers.URLField(required=False, default="")
+
+
+class EvaluationImportApi(_VersionScopedApi):
+    serializer_class = s.EvaluationResultSerializer
+
+    @extend_schema(parameters=[REVISION], request=EvaluationImportInput,
+                   responses={201: s.EvaluationResultSerializer(many=True)})
+    def post(self, request, org, name):
+        version = self.version(request, org, name)
+        data = _valid(EvaluationImportInput, request)
+        results = evaluations_import(version=version, actor=request.user, **data)
+        return Response(s.EvaluationResultSerializer(results, many=True).data, status=status.HTTP_201_CREATED)

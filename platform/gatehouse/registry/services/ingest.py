@@ -17,17 +17,14 @@ from django.conf import settings
 from django.core.files import File
 from django.core.files.storage import storages
 from django.db import IntegrityError, transaction
-from django.utils import timezone
 from huggingface_hub import ModelCard
-from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from gatehouse.accounts.models import Organization, User
 from gatehouse.audit.services import audit_record
 from gatehouse.core.errors import Conflict, InvalidInput
 from gatehouse.registry.files import inspect_safetensors, normalize_path, refuse_pickle
-from gatehouse.registry.models import (
-    BaseRelation, Benchmark, Dataset, EvaluationResult, EvaluatorKind, License, Model, ModelFile, ModelVersion,
-)
+from gatehouse.registry.models import BaseRelation, Dataset, EvaluationResult, License, Model, ModelFile, ModelVersion
+from gatehouse.registry.services.evaluations import evaluation_rows_record, parse_model_index
 from gatehouse.registry.selectors import organization_for_writer, model_visible_queryset
 
 MAX_FILES = 1000
@@ -190,9 +187,9 @@ def parse_card(text: str, *, user: User) -> CardFacts:
 
     if metadata.get("model-index"):
         try:
-            _, facts.eval_results = model_index_to_eval_results(metadata["model-index"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidInput(f"README.md: model-index is malformed ({exc!r}); see the Hub's model-index format.") from None
+            facts.eval_results = parse_model_index(metadata["model-index"])
+        except InvalidInput as exc:
+            raise InvalidInput(f"README.md: {exc.message}") from None
     return facts
 
 
@@ -239,10 +236,12 @@ def _delete_stored(stored: list[_Stored]) -> None:
 
 
 def model_version_ingest(*, organization: Organization, name: str, files: list[IncomingFile], user: User,
-                         message: str = "", tier: str | None = None) -> ModelVersion:
+                         message: str = "", tier: str | None = None,
+                         base_version: ModelVersion | None = None) -> ModelVersion:
     """Create `organization/name` if needed and a pending version holding `files`.
 
     The version becomes usable only after the verification task (queued on commit) verifies it.
+    `base_version` pins the exact base a fine-tune started from (by default the card's base model's latest).
     """
     organization_for_writer(user=user, organization=organization)
     files = _check_paths(files)
@@ -265,7 +264,10 @@ def model_version_ingest(*, organization: Organization, name: str, files: list[I
             if ModelVersion.objects.filter(model=model, commit=commit).exists():
                 raise Conflict(f"{repo_id} already has a version with exactly these files (commit {commit}).",
                                code="duplicate_version")
-            base_version = card.base_model.latest_version if card.base_model else None
+            if base_version is not None and card.base_model and card.base_model.pk != base_version.model_id:
+                raise InvalidInput(f"README.md names base_model {card.base_model.repo_id}, not "
+                                   f"{base_version.model.repo_id} which this version was trained from.")
+            base_version = base_version or (card.base_model.latest_version if card.base_model else None)
             if card.base_model and base_version is None:
                 raise InvalidInput(f"base_model {card.base_model.repo_id} has no verified version yet; wait for it.")
             parameters = sum(s.safetensors["parameters"] for s in stored if s.safetensors) or None
@@ -299,22 +301,8 @@ def model_version_ingest(*, organization: Organization, name: str, files: list[I
     return version
 
 
-def _record_card_evaluations(*, version: ModelVersion, results: list) -> None:
-    rows = []
-    for result in results:
-        key = (result.dataset_type or result.dataset_name or "unknown").lower().replace("/", "-").replace(" ", "-")[:100]
-        benchmark, _ = Benchmark.objects.get_or_create(
-            key=key, defaults={"name": result.dataset_name or key, "task_type": result.task_type or ""})
-        if not isinstance(result.metric_value, (int, float)) or isinstance(result.metric_value, bool):
-            raise InvalidInput(f"README.md: model-index value for {key}/{result.metric_type} must be a number.")
-        rows.append(EvaluationResult(
-            version=version, benchmark=benchmark, metric=(result.metric_type or "score")[:64],
-            value=float(result.metric_value), dataset_split=(result.dataset_split or "")[:64],
-            evaluator=(result.source_name or "model card")[:200], evaluator_kind=EvaluatorKind.INTERNAL,
-            evidence_url=result.source_url or "", source=EvaluationResult.Source.MODEL_INDEX,
-            evaluated_at=timezone.now()))
-    try:
-        with transaction.atomic():
-            EvaluationResult.objects.bulk_create(rows)
-    except IntegrityError:
-        raise InvalidInput("README.md: model-index lists the same benchmark and metric twice.") from None
+def _record_card_evaluations(*, version: ModelVersion, results: list[dict]) -> None:
+    keys = [(r["task"], r["metric"], r.get("source_name")) for r in results]
+    if len(set(keys)) != len(keys):
+        raise InvalidInput("README.md: model-index lists the same benchmark and metric twice.")
+    evaluation_rows_record(version=version, rows=results, source=EvaluationResult.Source.MODEL_INDEX)

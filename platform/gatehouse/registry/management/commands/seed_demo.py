@@ -1,4 +1,5 @@
 """Seed a realistic demo catalog through the real services. Safe to run again: existing rows are kept."""
+import sys
 import tempfile
 from pathlib import Path
 
@@ -8,9 +9,12 @@ from django.db import transaction
 from gatehouse.accounts.models import Membership, Organization, User
 from gatehouse.accounts.services import membership_set, organization_create
 from gatehouse.registry.demo import write_model_folder
-from gatehouse.registry.models import Benchmark, Dataset, License, Model, RiskThreshold
+from gatehouse.registry.models import (
+    Benchmark, Dataset, DatasetVersion, License, Model, RiskThreshold, TrainingRun,
+)
 from gatehouse.registry.services.compute import compute_record_create
 from gatehouse.registry.services.ingest import files_from_directory, model_version_ingest
+from gatehouse.registry.services.training import training_run_create, training_run_execute
 from gatehouse.registry.services.records import (
     dataset_create, dataset_version_create, evaluation_result_record, risk_assessment_record,
 )
@@ -90,12 +94,47 @@ class Command(BaseCommand):
         self._dataset(orgs["aurora-labs"], alice, "aurora-chat-sft", "synthetic", ["apache-2.0"], 1_200_000, 20_000_000_000)
         for spec in MODELS:
             self._model(spec, orgs, users)
+        self._trained_lineage(orgs["aurora-labs"], alice)
         self.stdout.write(self.style.SUCCESS("Demo catalog ready. Logins (username / password):"))
         for username, password, superuser in USERS:
             role = "superuser, approves releases" if superuser else {
                 "alice": "admin of aurora-labs", "bob": "maintainer at aurora-labs",
                 "carol": "admin of northwind-ai (outsider to aurora-labs)"}[username]
             self.stdout.write(f"  {username:6} / {password:18} {role}")
+
+    def _trained_lineage(self, org, alice) -> None:
+        """Train a small model for real on the Python standard library, then LoRA-fine-tune it: a real
+        lineage with measured compute, dataset facts and evaluations, through the platform's own run path."""
+        dataset = Dataset.objects.filter(organization=org, name="python-stdlib").first()
+        if dataset is None:
+            dataset = dataset_create(organization=org, actor=alice, name="python-stdlib", provenance="licensed",
+                                     licenses=list(License.objects.filter(key="PSF-2.0")),
+                                     summary="The Python standard library's own source files", **DATASHEET)
+        version, _ = DatasetVersion.objects.get_or_create(
+            dataset=dataset, version=sys.version.split()[0], defaults={"source_uri": "builtin:python-stdlib"})
+        options = {"seq_len": 128, "batch_size": 8, "eval_interval": 100, "checkpoint_interval": 200,
+                   "max_bytes": 1_500_000, "tokenizer_vocab_size": 2048}
+        base = self._run(org, alice, "stdlib-coder", [(version, 1.0)], options, max_steps=400)
+        if base is not None:
+            self._run(org, alice, "stdlib-coder-lora", [(version, 1.0)], {**options, "lr": 5e-3, "min_lr": 5e-4},
+                      max_steps=150, method="lora", base_version=base)
+
+    def _run(self, org, actor, name, datasets, options, *, max_steps, method="full", base_version=None):
+        model = Model.objects.filter(organization=org, name=name, latest_version__isnull=False).first()
+        if model is not None:
+            return model.latest_version
+        self.stdout.write(f"Training {org.slug}/{name} ({method}, {max_steps} steps) on the CPU…")
+        run = training_run_create(organization=org, model_name=name, actor=actor, datasets=datasets, options=options,
+                                  max_steps=max_steps, method=method, base_version=base_version, tier="open")
+        run = training_run_execute(run_id=run.pk, attempt=run.attempt)
+        if run.status != TrainingRun.Status.SUCCEEDED:
+            self.stderr.write(f"  training run {run.pk} {run.status}: {run.error}")
+            return None
+        version = model_version_verify(version_id=run.result_version_id)
+        Model.objects.filter(pk=version.model_id).update(
+            summary="Trained here on the Python standard library" + (" (LoRA adapter)" if method == "lora" else ""))
+        self.stdout.write(f"  {org.slug}/{name}@{version.commit[:12]}: loss {run.last_loss:.3f}, {run.tokens:,} tokens")
+        return version
 
     def _users(self) -> dict[str, User]:
         users = {}

@@ -1,0 +1,509 @@
+"""Training runs launched by the platform: estimate, queue, execute `python -m training` as a subprocess,
+follow its JSON-lines events, and record what it produced through the same services as any upload.
+
+The worker never imports torch: it talks to the training module through files, events and exit codes.
+`training.config` is plain dataclasses, so the platform can validate a run and estimate its FLOPs up front.
+"""
+import ctypes
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from gatehouse.accounts.models import Organization, User
+from gatehouse.audit.services import audit_record
+from gatehouse.core.errors import Conflict, InvalidInput
+from gatehouse.registry.models import (
+    Dataset, DatasetVersion, Model, ModelVersion, TrainingMetric, TrainingRun, TrainingRunDataset,
+)
+from gatehouse.registry.selectors import designation_thresholds, organization_for_writer
+from gatehouse.registry.services.compute import compute_record_create
+from gatehouse.registry.services.ingest import commit_id, files_from_directory, model_version_ingest
+from training.config import ConfigError, ModelConfig, TrainConfig, preset
+
+EXIT_STOPPED = 75  # the trainer's "stopped by a signal, resumable" status
+HEARTBEAT_SECONDS = 2.0
+# Trainer options a run may set; paths, devices and identities are the platform's to choose.
+RUN_OPTIONS = {"batch_size", "seq_len", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "beta1",
+               "beta2", "grad_clip", "eval_interval", "eval_batches", "checkpoint_interval", "seed", "lora_rank",
+               "lora_alpha", "lora_targets", "vocab_size", "dtype", "compile"}
+DATA_OPTIONS = {"tokenizer_vocab_size": 2048, "val_fraction": 0.05, "redact": False, "max_bytes": None}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launching
+# ---------------------------------------------------------------------------------------------------------
+
+def resolve_source(uri: str) -> Path:
+    """A dataset version's documents on this machine. Only built-ins and folders under GATEHOUSE_DATA_ROOT:
+    a run must never read arbitrary server files."""
+    if uri == "builtin:python-stdlib":
+        import sysconfig
+
+        return Path(sysconfig.get_paths()["stdlib"])
+    if uri.startswith("file://"):
+        root = Path(settings.GATEHOUSE_DATA_ROOT).resolve()
+        path = Path(uri.removeprefix("file://")).resolve()
+        if path != root and root not in path.parents:
+            raise InvalidInput(f"Dataset source {uri} is outside GATEHOUSE_DATA_ROOT ({root}); copy the data there.")
+        if not path.exists():
+            raise InvalidInput(f"Dataset source {uri} does not exist on the training host.")
+        return path
+    raise InvalidInput(f"Dataset source {uri or '(none)'} is not usable for training: give the dataset version a "
+                       "source_uri (builtin:python-stdlib or file:///… under GATEHOUSE_DATA_ROOT).")
+
+
+def _train_config(*, preset_name: str, method: str, options: dict, max_steps: int, base: bool) -> TrainConfig:
+    unknown = sorted(set(options) - RUN_OPTIONS - set(DATA_OPTIONS))
+    if unknown:
+        raise InvalidInput(f"Unknown training option(s): {', '.join(unknown)}. Allowed: {', '.join(sorted(RUN_OPTIONS | set(DATA_OPTIONS)))}.")
+    values = {k: v for k, v in options.items() if k in RUN_OPTIONS}
+    if "lora_targets" in values:
+        values["lora_targets"] = tuple(values["lora_targets"])
+    defaults = {f.name: f.default for f in fields(TrainConfig) if not callable(f.default)}
+    for key, value in values.items():
+        expected = type(defaults[key])
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            values[key] = float(value)
+        elif not isinstance(values[key], expected) or isinstance(values[key], bool) != (expected is bool):
+            raise InvalidInput(f"Training option {key} must be a {expected.__name__}.")
+    try:
+        cfg = TrainConfig(preset=preset_name, method=method, max_steps=max_steps, data="-", out="-",
+                          init_from="-" if base else "", **values)
+        if cfg.warmup_steps > max_steps:
+            cfg.warmup_steps = max(0, max_steps // 10)  # a short budget keeps a proportionate warm-up
+        cfg.validate()
+        if not base:
+            preset(preset_name)
+    except ConfigError as exc:
+        raise InvalidInput(str(exc)) from None
+    return cfg
+
+
+def _model_config(cfg: TrainConfig, base_version: ModelVersion | None, data_options: dict) -> ModelConfig:
+    try:
+        if base_version is not None:
+            return ModelConfig.from_hf(base_version.config)
+        vocab = cfg.vocab_size or data_options["tokenizer_vocab_size"]
+        return preset(cfg.preset, vocab_size=vocab, max_seq_len=max(cfg.seq_len, 16))
+    except (ConfigError, KeyError) as exc:
+        raise InvalidInput(f"Cannot build the model configuration: {exc}") from None
+
+
+def training_run_create(*, organization: Organization, model_name: str, actor: User,
+                        datasets: list[tuple[DatasetVersion, float]], preset_name: str = "debug", method: str = "full",
+                        base_version: ModelVersion | None = None, max_steps: int | None = None,
+                        token_budget: int | None = None, options: dict | None = None, tier: str = "closed",
+                        processes: int = 1) -> TrainingRun:
+    """Validate, estimate FLOPs (6·N·D + attention) and expected designations, record, and queue on commit."""
+    organization_for_writer(user=actor, organization=organization)
+    options = dict(options or {})
+    probe = Model(organization=organization, name=model_name)
+    probe.full_clean(exclude=["organization", "tier", "license", "base_model", "latest_version"],
+                     validate_unique=False, validate_constraints=False)
+    if not datasets:
+        raise InvalidInput("A training run needs at least one dataset version.")
+    if len({dv.pk for dv, _ in datasets}) != len(datasets):
+        raise InvalidInput("A dataset version appears twice in the mixture.")
+    for dataset_version, weight in datasets:
+        if not weight > 0:
+            raise InvalidInput(f"Mixture weight of {dataset_version} must be positive.")
+        resolve_source(dataset_version.source_uri)
+    if method != "full" and base_version is None:
+        raise InvalidInput(f"Method {method} adapts an existing model: give a base version.")
+    if base_version is not None and base_version.status != ModelVersion.Status.VERIFIED:
+        raise InvalidInput("The base version is not verified yet.")
+    if tier not in ("closed", "api", "open"):
+        raise InvalidInput("tier must be one of closed, api, open.")
+    if not 1 <= processes <= 64:
+        raise InvalidInput("processes must be between 1 and 64.")
+    if (max_steps is None) == (token_budget is None):
+        raise InvalidInput("Give exactly one budget: max_steps or token_budget.")
+    data_options = {**DATA_OPTIONS, **{k: options[k] for k in DATA_OPTIONS if k in options}}
+    batch, seq = options.get("batch_size", 8), options.get("seq_len", 128)
+    accum = options.get("grad_accum", 1)
+    if not all(isinstance(v, int) and v > 0 for v in (batch, seq, accum)):
+        raise InvalidInput("batch_size, seq_len and grad_accum must be positive integers.")
+    tokens_per_step = batch * seq * accum * processes
+    if token_budget is not None:
+        if token_budget <= 0:
+            raise InvalidInput("token_budget must be positive.")
+        max_steps = math.ceil(token_budget / tokens_per_step)
+    if max_steps <= 0:
+        raise InvalidInput("max_steps must be positive.")
+    cfg = _train_config(preset_name=preset_name, method=method, options=options, max_steps=max_steps,
+                        base=base_version is not None)
+    model_config = _model_config(cfg, base_version, data_options)
+    if cfg.seq_len > model_config.max_seq_len:
+        raise InvalidInput(f"seq_len {cfg.seq_len} exceeds the base model's context of {model_config.max_seq_len}.")
+
+    estimated = model_config.flops_per_token(cfg.seq_len) * tokens_per_step * max_steps
+    cumulative = estimated + (base_version.cumulative_flops if base_version else 0.0)
+    expected = [t.key for t in designation_thresholds() if t.applies_to(own_flops=estimated, cumulative_flops=cumulative)]
+    config = {k: v for k, v in asdict(cfg).items() if k in RUN_OPTIONS}
+    config["lora_targets"] = list(config["lora_targets"])
+    with transaction.atomic():
+        run = TrainingRun.objects.create(
+            organization=organization, model_name=model_name, tier=tier, created_by=actor, preset=preset_name,
+            method=method, base_version=base_version, config=config | {"data": data_options},
+            processes=processes, estimated_flops=estimated, estimated_cumulative_flops=cumulative,
+            expected_designations=expected, total_steps=max_steps)
+        TrainingRunDataset.objects.bulk_create([TrainingRunDataset(run=run, dataset_version=dv, weight=weight)
+                                                for dv, weight in datasets])
+        audit_record(actor=actor, action="training_run.create", target=run, data={
+            "model": f"{organization.slug}/{model_name}", "method": method, "max_steps": max_steps,
+            "estimated_flops": estimated, "estimated_cumulative_flops": cumulative})
+        if expected:
+            # The EU AI Act (Art. 52) asks for notice when a threshold is expected to be met: record it now.
+            audit_record(actor=actor, action="training_run.designation_expected", target=run,
+                         data={"designations": expected, "estimated_cumulative_flops": cumulative})
+        _enqueue_on_commit(run)
+    return run
+
+
+def _enqueue_on_commit(run: TrainingRun) -> None:
+    from gatehouse.registry.tasks import run_training_task
+
+    run_id, attempt = run.pk, run.attempt
+    transaction.on_commit(lambda: run_training_task.apply_async((run_id, attempt), queue=settings.TRAINING_QUEUE))
+
+
+def training_run_cancel(*, run: TrainingRun, actor: User) -> TrainingRun:
+    organization_for_writer(user=actor, organization=run.organization)
+    with transaction.atomic():
+        now = timezone.now()
+        if TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.QUEUED).update(
+                status=TrainingRun.Status.CANCELLED, cancel_requested=True, finished_at=now):
+            action = "training_run.cancel"
+        elif TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING).update(cancel_requested=True):
+            action = "training_run.cancel_requested"
+        else:
+            raise Conflict(f"Run {run.pk} is already {run.status}; nothing to cancel.")
+        audit_record(actor=actor, action=action, target=run, data={})
+    run.refresh_from_db()
+    return run
+
+
+def training_runs_requeue_stale(*, stale_after_seconds: int | None = None) -> list[int]:
+    """Runs whose worker stopped heart-beating (killed, lost) go back to the queue with a new attempt; the
+    trainer resumes from its last checkpoint. The conditional update makes a double requeue impossible."""
+    stale_after = stale_after_seconds or settings.TRAINING_HEARTBEAT_STALE_SECONDS
+    cutoff = timezone.now() - timezone.timedelta(seconds=stale_after)
+    requeued = []
+    for run in TrainingRun.objects.filter(status=TrainingRun.Status.RUNNING, heartbeat_at__lt=cutoff):
+        with transaction.atomic():
+            if TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING, attempt=run.attempt,
+                                          heartbeat_at__lt=cutoff).update(
+                    status=TrainingRun.Status.QUEUED, attempt=F("attempt") + 1):
+                run.refresh_from_db()
+                audit_record(actor=None, action="training_run.requeue", target=run,
+                             data={"attempt": run.attempt, "reason": f"no heartbeat for {stale_after} s"})
+                _enqueue_on_commit(run)
+                requeued.append(run.pk)
+    return requeued
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Execution
+# ---------------------------------------------------------------------------------------------------------
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the worker dies (even by kill -9), so the trainer checkpoints and exits."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _python() -> str:
+    return settings.TRAINING_PYTHON or sys.executable
+
+
+def _child_env() -> dict:
+    root = Path(settings.REPO_DIR)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+                PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+
+
+def training_run_work_dir(run: TrainingRun) -> Path:
+    return Path(settings.TRAINING_ROOT) / str(run.pk)
+
+
+def _prepare_data(run: TrainingRun, work: Path, log) -> Path:
+    data = work / "data"
+    if (data / "manifest.json").exists():
+        return data  # a retry reuses what an earlier attempt prepared
+    mixture = [{"name": f"{rd.dataset_version.dataset}@{rd.dataset_version.version}",
+                "paths": [str(resolve_source(rd.dataset_version.source_uri))], "weight": rd.weight,
+                "license": ", ".join(rd.dataset_version.dataset.licenses.values_list("key", flat=True))}
+               for rd in run.datasets.select_related("dataset_version__dataset__organization")]
+    (work / "mixture.json").write_text(json.dumps(mixture, indent=2))
+    opts = run.config.get("data", DATA_OPTIONS)
+    cmd = [_python(), "-m", "training", "prepare", "--mixture", str(work / "mixture.json"), "--out", str(data),
+           "--vocab-size", str(opts["tokenizer_vocab_size"]), "--val-fraction", str(opts["val_fraction"])]
+    if run.base_version_id:
+        cmd += ["--tokenizer-from", str(_base_export(run, work))]
+    if opts.get("redact"):
+        cmd.append("--redact")
+    if opts.get("max_bytes"):
+        cmd += ["--max-bytes", str(opts["max_bytes"])]
+    result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env(), preexec_fn=_die_with_parent)
+    if result.returncode != 0:
+        raise RunFailed("data preparation failed: " + _last_error(work / "train.log"))
+    return data
+
+
+def _base_export(run: TrainingRun, work: Path) -> Path:
+    """The base version's files, copied out of weight storage into the run folder (streamed, not read whole)."""
+    from django.core.files.storage import storages
+
+    target = work / "base"
+    if (target / ".complete").exists():
+        return target
+    storage = storages["weights"]
+    for file in run.base_version.files.all():
+        path = target / file.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with storage.open(file.storage_key, "rb") as src, open(path, "wb") as dst:
+            while chunk := src.read(1024 * 1024):
+                dst.write(chunk)
+    (target / ".complete").write_text("ok")
+    return target
+
+
+class RunFailed(Exception):
+    pass
+
+
+def _last_error(log_path: Path) -> str:
+    lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
+    errors = [line for line in lines if line.startswith("error: ")]
+    if errors:
+        return errors[-1].removeprefix("error: ")
+    return (lines[-1] if lines else "no output") [:500]
+
+
+def _train_command(run: TrainingRun, work: Path, data: Path) -> list[str]:
+    base = [_python(), "-m", "training", "train"]
+    if run.processes > 1:
+        base = [_python(), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(run.processes),
+                "-m", "training", "train"]
+    cmd = base + ["--data", str(data), "--out", str(work / "train"), "--preset", run.preset or "debug",
+                  "--method", run.method, "--max-steps", str(run.total_steps), "--run-id", f"gatehouse-run-{run.pk}",
+                  "--datasets", ",".join(str(rd.dataset_version.dataset) for rd in
+                                         run.datasets.select_related("dataset_version__dataset__organization"))]
+    if run.base_version_id:
+        cmd += ["--init-from", str(_base_export(run, work)), "--base-model-id", run.base_version.model.repo_id]
+        if run.base_version.license_id:
+            cmd += ["--license", run.base_version.license.key]  # a derivative carries its base's licence
+    for key, value in run.config.items():
+        if key in RUN_OPTIONS:
+            flag = "--" + key.replace("_", "-")
+            cmd += [flag, ",".join(value) if isinstance(value, list) else str(value)]
+    return cmd
+
+
+def _heartbeat(run: TrainingRun, attempt: int, **progress) -> bool:
+    """Record progress; False when this attempt no longer owns the run (requeued elsewhere)."""
+    return bool(TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING, attempt=attempt).update(
+        heartbeat_at=timezone.now(), **progress))
+
+
+class _EventReader:
+    """Follows OUT/events.jsonl from where it was, storing metric points as they arrive."""
+
+    def __init__(self, path: Path, run: TrainingRun):
+        self.path, self.run, self.offset = path, run, 0
+        self.progress: dict = {}
+        self.events: list[dict] = []
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path) as fh:
+            fh.seek(self.offset)
+            data = fh.read()
+        complete = data[: data.rfind("\n") + 1]  # a half-written last line waits for the next poll
+        self.offset += len(complete.encode())
+        rows = []
+        for line in complete.splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            self.events.append(event)
+            if event.get("event") == "step":
+                rows.append(TrainingMetric(run=self.run, kind="step", step=event["step"], loss=event["loss"],
+                                           lr=event["lr"], tokens=event["tokens"], tokens_per_s=event["tokens_per_s"],
+                                           mfu=event.get("mfu"), flops=event["flops"],
+                                           memory_bytes=event.get("memory_bytes")))
+                self.progress = {"step": event["step"], "tokens": event["tokens"], "last_loss": event["loss"]}
+            elif event.get("event") == "eval":
+                rows.append(TrainingMetric(run=self.run, kind="eval", step=event["step"], val_loss=event["val_loss"],
+                                           val_perplexity=event["val_perplexity"]))
+        if rows:
+            # A resumed attempt re-reads the file from the top: points already stored are skipped.
+            TrainingMetric.objects.bulk_create(rows, ignore_conflicts=True)
+
+
+def training_run_execute(*, run_id: int, attempt: int) -> TrainingRun | None:
+    """The task body: claim, prepare data, train in a subprocess while following its events, record."""
+    now = timezone.now()
+    claimed = TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.QUEUED, attempt=attempt).update(
+        status=TrainingRun.Status.RUNNING, heartbeat_at=now, started_at=Coalesce("started_at", now))
+    if not claimed:
+        return TrainingRun.objects.filter(pk=run_id).first()  # cancelled, done, or owned by a newer attempt
+    run = TrainingRun.objects.select_related("organization", "base_version__model__organization",
+                                             "base_version__license", "created_by").get(pk=run_id)
+    work = training_run_work_dir(run)
+    work.mkdir(parents=True, exist_ok=True)
+    log_path = work / "train.log"
+    try:
+        with open(log_path, "a") as log:
+            log.write(f"--- attempt {attempt} at {now.isoformat()} ---\n")
+            log.flush()
+            data = _prepare_data(run, work, log)
+            if not _heartbeat(run, attempt):
+                return run
+            code, reader = _follow_trainer(run, attempt, work, data, log)
+    except RunFailed as exc:
+        return _finish(run, attempt, TrainingRun.Status.FAILED, error=str(exc), log_path=log_path)
+    except InvalidInput as exc:
+        return _finish(run, attempt, TrainingRun.Status.FAILED, error=exc.message, log_path=log_path)
+    except Exception as exc:
+        # A bug must fail the run visibly, not leave it "running" for the reaper to retry forever.
+        _finish(run, attempt, TrainingRun.Status.FAILED, error=f"internal error: {exc!r}", log_path=log_path)
+        raise
+    if code is None:
+        return TrainingRun.objects.get(pk=run.pk)  # this attempt lost the run to a newer one
+    run.refresh_from_db()
+    if code == 0:
+        try:
+            return _record(run, attempt, work, reader)
+        except InvalidInput as exc:
+            return _finish(run, attempt, TrainingRun.Status.FAILED, error=f"registering the export failed: {exc.message}",
+                           log_path=log_path)
+    if code == EXIT_STOPPED and run.cancel_requested:
+        return _finish(run, attempt, TrainingRun.Status.CANCELLED, log_path=log_path)
+    if code == EXIT_STOPPED:
+        # Stopped by something other than a cancel (host shutdown): go back to the queue and resume later.
+        with transaction.atomic():
+            if TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING, attempt=attempt).update(
+                    status=TrainingRun.Status.QUEUED, attempt=attempt + 1):
+                run.refresh_from_db()
+                _enqueue_on_commit(run)
+        return run
+    return _finish(run, attempt, TrainingRun.Status.FAILED, error=_last_error(log_path), log_path=log_path)
+
+
+def _follow_trainer(run: TrainingRun, attempt: int, work: Path, data: Path, log) -> tuple[int | None, _EventReader]:
+    proc = subprocess.Popen(_train_command(run, work, data), stdout=log, stderr=subprocess.STDOUT, env=_child_env(),
+                            preexec_fn=_die_with_parent, cwd=work)
+    reader = _EventReader(work / "train" / "events.jsonl", run)
+    signalled = False
+    while True:
+        finished = proc.poll() is not None
+        reader.poll()
+        owned = _heartbeat(run, attempt, **reader.progress)
+        if not owned:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+            return None, reader
+        if finished:
+            return proc.returncode, reader
+        if not signalled and TrainingRun.objects.filter(pk=run.pk, cancel_requested=True).exists():
+            proc.send_signal(signal.SIGTERM)  # the trainer checkpoints and exits with 75
+            signalled = True
+        time.sleep(HEARTBEAT_SECONDS if not signalled else 0.2)
+
+
+def _finish(run: TrainingRun, attempt: int, status: str, *, error: str = "", log_path: Path | None = None) -> TrainingRun:
+    tail = log_path.read_text(errors="replace")[-20000:] if log_path and log_path.exists() else ""
+    with transaction.atomic():
+        if TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING, attempt=attempt).update(
+                status=status, error=error[:5000], log_tail=tail, finished_at=timezone.now()):
+            audit_record(actor=None, action=f"training_run.{status}", target=run, data={"error": error[:500]})
+    run.refresh_from_db()
+    return run
+
+
+def _export_commit(run: TrainingRun, export: Path) -> str:
+    manifest = json.loads((export / "manifest.json").read_text())
+    import hashlib
+
+    files = [(name, facts["size"], facts["sha256"]) for name, facts in manifest["files"].items()]
+    with open(export / "manifest.json", "rb") as fh:
+        files.append(("manifest.json", (export / "manifest.json").stat().st_size,
+                      hashlib.file_digest(fh, "sha256").hexdigest()))
+    return commit_id(run.repo_id, files)
+
+
+def _record(run: TrainingRun, attempt: int, work: Path, reader: _EventReader) -> TrainingRun:
+    """Register the export like any upload, then link the run, datasets and compute. Safe to repeat."""
+    export = work / "train" / "export"
+    manifest = json.loads((export / "manifest.json").read_text())
+    data_manifest = json.loads((work / "data" / "manifest.json").read_text())
+    version = ModelVersion.objects.filter(model__organization=run.organization, model__name=run.model_name,
+                                          commit=_export_commit(run, export)).first()
+    if version is None:
+        version = model_version_ingest(organization=run.organization, name=run.model_name,
+                                       files=files_from_directory(export), user=run.created_by,
+                                       message=f"Training run {run.pk} ({run.method})", tier=run.tier,
+                                       base_version=run.base_version)
+    energy_j = next((e.get("energy_j") for e in reversed(reader.events) if e.get("event") == "step"), None)
+    hardware = manifest["hardware"]
+    start = next((e for e in reader.events if e.get("event") == "start"), {})
+    with transaction.atomic():
+        if not TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING, attempt=attempt).update(
+                status=TrainingRun.Status.SUCCEEDED, result_version=version, finished_at=timezone.now(),
+                step=run.total_steps, tokens=manifest["tokens"]):
+            return TrainingRun.objects.get(pk=run.pk)
+        _record_datasets(run, version, data_manifest)
+        compute_record_create(
+            version=version, actor=run.created_by, stage=run.method if run.base_version_id else "pretraining",
+            hardware=_hardware_name(hardware), device_count=hardware["count"],
+            wall_time_seconds=manifest["device_hours"] * 3600 / hardware["count"], flops=manifest["flops"],
+            flops_method="operation-count", parameters=manifest["parameters"], tokens=manifest["tokens"],
+            energy_kwh=energy_j / 3.6e6 if energy_j is not None else None,
+            precision="bf16" if start.get("bf16") else "fp32", provider="gatehouse")
+        audit_record(actor=None, action="training_run.succeeded", target=run,
+                     data={"commit": version.commit, "flops": manifest["flops"], "tokens": manifest["tokens"]})
+    run.refresh_from_db()
+    return run
+
+
+def _hardware_name(hardware: dict) -> str:
+    if hardware["type"] == "cpu":
+        return "CPU"
+    name = hardware["device"]
+    for known in settings.COMPUTE_PRICE_TABLE:
+        if known.split("-")[0] in name:
+            return known
+    return name[:100]
+
+
+def _record_datasets(run: TrainingRun, version: ModelVersion, data_manifest: dict) -> None:
+    """Fill each dataset version's facts from the manifest the run computed, and link it to the version."""
+    groups = {g["name"]: g for g in data_manifest.get("groups", [])}
+    import hashlib
+
+    for rd in run.datasets.select_related("dataset_version__dataset__organization"):
+        dv = rd.dataset_version
+        group = groups.get(f"{dv.dataset}@{dv.version}")
+        if group is None:
+            continue
+        content = hashlib.sha256("".join(s["sha256"] for s in group["sources"]).encode()).hexdigest()
+        if not dv.manifest_sha256:
+            DatasetVersion.objects.filter(pk=dv.pk).update(
+                manifest_sha256=content, documents=group["documents"], tokens=group["tokens"], bytes=group["bytes"],
+                exact_duplicate_rate=group["exact_duplicate_rate"], personal_data_found=group["personal_data_found"])
+        version.datasets.add(dv.dataset)
