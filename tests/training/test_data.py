@@ -9,8 +9,8 @@ from training.data import DataError, TokenStream, prepare, scan_personal_data
 from training.tokenizer import EOS, load_tokenizer
 
 PERSONAL = """Contact jane.doe@example.com or ops@corp.example.org.
-Call +1 415-555-0132 or (212) 555-0199 today.
-Servers 10.0.0.12 and 192.168.1.254 are up; 999.1.1.1 is not an address and version 3.11.7 is not either.
+Call +1 415-555-0132 or (212) 555-0199.
+Servers 10.0.0.12 and 192.168.1.254. are up; 999.1.1.1 is not an address, nor are 3.11.7 and 1.2.3.4.5.
 key AKIAIOSFODNN7EXAMPLE and token ghp_abcdefghijklmnopqrstuvwxyz0123456789 leaked.
 -----BEGIN RSA PRIVATE KEY-----
 """
@@ -27,7 +27,7 @@ def test_redaction_replaces_each_find():
     text = scan_personal_data(PERSONAL, counts, redact=True)
     assert "jane.doe@example.com" not in text and text.count("<EMAIL>") == 2
     assert text.count("<PHONE>") == 2 and text.count("<IP_ADDRESS>") == 2 and text.count("<SECRET>") == 3
-    assert "999.1.1.1" in text and "3.11.7" in text
+    assert "999.1.1.1" in text and "3.11.7" in text and "1.2.3.4.5" in text
 
 
 def _corpus(tmp_path):

@@ -8,7 +8,7 @@ from django.utils import timezone
 
 from gatehouse.accounts.models import ApiToken, Membership, Organization, User
 from gatehouse.audit.services import audit_record
-from gatehouse.core.errors import InvalidInput, NotFound, PermissionDenied
+from gatehouse.core.errors import InvalidInput, NotFound, PermissionDenied, clean_or_invalid
 
 TOKEN_PREFIX = "gh_"
 ALL_SCOPES = [choice.value for choice in ApiToken.Scope]
@@ -76,7 +76,7 @@ def api_token_touch(*, token: ApiToken, resolution_seconds: int) -> None:
 def organization_create(*, slug: str, name: str, owner: User, description: str = "") -> Organization:
     with transaction.atomic():
         org = Organization(slug=slug, name=name, description=description)
-        org.full_clean()
+        clean_or_invalid(org)
         org.save()
         Membership.objects.create(user=owner, organization=org, role=Membership.Role.ADMIN)
         audit_record(actor=owner, action="organization.create", target=org, data={"slug": slug})

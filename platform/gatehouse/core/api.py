@@ -1,5 +1,6 @@
 """Shared REST plumbing: one error shape, pagination."""
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404
 from rest_framework import exceptions, status
 from rest_framework.pagination import PageNumberPagination
@@ -29,6 +30,10 @@ def exception_handler(exc, context):
         if exc.status == 401:
             response["WWW-Authenticate"] = 'Bearer realm="gatehouse"'
         return response
+    if isinstance(exc, DjangoValidationError):  # a service that forgot clean_or_invalid: still a 400
+        fields = exc.message_dict if hasattr(exc, "error_dict") else {"non_field_errors": exc.messages}
+        return Response(error_body(400, "invalid", "; ".join(f"{k}: {' '.join(v)}" for k, v in fields.items()), fields),
+                        status=400)
     if isinstance(exc, Http404):
         exc = exceptions.NotFound("Not found.")
     elif isinstance(exc, DjangoPermissionDenied):

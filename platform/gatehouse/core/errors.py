@@ -36,3 +36,15 @@ class NotFound(ApplicationError):
 class Conflict(ApplicationError):
     status = 409
     code = "conflict"
+
+
+def clean_or_invalid(instance, **kwargs) -> None:
+    """Model.full_clean(), with Django's ValidationError turned into InvalidInput (a 400, not a 500)."""
+    from django.core.exceptions import ValidationError
+
+    try:
+        instance.full_clean(**kwargs)
+    except ValidationError as exc:
+        fields = exc.message_dict if hasattr(exc, "error_dict") else {"non_field_errors": exc.messages}
+        message = "; ".join(f"{name}: {' '.join(messages)}" for name, messages in fields.items())
+        raise InvalidInput(message, fields=fields) from None

@@ -176,3 +176,13 @@ def test_dataset_link_from_card(aurora, alice, client_for, register):
     datasets = client_for(None).get("/api/v1/models/aurora/m/datasets").json()
     assert [d["id"] for d in datasets] == ["aurora/corpus"]
     assert client_for(None).get("/api/v1/models/aurora/m").json()["datasets"][0]["id"] == "aurora/corpus"
+
+
+def test_an_invalid_model_name_is_a_400_not_a_500(aurora, alice, client_for, model_folder, stored_files):
+    client = client_for(alice, scopes=["write"])
+    events_before = AuditEvent.objects.count()
+    response = client.post("/api/v1/models/aurora/trailing-/versions",
+                                                        _upload_payload(model_folder()), format="multipart")
+    assert response.status_code == 400
+    assert response.json()["error"]["fields"]["name"][0].startswith("Use letters, digits")
+    _nothing_written(stored_files, events_before)

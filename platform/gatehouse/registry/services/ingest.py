@@ -21,7 +21,7 @@ from huggingface_hub import ModelCard
 
 from gatehouse.accounts.models import Organization, User
 from gatehouse.audit.services import audit_record
-from gatehouse.core.errors import Conflict, InvalidInput
+from gatehouse.core.errors import Conflict, InvalidInput, clean_or_invalid
 from gatehouse.registry.files import inspect_safetensors, normalize_path, refuse_pickle
 from gatehouse.registry.models import BaseRelation, Dataset, EvaluationResult, License, Model, ModelFile, ModelVersion
 from gatehouse.registry.services.evaluations import evaluation_rows_record, parse_model_index
@@ -249,7 +249,7 @@ def model_version_ingest(*, organization: Organization, name: str, files: list[I
     card = parse_card(_read_small(by_path["README.md"]), user=user) if "README.md" in by_path else CardFacts()
     arch = _architecture_facts(_read_small(by_path["config.json"]) if "config.json" in by_path else None)
     model_probe = Model(organization=organization, name=name)
-    model_probe.full_clean(exclude=["organization", "tier", "license", "base_model", "latest_version"],
+    clean_or_invalid(model_probe, exclude=["organization", "tier", "license", "base_model", "latest_version"],
                            validate_unique=False, validate_constraints=False)
 
     stored: list[_Stored] = []

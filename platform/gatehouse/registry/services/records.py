@@ -3,7 +3,7 @@ from django.db import IntegrityError, transaction
 
 from gatehouse.accounts.models import Organization
 from gatehouse.audit.services import audit_record
-from gatehouse.core.errors import Conflict, InvalidInput
+from gatehouse.core.errors import Conflict, InvalidInput, clean_or_invalid
 from gatehouse.registry.models import (
     Benchmark, Dataset, DatasetVersion, EvaluationResult, License, ModelVersion, RiskAssessment, RiskThreshold,
 )
@@ -14,7 +14,7 @@ def dataset_create(*, organization: Organization, actor, name: str, provenance: 
                    **sheet) -> Dataset:
     organization_for_writer(user=actor, organization=organization)
     dataset = Dataset(organization=organization, name=name, provenance=provenance, **sheet)
-    dataset.full_clean(exclude=["organization"], validate_unique=False)
+    clean_or_invalid(dataset, exclude=["organization"], validate_unique=False)
     try:
         with transaction.atomic():
             dataset.save()
@@ -28,7 +28,7 @@ def dataset_create(*, organization: Organization, actor, name: str, provenance: 
 def dataset_version_create(*, dataset: Dataset, actor, version: str, **facts) -> DatasetVersion:
     organization_for_writer(user=actor, organization=dataset.organization)
     row = DatasetVersion(dataset=dataset, version=version, **facts)
-    row.full_clean(exclude=["dataset"], validate_unique=False)
+    clean_or_invalid(row, exclude=["dataset"], validate_unique=False)
     try:
         with transaction.atomic():
             row.save()
@@ -43,7 +43,7 @@ def evaluation_result_record(*, version: ModelVersion, actor, benchmark: Benchma
                              **facts) -> EvaluationResult:
     organization_for_writer(user=actor, organization=version.model.organization)
     result = EvaluationResult(version=version, benchmark=benchmark, metric=metric, value=value, **facts)
-    result.full_clean(exclude=["version", "benchmark"], validate_unique=False)
+    clean_or_invalid(result, exclude=["version", "benchmark"], validate_unique=False)
     try:
         with transaction.atomic():
             result.save()
@@ -62,7 +62,7 @@ def risk_assessment_record(*, version: ModelVersion, actor, threshold: RiskThres
         raise InvalidInput(f"{threshold.domain.framework} is not the active version of its framework.")
     assessment = RiskAssessment(version=version, threshold=threshold, outcome=outcome, mitigation=mitigation,
                                 evaluator=evaluator, created_by=actor, **facts)
-    assessment.full_clean(exclude=["version", "threshold", "created_by"])
+    clean_or_invalid(assessment, exclude=["version", "threshold", "created_by"])
     with transaction.atomic():
         assessment.save()
         audit_record(actor=actor, action="risk_assessment.record", target=assessment,

@@ -23,7 +23,7 @@ from django.utils import timezone
 
 from gatehouse.accounts.models import Organization, User
 from gatehouse.audit.services import audit_record
-from gatehouse.core.errors import Conflict, InvalidInput
+from gatehouse.core.errors import Conflict, InvalidInput, clean_or_invalid
 from gatehouse.registry.models import (
     Dataset, DatasetVersion, Model, ModelVersion, TrainingMetric, TrainingRun, TrainingRunDataset,
 )
@@ -110,7 +110,7 @@ def training_run_create(*, organization: Organization, model_name: str, actor: U
     organization_for_writer(user=actor, organization=organization)
     options = dict(options or {})
     probe = Model(organization=organization, name=model_name)
-    probe.full_clean(exclude=["organization", "tier", "license", "base_model", "latest_version"],
+    clean_or_invalid(probe, exclude=["organization", "tier", "license", "base_model", "latest_version"],
                      validate_unique=False, validate_constraints=False)
     if not datasets:
         raise InvalidInput("A training run needs at least one dataset version.")
