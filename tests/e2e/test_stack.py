@@ -3,13 +3,10 @@
 
 Runs against whatever DATABASE_URL / CELERY_BROKER_URL the suite runs with (SQLite + filesystem broker by
 default; PostgreSQL + Redis in CI's second pass), in a database and var/ folder of its own."""
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import httpx
@@ -17,66 +14,28 @@ import pytest
 
 from gatehouse.registry.demo import write_model_folder
 
+from .conftest import free_port, wait_for_http
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _own_database(tmp_path):
-    """A database for this test only: a fresh PostgreSQL database, or a SQLite file."""
-    base = os.environ.get("DATABASE_URL", "")
-    if not base.startswith("postgres"):
-        return f"sqlite:///{tmp_path / 'e2e.sqlite3'}", lambda: None
-    import psycopg
-
-    name = f"gatehouse_e2e_{uuid.uuid4().hex[:10]}"
-    admin_url = base.rsplit("/", 1)[0] + "/postgres"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-
-    def drop():
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    return base.rsplit("/", 1)[0] + "/" + name, drop
-
-
 @pytest.fixture
-def stack(tmp_path):
-    database_url, drop_database = _own_database(tmp_path)
-    queue = f"e2e-{uuid.uuid4().hex[:10]}"
-    env = dict(os.environ, GATEHOUSE_VAR_DIR=str(tmp_path / "var"), DATABASE_URL=database_url,
-               GATEHOUSE_DEFAULT_QUEUE=queue, PYTHONPATH=f"{ROOT / 'platform'}{os.pathsep}{ROOT}")
-    env.pop("CELERY_TASK_ALWAYS_EAGER", None)
-    manage = [sys.executable, str(ROOT / "manage.py")]
-    subprocess.run([*manage, "migrate", "--noinput", "-v0"], env=env, check=True, cwd=ROOT)
+def stack(deployment, tmp_path):
+    env, manage = deployment["env"], deployment["manage"]
     seed = subprocess.run([*manage, "seed_demo"], env=env, check=True, cwd=ROOT, capture_output=True, text=True)
     assert "alice  / gatehouse-alice" in seed.stdout
-    port = _free_port()
+    port = free_port()
+    log = open(tmp_path / "stack.log", "w")  # a file, not a pipe: a full pipe would block the workers
     server = subprocess.Popen([sys.executable, str(ROOT / "infra" / "run_local.py"), "--port", str(port)],
-                              env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deployment["processes"].append(server)
     base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                if httpx.get(base + "/api/v1/licenses", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.25)
-        else:
-            pytest.fail("the web server did not come up within 30 s")
-        yield {"base": base, "env": env, "manage": manage, "queue": queue, "server": server}
-    finally:
+    wait_for_http(base + "/api/v1/licenses")
+    yield {"base": base, "env": env, "manage": manage, "queue": deployment["queue"], "server": server}
+    if server.poll() is None:
         server.send_signal(signal.SIGINT)  # what Ctrl-C does
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        drop_database()
+        server.wait(timeout=20)
 
 
 def _worker_running(queue: str) -> bool:

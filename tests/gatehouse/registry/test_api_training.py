@@ -1,12 +1,13 @@
 import pytest
 
 from gatehouse.audit.models import AuditEvent
-from gatehouse.registry.models import Dataset, DatasetVersion, EvaluationResult, TrainingRun
+from gatehouse.registry.models import Dataset, DatasetVersion, EvaluationResult, License, TrainingRun
 
 
 @pytest.fixture
 def stdlib(aurora):
     dataset = Dataset.objects.create(organization=aurora, name="stdlib", provenance="licensed")
+    dataset.licenses.set(License.objects.filter(key="PSF-2.0"))
     return DatasetVersion.objects.create(dataset=dataset, version="3.11", source_uri="builtin:python-stdlib")
 
 
@@ -61,6 +62,7 @@ def test_outsiders_see_no_runs_and_cannot_launch(aurora, alice, carol, stdlib, c
     ({"options": {"seq_len": "long"}}, "batch_size, seq_len and grad_accum must be positive integers"),
     ({"options": {"lr": [1]}}, "Training option lr must be a float"),
     ({"max_steps": 0}, "max_steps: Ensure this value is greater than or equal to 1."),
+    ({"license": "wtfpl"}, "Unknown licence 'wtfpl'"),
     ({"base": {"model": "aurora/none"}, "method": "lora"}, "Model aurora/none does not exist"),
 ])
 def test_bad_launches_are_400s_or_404s(aurora, alice, stdlib, client_for, change, message):

@@ -136,6 +136,23 @@ def test_bad_launches_are_refused_and_nothing_is_created(aurora, alice, corpus, 
     assert not AuditEvent.objects.filter(action__startswith="training_run").exists()
 
 
+def test_the_licence_is_decided_before_compute_is_spent(aurora, alice, corpus):
+    corpus.dataset.licenses.set(License.objects.filter(key__in=["mit", "cc-by-4.0"]))
+    with pytest.raises(InvalidInput, match=r"the datasets carry several \(cc-by-4.0, mit\), so none can be inferred"):
+        _run(aurora, alice, corpus)
+    run = _run(aurora, alice, corpus, license="mit")
+    assert run.config["license"] == "mit"
+    llama = License.objects.get(key="llama3.1")
+    corpus.dataset.licenses.set([llama])
+    base = training_run_execute(run_id=_run(aurora, alice, corpus, model_name="llama-based").pk, attempt=0).result_version
+    assert base.license == llama
+    from gatehouse.registry.services.versions import model_version_verify
+
+    base = model_version_verify(version_id=base.pk)
+    with pytest.raises(InvalidInput, match="passes its restrictions to derivatives"):
+        _run(aurora, alice, corpus, model_name="ft", method="lora", base_version=base, license="mit")
+
+
 def test_sources_outside_the_data_root_are_refused(aurora, alice, corpus, tmp_path):
     outside = DatasetVersion.objects.create(dataset=corpus.dataset, version="v2", source_uri="file:///etc")
     with pytest.raises(InvalidInput, match="outside GATEHOUSE_DATA_ROOT"):

@@ -35,6 +35,7 @@ class TrainingRunInput(serializers.Serializer):
     options = serializers.DictField(required=False, default=dict)
     tier = serializers.ChoiceField(Tier.choices, default=Tier.CLOSED)
     processes = serializers.IntegerField(min_value=1, max_value=64, default=1)
+    license = serializers.CharField(required=False, default="", help_text="default: the base's, or the datasets' one")
 
 
 class TrainingRunSerializer(serializers.ModelSerializer):
@@ -122,7 +123,7 @@ class TrainingRunListApi(GenericAPIView):
             organization=organization, model_name=data["model"], actor=request.user,
             datasets=_dataset_versions(request, data["datasets"]), preset_name=data["preset"], method=data["method"],
             base_version=base_version, max_steps=data.get("max_steps"), token_budget=data.get("token_budget"),
-            options=data["options"], tier=data["tier"], processes=data["processes"])
+            options=data["options"], tier=data["tier"], processes=data["processes"], license=data["license"])
         response = Response(TrainingRunSerializer(_runs_for(request.user).get(pk=run.pk)).data,
                             status=status.HTTP_201_CREATED)
         response["Location"] = f"/api/v1/training-runs/{run.pk}"

@@ -33,7 +33,11 @@ from gatehouse.registry.services.ingest import commit_id, files_from_directory, 
 from training.config import ConfigError, ModelConfig, TrainConfig, preset
 
 EXIT_STOPPED = 75  # the trainer's "stopped by a signal, resumable" status
-HEARTBEAT_SECONDS = 2.0
+
+def _heartbeat_interval() -> float:
+    # Several heartbeats fit in the staleness window, so a live run is never mistaken for a dead one.
+    return min(2.0, settings.TRAINING_HEARTBEAT_STALE_SECONDS / 4)
+
 # Trainer options a run may set; paths, devices and identities are the platform's to choose.
 RUN_OPTIONS = {"batch_size", "seq_len", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "beta1",
                "beta2", "grad_clip", "eval_interval", "eval_batches", "checkpoint_interval", "seed", "lora_rank",
@@ -105,7 +109,7 @@ def training_run_create(*, organization: Organization, model_name: str, actor: U
                         datasets: list[tuple[DatasetVersion, float]], preset_name: str = "debug", method: str = "full",
                         base_version: ModelVersion | None = None, max_steps: int | None = None,
                         token_budget: int | None = None, options: dict | None = None, tier: str = "closed",
-                        processes: int = 1) -> TrainingRun:
+                        processes: int = 1, license: str = "") -> TrainingRun:
     """Validate, estimate FLOPs (6·N·D + attention) and expected designations, record, and queue on commit."""
     organization_for_writer(user=actor, organization=organization)
     options = dict(options or {})
@@ -130,6 +134,7 @@ def training_run_create(*, organization: Organization, model_name: str, actor: U
         raise InvalidInput("processes must be between 1 and 64.")
     if (max_steps is None) == (token_budget is None):
         raise InvalidInput("Give exactly one budget: max_steps or token_budget.")
+    license = _result_license(license, base_version, [dv for dv, _ in datasets])
     data_options = {**DATA_OPTIONS, **{k: options[k] for k in DATA_OPTIONS if k in options}}
     batch, seq = options.get("batch_size", 8), options.get("seq_len", 128)
     accum = options.get("grad_accum", 1)
@@ -156,7 +161,7 @@ def training_run_create(*, organization: Organization, model_name: str, actor: U
     with transaction.atomic():
         run = TrainingRun.objects.create(
             organization=organization, model_name=model_name, tier=tier, created_by=actor, preset=preset_name,
-            method=method, base_version=base_version, config=config | {"data": data_options},
+            method=method, base_version=base_version, config=config | {"data": data_options, "license": license},
             processes=processes, estimated_flops=estimated, estimated_cumulative_flops=cumulative,
             expected_designations=expected, total_steps=max_steps)
         TrainingRunDataset.objects.bulk_create([TrainingRunDataset(run=run, dataset_version=dv, weight=weight)
@@ -170,6 +175,28 @@ def training_run_create(*, organization: Organization, model_name: str, actor: U
                          data={"designations": expected, "estimated_cumulative_flops": cumulative})
         _enqueue_on_commit(run)
     return run
+
+
+def _result_license(requested: str, base_version: ModelVersion | None, dataset_versions: list[DatasetVersion]) -> str:
+    """The trained model's licence, decided before compute is spent: the one asked for, else the base's
+    (a derivative carries its base's terms), else the one licence all the datasets share."""
+    from gatehouse.registry.models import License
+
+    if requested:
+        if not License.objects.filter(key=requested).exists():
+            raise InvalidInput(f"Unknown licence {requested!r}; see /api/v1/licenses.")
+        if base_version and base_version.license and base_version.license.restrictions_inherited \
+                and requested != base_version.license.key:
+            raise InvalidInput(f"The base's licence {base_version.license.key} passes its restrictions to derivatives; "
+                               f"the fine-tune must use it too, not {requested}.")
+        return requested
+    if base_version is not None and base_version.license_id:
+        return base_version.license.key
+    keys = {key for dv in dataset_versions for key in dv.dataset.licenses.values_list("key", flat=True)}
+    if len(keys) == 1:
+        return keys.pop()
+    raise InvalidInput("Give the model a licence (license): the datasets " + (
+        f"carry several ({', '.join(sorted(keys))})" if keys else "record none") + ", so none can be inferred.")
 
 
 def _enqueue_on_commit(run: TrainingRun) -> None:
@@ -303,8 +330,8 @@ def _train_command(run: TrainingRun, work: Path, data: Path) -> list[str]:
                                          run.datasets.select_related("dataset_version__dataset__organization"))]
     if run.base_version_id:
         cmd += ["--init-from", str(_base_export(run, work)), "--base-model-id", run.base_version.model.repo_id]
-        if run.base_version.license_id:
-            cmd += ["--license", run.base_version.license.key]  # a derivative carries its base's licence
+    if run.config.get("license"):
+        cmd += ["--license", run.config["license"]]
     for key, value in run.config.items():
         if key in RUN_OPTIONS:
             flag = "--" + key.replace("_", "-")
@@ -423,7 +450,7 @@ def _follow_trainer(run: TrainingRun, attempt: int, work: Path, data: Path, log)
         if not signalled and TrainingRun.objects.filter(pk=run.pk, cancel_requested=True).exists():
             proc.send_signal(signal.SIGTERM)  # the trainer checkpoints and exits with 75
             signalled = True
-        time.sleep(HEARTBEAT_SECONDS if not signalled else 0.2)
+        time.sleep(_heartbeat_interval() if not signalled else 0.2)
 
 
 def _finish(run: TrainingRun, attempt: int, status: str, *, error: str = "", log_path: Path | None = None) -> TrainingRun:

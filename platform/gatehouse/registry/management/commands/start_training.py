@@ -24,6 +24,7 @@ class Command(BaseCommand):
                             help="a trainer option, e.g. seq_len=128 (repeatable)")
         parser.add_argument("--tier", default="closed", choices=["closed", "api", "open"])
         parser.add_argument("--processes", type=int, default=1)
+        parser.add_argument("--license", default="", help="default: the base's, or the one all datasets share")
         parser.add_argument("--wait", action="store_true", help="run it in this process instead of a worker")
 
     def handle(self, *args, **o):
@@ -39,7 +40,7 @@ class Command(BaseCommand):
                 organization=organization, model_name=name, actor=user, datasets=self._datasets(o["datasets"]),
                 preset_name=o["preset"], method=o["method"], base_version=self._base(o["base"], user),
                 max_steps=o["max_steps"], token_budget=o["token_budget"], options=self._options(o["option"]),
-                tier=o["tier"], processes=o["processes"])
+                tier=o["tier"], processes=o["processes"], license=o["license"])
         except ApplicationError as exc:
             raise CommandError(exc.message) from None
         self.stdout.write(f"training run {run.pk} queued: ~{run.estimated_flops:.3g} FLOP"
