@@ -23,7 +23,9 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def stack(deployment, tmp_path):
     env, manage = deployment["env"], deployment["manage"]
-    seed = subprocess.run([*manage, "seed_demo"], env=env, check=True, cwd=ROOT, capture_output=True, text=True)
+    # The seed's training runs are covered by test_training_workers.py; here they would only add half a minute.
+    seed = subprocess.run([*manage, "seed_demo", "--no-training"], env=env, check=True, cwd=ROOT,
+                          capture_output=True, text=True)
     assert "alice  / gatehouse-alice" in seed.stdout
     port = free_port()
     log = open(tmp_path / "stack.log", "w")  # a file, not a pipe: a full pipe would block the workers

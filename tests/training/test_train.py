@@ -45,7 +45,7 @@ def _train_cmd(data_dir, out, steps):
 
 
 def test_sigterm_checkpoints_and_a_resumed_run_matches_an_uninterrupted_one(tmp_path, data_dir):
-    steps = 400
+    steps = 250
     straight = tmp_path / "straight"
     assert subprocess.run(_train_cmd(data_dir, straight, steps), capture_output=True).returncode == 0
 

@@ -79,7 +79,11 @@ MODELS = [
 class Command(BaseCommand):
     help = "Seed the demo catalog (organizations, users, datasets, models, compute, evaluations, assessments)."
 
-    def handle(self, *args, **options):
+    def add_arguments(self, parser):
+        parser.add_argument("--no-training", action="store_true",
+                            help="skip the demo's real training runs (about 30 s on a 2-core CPU)")
+
+    def handle(self, *args, no_training=False, **options):
         users = self._users()
         alice, bob, carol = users["alice"], users["bob"], users["carol"]
         orgs = {
@@ -94,7 +98,8 @@ class Command(BaseCommand):
         self._dataset(orgs["aurora-labs"], alice, "aurora-chat-sft", "synthetic", ["apache-2.0"], 1_200_000, 20_000_000_000)
         for spec in MODELS:
             self._model(spec, orgs, users)
-        self._trained_lineage(orgs["aurora-labs"], alice)
+        if not no_training:
+            self._trained_lineage(orgs["aurora-labs"], alice)
         self.stdout.write(self.style.SUCCESS("Demo catalog ready. Logins (username / password):"))
         for username, password, superuser in USERS:
             role = "superuser, approves releases" if superuser else {
