@@ -139,6 +139,8 @@ class Model(models.Model):
     license = models.ForeignKey(License, null=True, blank=True, on_delete=models.PROTECT, related_name="models")
     base_model = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT, related_name="derivatives")
     base_model_relation = models.CharField(max_length=16, choices=BaseRelation.choices, blank=True)
+    # An edited card (the generated one is the latest version's README.md); empty means "not edited".
+    card_text = models.TextField(blank=True)
     # The newest verified version; kept by services so lists need no per-row subquery.
     latest_version = models.OneToOneField("ModelVersion", null=True, blank=True, on_delete=models.SET_NULL,
                                           related_name="+")

@@ -25,7 +25,7 @@ def model_detail(request, org, name):
         return render(request, "web/404.html", {"path": request.path}, status=404)
     version = model.latest_version
     thresholds = selectors.designation_thresholds()
-    context = {"model": model, "version": version, "card": card_html(version.card if version else ""),
+    context = {"model": model, "version": version, "card": card_html(model.card_text or (version.card if version else "")),
                "designations": [t for t in thresholds if version and t.key in selectors.designations_for(version, thresholds)]}
     if version:
         context["files"] = ModelFile.objects.filter(version=version).order_by("path")

@@ -186,3 +186,19 @@ def test_an_invalid_model_name_is_a_400_not_a_500(aurora, alice, client_for, mod
     assert response.status_code == 400
     assert response.json()["error"]["fields"]["name"][0].startswith("Use letters, digits")
     _nothing_written(stored_files, events_before)
+
+
+def test_the_card_stays_editable_but_not_its_facts(aurora, alice, bob, client_for, register, client):
+    register(aurora, "m", alice, metadata={"license": "mit"}, body="# Generated card\n")
+    url = "/api/v1/models/aurora/m/card"
+    edited = "---\nlicense: mit\n---\n# Edited by a human\n\nNow with a limitations section.\n"
+    assert client_for(bob, scopes=["write"]).put(url, {"card": edited}, format="json").status_code == 403
+    lying = client_for(alice, scopes=["write"]).put(url, {"card": "---\nlicense: apache-2.0\n---\n# x\n"}, format="json")
+    assert lying.status_code == 400 and "recorded under mit" in lying.json()["error"]["message"]
+    assert client_for(None).get("/api/v1/models/aurora/m").json()["card_edited"] is False
+    response = client_for(alice, scopes=["write"]).put(url, {"card": edited}, format="json")
+    assert response.status_code == 200
+    assert response.json()["card"] == edited and response.json()["card_edited"] is True
+    assert "Edited by a human" in client.get("/aurora/m").content.decode()
+    restored = client_for(alice, scopes=["write"]).put(url, {"card": ""}, format="json").json()
+    assert restored["card_edited"] is False and "Generated card" in restored["card"]

@@ -67,12 +67,20 @@ class DatasetSummarySerializer(serializers.ModelSerializer):
 class ModelDetailSerializer(ModelListSerializer):
     license = LicenseSummarySerializer(allow_null=True)
     base_model = serializers.CharField(source="base_model.repo_id", allow_null=True, default=None)
-    card = serializers.CharField(source="latest_version.card", default="")
+    card = serializers.SerializerMethodField()
+    card_edited = serializers.SerializerMethodField()
     refs = RefSerializer(many=True, source="refs_prefetched")
     datasets = DatasetSummarySerializer(many=True, source="datasets_prefetched")
 
     class Meta(ModelListSerializer.Meta):
-        fields = ModelListSerializer.Meta.fields + ["base_model", "base_model_relation", "card", "refs", "datasets"]
+        fields = ModelListSerializer.Meta.fields + ["base_model", "base_model_relation", "card", "card_edited", "refs",
+                                                    "datasets"]
+
+    def get_card(self, model) -> str:
+        return model.card_text or (model.latest_version.card if model.latest_version else "")
+
+    def get_card_edited(self, model) -> bool:
+        return bool(model.card_text)
 
 
 class ModelFileSerializer(serializers.ModelSerializer):

@@ -22,6 +22,7 @@ M = "models/<seg:org>/<seg:name>"
 urlpatterns = [
     path("models", v.ModelListApi.as_view(), name="model-list"),
     path(f"{M}", v.ModelDetailApi.as_view(), name="model-detail"),
+    path(f"{M}/card", v.ModelCardApi.as_view(), name="model-card"),
     path(f"{M}/versions", v.VersionListApi.as_view(), name="version-list"),
     path(f"{M}/versions/<str:commit>", v.VersionDetailApi.as_view(), name="version-detail"),
     path(f"{M}/files", v.FileListApi.as_view(), name="model-files"),

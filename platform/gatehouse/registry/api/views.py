@@ -18,6 +18,7 @@ from gatehouse.registry.models import (
 )
 from gatehouse.registry.services.compute import compute_record_create
 from gatehouse.registry.services.evaluations import evaluations_import
+from gatehouse.registry.services.versions import model_card_update
 from gatehouse.registry.services.ingest import IncomingFile, model_version_ingest
 from gatehouse.registry.services.records import (
     dataset_create, dataset_version_create, evaluation_result_record, risk_assessment_record,
@@ -386,3 +387,18 @@ class EvaluationImportApi(_VersionScopedApi):
         data = _valid(EvaluationImportInput, request)
         results = evaluations_import(version=version, actor=request.user, **data)
         return Response(s.EvaluationResultSerializer(results, many=True).data, status=status.HTTP_201_CREATED)
+
+
+class CardInput(serializers.Serializer):
+    card = serializers.CharField(allow_blank=True, trim_whitespace=False,
+                                 help_text="Markdown with optional YAML metadata; empty restores the generated card")
+
+
+class ModelCardApi(GenericAPIView):
+    serializer_class = s.ModelDetailSerializer
+
+    @extend_schema(request=CardInput, responses={200: s.ModelDetailSerializer})
+    def put(self, request, org, name):
+        model = selectors.model_get(user=request.user, org=org, name=name)
+        model_card_update(model=model, actor=request.user, text=_valid(CardInput, request)["card"])
+        return ModelDetailApi().get(request, org, name)

@@ -95,3 +95,27 @@ def model_ref_set(*, model: Model, name: str, version: ModelVersion, actor) -> M
             model=model, name=name, defaults={"kind": ModelRef.Kind.TAG, "version": version, "updated_at": timezone.now()})
         audit_record(actor=actor, action="model_ref.set", target=ref, data={"name": name, "commit": version.commit})
     return ref
+
+
+def model_card_update(*, model: Model, actor, text: str) -> Model:
+    """Edit the card people read. Recorded facts stay facts: the YAML may not claim another licence or base."""
+    from gatehouse.registry.selectors import organization_for_writer
+    from gatehouse.registry.services.ingest import parse_card
+
+    organization_for_writer(user=actor, organization=model.organization)
+    if len(text) > 1_000_000:
+        raise InvalidInput("The card is larger than 1 MB.")
+    facts = parse_card(text, user=actor) if text.strip() else None
+    if facts is not None:
+        if facts.license is not None and facts.license.pk != model.license_id:
+            raise InvalidInput(f"The card names licence {facts.license.key}, but {model.repo_id} is recorded under "
+                               f"{model.license.key if model.license else 'no licence'}; register a new version to "
+                               "change the licence.")
+        if facts.base_model is not None and facts.base_model.pk != model.base_model_id:
+            raise InvalidInput("The card names another base model than the recorded lineage; lineage comes from "
+                               "the versions, not from the card text.")
+    with transaction.atomic():
+        Model.objects.filter(pk=model.pk).update(card_text=text, updated_at=timezone.now())
+        audit_record(actor=actor, action="model.card_update", target=model, data={"characters": len(text)})
+    model.refresh_from_db()
+    return model
