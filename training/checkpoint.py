@@ -1,6 +1,5 @@
 """Checkpoints that resume exactly: weights (safetensors), optimizer and RNG state, a JSON state with the
 step and data cursor, and the sha256 of each file so a corrupt checkpoint is refused with a clear message."""
-import hashlib
 import json
 import os
 import shutil
@@ -8,6 +7,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from training.files import sha256_file, unshared_state
 
 FORMAT_VERSION = 1
 FILES = ("model.safetensors", "optimizer.pt")
@@ -17,35 +18,18 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file and what is wrong."""
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share memory (tied embeddings): store each storage once."""
-    seen, out = {}, {}
-    for name, tensor in state.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key in seen:
-            continue
-        seen[key] = name
-        out[name] = tensor.detach().contiguous()
-    return out
-
-
 def save_checkpoint(directory: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Write to a temporary folder, then swap it in, so a crash never leaves half a checkpoint."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_unshared(model.state_dict()), str(tmp / "model.safetensors"))
+    save_file(unshared_state(model.state_dict()), str(tmp / "model.safetensors"))
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "optimizer.pt")
-    meta = {"format_version": FORMAT_VERSION, **state, "sha256": {name: _sha256(tmp / name) for name in FILES}}
+    meta = {"format_version": FORMAT_VERSION, **state, "sha256": {name: sha256_file(tmp / name) for name in FILES}}
     (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2))
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -71,7 +55,7 @@ def read_checkpoint_meta(directory: Path) -> dict:
         path = directory / name
         if not path.exists():
             raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")
-        if _sha256(path) != meta["sha256"].get(name):
+        if sha256_file(path) != meta["sha256"].get(name):
             raise CheckpointError(f"{path} is corrupt (sha256 does not match checkpoint.json); delete the "
                                   "checkpoint or restore it")
     return meta

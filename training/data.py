@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.files import sha256_file
 from training.tokenizer import EOS, load_tokenizer, save_tokenizer, train_tokenizer
 
 FORMAT_VERSION = 1
@@ -61,11 +62,6 @@ def scan_personal_data(text: str, counts: dict[str, int], *, redact: bool) -> st
     return text
 
 
-def _sha256_file(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def read_documents(paths: list[Path], *, text_field: str, license: str, max_bytes: int | None):
     """Yield (source, document text) pairs; one document per text file, one per JSONL line."""
     files: list[Path] = []
@@ -85,7 +81,7 @@ def read_documents(paths: list[Path], *, text_field: str, license: str, max_byte
         if max_bytes is not None and total + size > max_bytes and total > 0:
             break
         total += size
-        source = Source(path=str(file), sha256=_sha256_file(file), bytes=size, license=license)
+        source = Source(path=str(file), sha256=sha256_file(file), bytes=size, license=license)
         raw = file.read_bytes().decode("utf-8", errors="replace")
         if file.suffix == ".jsonl":
             for number, line in enumerate(raw.splitlines(), 1):
@@ -177,7 +173,7 @@ def prepare(paths: list[Path], out: Path, *, vocab_size: int = 2048, val_fractio
     weights = [g.weight for g in groups]
     splits = {"train": _write_split(out, "train", train_docs, tokenizer, eos, dtype, stats, weights=weights),
               "val": _write_split(out, "val", val_docs, tokenizer, eos, dtype, stats, weights=None)}
-    tokenizer_sha = _sha256_file(out / "tokenizer.json")
+    tokenizer_sha = sha256_file(out / "tokenizer.json")
     for stat in stats:
         stat["sources"] = [vars(s) for s in sorted(stat["sources"].values(), key=lambda s: s.path)]
         stat["exact_duplicate_rate"] = stat["exact_duplicates_removed"] / max(1, stat["documents"])
@@ -214,7 +210,7 @@ def _write_split(out: Path, split: str, docs: list[tuple[int, str]], tokenizer, 
         name = f"{split}_{len(shards):03d}.bin"
         array = np.concatenate(buffer).astype(dtype)
         array.tofile(out / name)
-        shards.append({"file": name, "tokens": int(array.size), "sha256": _sha256_file(out / name)})
+        shards.append({"file": name, "tokens": int(array.size), "sha256": sha256_file(out / name)})
         buffer, count = [], 0
 
     for start in range(0, len(docs), 1024):

@@ -1,5 +1,4 @@
 """Export a standard Hugging Face folder (or a PEFT adapter) plus manifest.json, and read exports back."""
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -9,8 +8,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from training.adapt import lora_modules, lora_state_for_peft
-from training.checkpoint import _unshared
 from training.config import ConfigError, ModelConfig
+from training.files import sha256_file, unshared_state
 from training.model import Transformer
 from training.tokenizer import EOS, TOKENIZER_FILES
 
@@ -18,15 +17,10 @@ FORMAT_VERSION = 1
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def save_weights(state: dict[str, torch.Tensor], directory: Path, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                  prefix: str = "model") -> list[str]:
     """model.safetensors, or model-0000k-of-0000n.safetensors + index when larger than max_shard_bytes."""
-    state = {k: v.detach().cpu().contiguous() for k, v in _unshared(state).items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in unshared_state(state).items()}
     shards, current, size = [], {}, 0
     for name in sorted(state):
         nbytes = state[name].numel() * state[name].element_size()
@@ -142,7 +136,7 @@ def export(model: Transformer, directory: Path, *, tokenizer_dir: Path, manifest
         "bos_token_id": eos_id, "eos_token_id": eos_id, "max_new_tokens": 256, "do_sample": True,
         "temperature": 0.8, "top_p": 0.95}, indent=2))
     (tmp / "README.md").write_text(card)
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **manifest, "files": files},
                                                   indent=2, default=str))
     shutil.rmtree(directory, ignore_errors=True)

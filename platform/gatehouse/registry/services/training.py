@@ -5,6 +5,7 @@ The worker never imports torch: it talks to the training module through files, e
 `training.config` is plain dataclasses, so the platform can validate a run and estimate its FLOPs up front.
 """
 import ctypes
+import hashlib
 import json
 import math
 import os
@@ -465,8 +466,6 @@ def _finish(run: TrainingRun, attempt: int, status: str, *, error: str = "", log
 
 def _export_commit(run: TrainingRun, export: Path) -> str:
     manifest = json.loads((export / "manifest.json").read_text())
-    import hashlib
-
     files = [(name, facts["size"], facts["sha256"]) for name, facts in manifest["files"].items()]
     with open(export / "manifest.json", "rb") as fh:
         files.append(("manifest.json", (export / "manifest.json").stat().st_size,
@@ -521,8 +520,6 @@ def _hardware_name(hardware: dict) -> str:
 def _record_datasets(run: TrainingRun, version: ModelVersion, data_manifest: dict) -> None:
     """Fill each dataset version's facts from the manifest the run computed, and link it to the version."""
     groups = {g["name"]: g for g in data_manifest.get("groups", [])}
-    import hashlib
-
     for rd in run.datasets.select_related("dataset_version__dataset__organization"):
         dv = rd.dataset_version
         group = groups.get(f"{dv.dataset}@{dv.version}")
