@@ -34,6 +34,7 @@ class Organization(models.Model):
 class Membership(models.Model):
     class Role(models.TextChoices):
         ADMIN = "admin", "Admin"  # manages members and approves within the organization
+        APPROVER = "approver", "Approver"  # approves release requests (never their own)
         MAINTAINER = "maintainer", "Maintainer"  # registers models, versions, datasets
         MEMBER = "member", "Member"  # sees the organization's closed models
 
@@ -45,7 +46,8 @@ class Membership(models.Model):
     class Meta:
         constraints = [
             models.UniqueConstraint(fields=["user", "organization"], name="membership_unique"),
-            models.CheckConstraint(condition=Q(role__in=["admin", "maintainer", "member"]), name="membership_role_valid"),
+            models.CheckConstraint(condition=Q(role__in=["admin", "approver", "maintainer", "member"]),
+                                   name="membership_role_valid"),
         ]
 
     def __str__(self) -> str:

@@ -451,6 +451,9 @@ class RiskThreshold(models.Model):
     rank = models.PositiveSmallIntegerField(help_text="Higher is more severe")
     description = models.TextField(blank=True)
     required_safeguards = models.TextField(blank=True)
+    # The most open release tier a model at this level may have, without and with the required safeguards.
+    max_tier_unmitigated = models.CharField(max_length=8, choices=Tier.choices, default=Tier.CLOSED)
+    max_tier_with_safeguards = models.CharField(max_length=8, choices=Tier.choices, default=Tier.API)
 
     class Meta:
         ordering = ["rank"]

@@ -120,6 +120,7 @@ RISK_FRAMEWORKS = [
               "description": "Can cause dramatic acceleration in the rate of effective scaling."}]},
          {"key": "cyber", "name": "Cyber operations", "category": "research", "thresholds": [
              {"key": "cyber-monitored", "name": "Monitored capability", "rank": 1,
+              "max_tier_unmitigated": "api", "max_tier_with_safeguards": "open",
               "description": "Watched for; no fixed required safeguard."}]},
      ]},
     {"key": "gdm-fsf", "name": "Google DeepMind Frontier Safety Framework", "publisher": "Google DeepMind",
@@ -151,6 +152,20 @@ RISK_FRAMEWORKS = [
 ]
 
 
+def _known(model, row: dict) -> dict:
+    """Only the fields the (possibly historical, in a migration) model has."""
+    names = {f.name for f in model._meta.get_fields()}
+    return {k: v for k, v in row.items() if k in names}
+
+
+def max_tiers(threshold: dict) -> dict:
+    """Release ceilings for a capability level, unless the data says otherwise: the first level of a domain
+    may ship API-only behind its safeguards; anything higher stays closed."""
+    return {"max_tier_unmitigated": threshold.get("max_tier_unmitigated", "closed"),
+            "max_tier_with_safeguards": threshold.get("max_tier_with_safeguards",
+                                                      "api" if threshold["rank"] == 1 else "closed")}
+
+
 def load_reference_data(apps) -> None:
     """Idempotent upsert of the records above; `apps` is a migration's app registry (or django.apps)."""
     import hashlib
@@ -159,12 +174,12 @@ def load_reference_data(apps) -> None:
     for row in LICENSES:
         row = dict(row)
         row.setdefault("text_sha256", hashlib.sha256(row.get("text", "").encode()).hexdigest())
-        License.objects.update_or_create(key=row.pop("key"), defaults=row)
+        License.objects.update_or_create(key=row.pop("key"), defaults=_known(License, row))
 
     Threshold = apps.get_model("registry", "DesignationThreshold")
     for row in DESIGNATION_THRESHOLDS:
         row = dict(row)
-        Threshold.objects.update_or_create(key=row.pop("key"), defaults=row)
+        Threshold.objects.update_or_create(key=row.pop("key"), defaults=_known(Threshold, row))
 
     Framework = apps.get_model("registry", "RiskFramework")
     Domain = apps.get_model("registry", "RiskDomain")
@@ -179,5 +194,6 @@ def load_reference_data(apps) -> None:
             domain, _ = Domain.objects.update_or_create(framework=framework, key=domain_spec.pop("key"),
                                                         defaults=domain_spec)
             for threshold in thresholds:
-                threshold = dict(threshold)
-                RiskThreshold.objects.update_or_create(domain=domain, key=threshold.pop("key"), defaults=threshold)
+                threshold = dict(threshold) | max_tiers(threshold)
+                RiskThreshold.objects.update_or_create(domain=domain, key=threshold.pop("key"),
+                                                       defaults=_known(RiskThreshold, threshold))
