@@ -200,6 +200,8 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE = {
+    "apply-due-releases": {"task": "releases.tasks.apply_due_releases_task",
+                           "schedule": float(os.environ.get("RELEASE_SCHEDULER_INTERVAL_SECONDS", "60"))},
     "requeue-stale-training-runs": {"task": "gatehouse.registry.tasks.requeue_stale_training_runs_task",
                                     "schedule": float(os.environ.get("TRAINING_REAPER_INTERVAL_SECONDS", "10"))},
 }
@@ -251,6 +253,13 @@ COMPUTE_PRICE_TABLE = {
     "CPU": {"usd_per_hour": envfloat("PRICE_CPU", 0.05), "watts": 65, "peak_flops": 2.07e11},
 }
 API_TOKEN_LAST_USED_RESOLUTION_SECONDS = 60
+
+# --- Release governance --------------------------------------------------------------------
+# The framework whose tracked domains every release must have fresh assessments for.
+RELEASE_RISK_FRAMEWORK = os.environ.get("RELEASE_RISK_FRAMEWORK", "openai-preparedness")
+RELEASE_MAX_ASSESSMENT_AGE_DAYS = int(os.environ.get("RELEASE_MAX_ASSESSMENT_AGE_DAYS", "180"))
+EMAIL_BACKEND = os.environ.get("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
+DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "gatehouse@localhost")
 
 # --- Training runs --------------------------------------------------------------------------
 # Runs work under TRAINING_ROOT/<run id>; dataset versions may read folders under GATEHOUSE_DATA_ROOT only.

@@ -1,0 +1,8 @@
+from celery import shared_task
+
+
+@shared_task(ignore_result=True)
+def apply_due_releases_task() -> None:
+    from releases.services import releases_apply_due
+
+    releases_apply_due()
