@@ -179,8 +179,8 @@ def releases_apply_due(*, now=None) -> list[Release]:
     applied = []
     for release_id in Release.objects.filter(status=Release.Status.SCHEDULED, effective_at__lte=now).values_list("pk", flat=True):
         with transaction.atomic():
-            release = Release.objects.select_for_update(of=("self",)).select_related("request", "version__model").filter(
-                pk=release_id, status=Release.Status.SCHEDULED).first()
+            release = (Release.objects.select_for_update(of=("self",)).select_related("request", "version__model")
+                       .filter(pk=release_id, status=Release.Status.SCHEDULED).first())
             if release is None:
                 continue
             facts = version_facts(release.version)
@@ -216,11 +216,11 @@ def release_request_withdraw(*, request: ReleaseRequest, actor: User) -> Release
 def release_downgrade(*, model: Model, actor: User, tier: str, reason: str) -> Release:
     """Immediate and decided by one approver. Scheduled widenings are cancelled. Weights already downloaded
     cannot be recalled; download links and grants are revoked by the distribution layer on its next check."""
-    if tier not in Tier.values or not policy.more_open(model.tier, tier):
-        raise InvalidInput(f"A downgrade must go to a more closed tier than the current '{model.tier}'.")
     if not (actor.is_superuser or Membership.objects.filter(user=actor, organization=model.organization,
                                                             role__in=APPROVER_ROLES).exists()):
         raise PermissionDenied("Only approvers (the organization's admins and approvers) can downgrade a release.")
+    if tier not in Tier.values or not policy.more_open(model.tier, tier):
+        raise InvalidInput(f"A downgrade must go to a more closed tier than the current '{model.tier}'.")
     if not reason.strip():
         raise InvalidInput("Give the reason for the downgrade; it is recorded and sent to the owners.")
     with transaction.atomic():
