@@ -9,6 +9,7 @@ urlpatterns = [
     path("api/v1/", include("gatehouse.registry.api.urls")),
     path("api/v1/", include("gatehouse.accounts.api")),
     path("api/v1/", include("releases.api")),  # project wiring: the releases app builds on gatehouse
+    path("releases/", include("releases.views")),
     path("", include("gatehouse.web.urls")),
 ]
 

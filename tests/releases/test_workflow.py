@@ -226,3 +226,28 @@ def test_two_approvers_racing_produce_one_transition(aurora, alice, erin, frank,
     assert sorted(outcomes) == ["approved", "conflict"]
     assert Release.objects.count() == 1 and ReleaseApproval.objects.count() == 1
     assert AuditEvent.objects.filter(action="release.effective").count() == 1
+
+
+def test_approver_queue_page(releasable, alice, erin, carol, client):
+    request = _submitted(releasable, alice)
+    client.force_login(erin)
+    html = client.get("/releases/queue").content.decode()
+    assert "aurora/m" in html and releasable.commit[:12] in html and "Approve" in html
+    assert "openai-preparedness" in html and "aurora/corpus" in html
+    response = client.post(f"/releases/requests/{request.pk}/decide", {"decision": "approve", "comment": "ok"})
+    assert response.status_code == 302
+    assert ReleaseRequest.objects.get().status == "approved" and Model.objects.get().tier == "api"
+    client.force_login(carol)  # an outsider sees an empty queue and cannot decide
+    assert "Nothing awaits your decision" in client.get("/releases/queue").content.decode()
+    client.force_login(alice)
+    assert "another approver decides" not in client.get("/releases/queue").content.decode()  # no longer queued
+    client.logout()
+    assert client.get("/releases/queue").status_code == 302  # to the login page
+
+
+def test_queue_page_refuses_own_decision(releasable, alice, client):
+    request = _submitted(releasable, alice)
+    client.force_login(alice)
+    assert "another approver decides" in client.get("/releases/queue").content.decode()
+    client.post(f"/releases/requests/{request.pk}/decide", {"decision": "approve"})
+    assert ReleaseRequest.objects.get().status == "submitted" and ReleaseApproval.objects.count() == 0
