@@ -13,6 +13,7 @@ from gatehouse.audit.services import audit_record
 from gatehouse.core.errors import Conflict, InvalidInput, PermissionDenied
 from gatehouse.registry.models import Model, ModelVersion, Tier
 from gatehouse.registry.selectors import organization_for_writer
+from gatehouse.webhooks.services import webhook_emit
 from releases import policy
 from releases.facts import version_facts
 from releases.models import Audience, Release, ReleaseApproval, ReleaseRequest
@@ -96,7 +97,7 @@ def release_request_submit(*, request: ReleaseRequest, actor: User) -> ReleaseRe
         audit_record(actor=actor, action="release_request.submit", target=request,
                      data={"required_approvals": request.required_approvals, "findings": len(findings)})
         _notify_on_commit(request, f"Release request {request.pk} for {request.version.model.repo_id} awaits approval",
-                          _approver_emails(request))
+                          _approver_emails(request), event="release_request.submitted")
     return request
 
 
@@ -147,7 +148,7 @@ def release_request_decide(*, request: ReleaseRequest, actor: User, decision: st
             _schedule(request, actor, now)
         request.save(update_fields=["status", "decided_at", "findings"])
         _notify_on_commit(request, f"Release request {request.pk}: {decision.replace('_', ' ')} by {actor.username}",
-                          [request.requested_by.email])
+                          [request.requested_by.email], event=f"release_request.{decision}")
     return request
 
 
@@ -191,7 +192,8 @@ def releases_apply_due(*, now=None) -> list[Release]:
                 audit_record(actor=None, action="release.blocked", target=release, data={"findings": [f.code for f in blockers]})
                 _notify_on_commit(release.request, f"Scheduled release of {release.model.repo_id} at {release.tier} "
                                   f"did not take effect: {reason}",
-                                  [release.request.requested_by.email] + _approver_emails(release.request))
+                                  [release.request.requested_by.email] + _approver_emails(release.request),
+                                  event="release.blocked")
                 continue
             _make_effective(release, None)
             applied.append(release)
@@ -233,6 +235,8 @@ def release_downgrade(*, model: Model, actor: User, tier: str, reason: str) -> R
                                          status=Release.Status.SCHEDULED)
         _make_effective(release, actor)
         audit_record(actor=actor, action="release.downgrade", target=release, data={"tier": tier, "reason": reason[:500]})
+        webhook_emit(organization=model.organization, event="release.downgraded",
+                     data={"model": model.repo_id, "tier": tier, "reason": reason, "by": actor.username})
     return release
 
 
@@ -241,7 +245,11 @@ def _approver_emails(request: ReleaseRequest) -> list[str]:
                 .exclude(user=request.requested_by).values_list("user__email", flat=True))
 
 
-def _notify_on_commit(request: ReleaseRequest, subject: str, recipients: list[str]) -> None:
+def _notify_on_commit(request: ReleaseRequest, subject: str, recipients: list[str], *, event: str) -> None:
+    """Email the people concerned and emit a signed webhook, both after the transaction commits."""
+    webhook_emit(organization=request.version.model.organization, event=event, data={
+        "request": request.pk, "model": request.version.model.repo_id, "commit": request.version.commit,
+        "status": request.status, "stages": request.stages, "summary": subject})
     recipients = sorted({r for r in recipients if r})
     if not recipients:
         return

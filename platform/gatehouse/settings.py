@@ -75,6 +75,7 @@ INSTALLED_APPS = [
     "gatehouse.accounts",
     "gatehouse.audit",
     "gatehouse.registry",
+    "gatehouse.webhooks",
     "gatehouse.web",
     "releases",
 ]

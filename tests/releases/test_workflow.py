@@ -251,3 +251,15 @@ def test_queue_page_refuses_own_decision(releasable, alice, client):
     assert "another approver decides" in client.get("/releases/queue").content.decode()
     client.post(f"/releases/requests/{request.pk}/decide", {"decision": "approve"})
     assert ReleaseRequest.objects.get().status == "submitted" and ReleaseApproval.objects.count() == 0
+
+
+def test_release_transitions_emit_signed_webhooks(releasable, alice, erin):
+    from gatehouse.webhooks.models import WebhookDelivery, WebhookEndpoint
+
+    WebhookEndpoint.objects.create(organization=releasable.model.organization, url="http://127.0.0.1:9/hook",
+                                   secret="s", events=["*"])
+    request = _submitted(releasable, alice)
+    release_request_decide(request=request, actor=erin, decision="approve")
+    release_downgrade(model=Model.objects.get(), actor=erin, tier="closed", reason="Misuse")
+    assert list(WebhookDelivery.objects.order_by("id").values_list("event", flat=True)) == [
+        "release_request.submitted", "release_request.approve", "release.downgraded"]

@@ -1,0 +1,83 @@
+"""Signed webhooks against a real local HTTP receiver."""
+import hashlib
+import hmac
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from gatehouse.webhooks.models import WebhookDelivery, WebhookEndpoint
+from gatehouse.webhooks.services import MAX_ATTEMPTS, webhook_attempt, webhook_emit
+
+
+@pytest.fixture
+def receiver():
+    """A local HTTP server that records requests and answers with the queued status codes (default 200)."""
+    received, statuses = [], []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+            received.append({"headers": dict(self.headers), "body": body})
+            self.send_response(statuses.pop(0) if statuses else 200)
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield {"url": f"http://127.0.0.1:{server.server_port}/hook", "received": received, "statuses": statuses}
+    server.shutdown()
+
+
+def _endpoint(org, url, events=("*",)):
+    return WebhookEndpoint.objects.create(organization=org, url=url, secret="s3cret", events=list(events))
+
+
+def test_delivery_is_signed_and_logged(aurora, receiver):
+    _endpoint(aurora, receiver["url"])
+    delivery = webhook_emit(organization=aurora, event="release.downgraded", data={"model": "aurora/m"})[0]
+    delivery, retry = webhook_attempt(delivery_id=delivery.pk)
+    assert (delivery.status, delivery.attempts, delivery.last_status_code, retry) == ("delivered", 1, 200, None)
+    request = receiver["received"][0]
+    timestamp = request["headers"]["X-Gatehouse-Timestamp"]
+    expected = "sha256=" + hmac.new(b"s3cret", f"{timestamp}.{request['body']}".encode(), hashlib.sha256).hexdigest()
+    assert request["headers"]["X-Gatehouse-Signature"] == expected
+    assert request["headers"]["X-Gatehouse-Event"] == "release.downgraded"
+    assert json.loads(request["body"])["data"] == {"model": "aurora/m"}
+    assert webhook_attempt(delivery_id=delivery.pk)[0].attempts == 1  # a duplicate task sends nothing more
+
+
+def test_failures_retry_with_backoff_then_give_up(aurora, receiver):
+    _endpoint(aurora, receiver["url"])
+    receiver["statuses"].extend([500, 503])
+    delivery = webhook_emit(organization=aurora, event="x", data={})[0]
+    delays = []
+    for _ in range(3):
+        delivery, retry = webhook_attempt(delivery_id=delivery.pk)
+        delays.append(retry)
+    assert delays == [10, 20, None] and delivery.status == "delivered" and delivery.attempts == 3
+    receiver["statuses"].extend([500] * MAX_ATTEMPTS)
+    failing = webhook_emit(organization=aurora, event="x", data={})[0]
+    for _ in range(MAX_ATTEMPTS):
+        failing, retry = webhook_attempt(delivery_id=failing.pk)
+    assert failing.status == "failed" and failing.attempts == MAX_ATTEMPTS and retry is None
+    assert failing.last_error.startswith("HTTP 500")
+
+
+def test_unreachable_receiver_is_recorded(aurora):
+    _endpoint(aurora, "http://127.0.0.1:9/nothing-listens-here")
+    delivery, retry = webhook_attempt(delivery_id=webhook_emit(organization=aurora, event="x", data={})[0].pk)
+    assert delivery.status == "pending" and retry == 10 and "ConnectError" in delivery.last_error
+
+
+def test_only_subscribed_active_endpoints_get_events(aurora, northwind, receiver):
+    _endpoint(aurora, receiver["url"], events=["release.downgraded"])
+    WebhookEndpoint.objects.create(organization=aurora, url=receiver["url"], secret="x", events=["*"], is_active=False)
+    _endpoint(northwind, receiver["url"])
+    assert webhook_emit(organization=aurora, event="release_request.submitted", data={}) == []
+    assert len(webhook_emit(organization=aurora, event="release.downgraded", data={})) == 1
+    assert WebhookDelivery.objects.count() == 1
