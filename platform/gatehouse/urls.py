@@ -8,6 +8,7 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("api/v1/", include("gatehouse.registry.api.urls")),
     path("api/v1/", include("gatehouse.accounts.api")),
+    path("api/v1/", include("gatehouse.webhooks.api")),
     path("api/v1/", include("releases.api")),  # project wiring: the releases app builds on gatehouse
     path("releases/", include("releases.views")),
     path("", include("gatehouse.web.urls")),

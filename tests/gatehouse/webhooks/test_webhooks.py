@@ -81,3 +81,19 @@ def test_only_subscribed_active_endpoints_get_events(aurora, northwind, receiver
     assert webhook_emit(organization=aurora, event="release_request.submitted", data={}) == []
     assert len(webhook_emit(organization=aurora, event="release.downgraded", data={})) == 1
     assert WebhookDelivery.objects.count() == 1
+
+
+def test_admins_manage_endpoints_and_read_the_delivery_log(aurora, alice, bob, client_for, receiver):
+    admin = client_for(alice, scopes=["admin"])
+    assert client_for(bob, scopes=["admin"]).post("/api/v1/organizations/aurora/webhooks",
+                                                  {"url": receiver["url"]}, format="json").status_code == 403
+    assert client_for(alice, scopes=["write"]).get("/api/v1/organizations/aurora/webhooks").status_code == 403
+    assert WebhookEndpoint.objects.count() == 0
+    created = admin.post("/api/v1/organizations/aurora/webhooks", {"url": receiver["url"],
+                                                                   "events": ["release.downgraded"]}, format="json")
+    assert created.status_code == 201 and len(created.json()["secret"]) > 20
+    endpoint_id = created.json()["id"]
+    assert "secret" not in admin.get("/api/v1/organizations/aurora/webhooks").json()["results"][0]
+    webhook_attempt(delivery_id=webhook_emit(organization=aurora, event="release.downgraded", data={})[0].pk)
+    log = admin.get(f"/api/v1/organizations/aurora/webhooks/{endpoint_id}/deliveries").json()["results"]
+    assert [(d["event"], d["status"], d["attempts"]) for d in log] == [("release.downgraded", "delivered", 1)]
