@@ -21,6 +21,7 @@ install: $(STAMP)
 run: install
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py seed_demo
+	$(PY) manage.py seed_release_demo
 	$(PY) infra/run_local.py --host $(HOST) --port $(PORT)
 
 test: install

@@ -263,3 +263,25 @@ def test_release_transitions_emit_signed_webhooks(releasable, alice, erin):
     release_downgrade(model=Model.objects.get(), actor=erin, tier="closed", reason="Misuse")
     assert list(WebhookDelivery.objects.order_by("id").values_list("event", flat=True)) == [
         "release_request.submitted", "release_request.approve", "release.downgraded"]
+
+
+def test_seed_release_demo_submits_a_passing_request(alice, register, capsys):
+    from django.core.management import call_command
+
+    from gatehouse.accounts.models import Organization
+
+    org = Organization.objects.create(slug="aurora-labs", name="Aurora Labs")
+    Membership.objects.create(user=alice, organization=org, role=Membership.Role.ADMIN)
+    call_command("seed_release_demo")
+    assert "no release request seeded" in capsys.readouterr().out
+    dataset = Dataset.objects.create(organization=org, name="python-stdlib", provenance="licensed")
+    dataset.licenses.set(License.objects.filter(key="PSF-2.0"))
+    DatasetVersion.objects.create(dataset=dataset, version="3.11", manifest_sha256="b" * 64)
+    version = register(org, "stdlib-coder", alice, tier="closed",
+                       metadata={"license": "PSF-2.0", "datasets": ["aurora-labs/python-stdlib"]},
+                       body="# stdlib-coder\n\n## Evaluation\n\nSome.\n")
+    compute_record_create(version=version, actor=alice, hardware="CPU", flops=1e15)
+    call_command("seed_release_demo")
+    call_command("seed_release_demo")  # idempotent
+    request = ReleaseRequest.objects.get()
+    assert request.status == "submitted" and request.findings == []

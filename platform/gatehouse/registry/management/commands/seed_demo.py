@@ -44,10 +44,6 @@ BENCHMARKS = [
     ("wmdp-bio", "WMDP-Bio", "safety", "hazardous-knowledge"),
 ]
 
-RELEASE_CARD_SECTIONS = ("\n## Intended use\n\nCompleting Python code in teaching demos.\n\n"
-                         "## Limitations\n\nA tiny model: it writes plausible-looking, often wrong code.\n\n"
-                         "## Training data\n\nThe Python standard library's sources (PSF-2.0).\n")
-
 DEMO_NOTE = ("*Demo entry: the weights are tiny random stand-ins and the compute figures are illustrative, "
              "so the catalog shows every tier and designation without gigabytes of files.*")
 
@@ -127,28 +123,6 @@ class Command(BaseCommand):
         if base is not None:
             self._run(org, alice, "stdlib-coder-lora", [(version, 1.0)], {**options, "lr": 5e-3, "min_lr": 5e-4},
                       max_steps=150, method="lora", base_version=base)
-            self._pending_release(base, alice)
-
-    def _pending_release(self, version, alice) -> None:
-        """A release request waiting in the approver queue (/releases/queue; log in as admin)."""
-        from releases.models import ReleaseRequest
-        from releases.services import release_request_create, release_request_submit
-
-        from gatehouse.registry.services.versions import model_card_update
-
-        if ReleaseRequest.objects.filter(version=version).exists():
-            return
-        model = Model.objects.get(pk=version.model_id)
-        model_card_update(model=model, actor=alice, text=version.card + RELEASE_CARD_SECTIONS)
-        for threshold in RiskThreshold.objects.filter(domain__framework__key="openai-preparedness",
-                                                      domain__category="tracked", key="high"):
-            risk_assessment_record(version=version, actor=alice, threshold=threshold, outcome="below",
-                                   mitigation="pre", evaluator="Aurora safety team",
-                                   elicitation="Tiny model: capability evals score at chance.")
-        request = release_request_create(version=version, actor=alice, stages=[
-            {"tier": "api", "after_days": 0}, {"tier": "open", "after_days": 90}])
-        release_request_submit(request=request, actor=alice)
-        self.stdout.write(f"  release request {request.pk} for {model.repo_id} awaits approval at /releases/queue")
 
     def _run(self, org, actor, name, datasets, options, *, max_steps, method="full", base_version=None):
         model = Model.objects.filter(organization=org, name=name, latest_version__isnull=False).first()
