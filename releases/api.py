@@ -7,6 +7,7 @@ from rest_framework.generics import GenericAPIView
 from rest_framework.response import Response
 
 from gatehouse.accounts.models import Membership
+from gatehouse.core.api import validated
 from gatehouse.core.errors import NotAuthenticated, NotFound
 from gatehouse.registry import selectors
 from gatehouse.registry.api.urls import SegmentConverter  # noqa: F401  (registers <seg:>)
@@ -95,12 +96,6 @@ def _request_get(request, request_id) -> ReleaseRequest:
     return found
 
 
-def _valid(serializer_class, request) -> dict:
-    serializer = serializer_class(data=request.data)
-    serializer.is_valid(raise_exception=True)
-    return dict(serializer.validated_data)
-
-
 def _detail(request, pk, code=status.HTTP_200_OK) -> Response:
     return Response(RequestSerializer(_requests_for(request.user).get(pk=pk)).data, status=code)
 
@@ -120,7 +115,7 @@ class RequestListApi(GenericAPIView):
 
     @extend_schema(request=RequestInput, responses={201: RequestSerializer})
     def post(self, request):
-        data = _valid(RequestInput, request)
+        data = validated(RequestInput, request)
         org, _, name = data.pop("model").partition("/")
         model = selectors.model_get(user=request.user, org=org, name=name)
         version = selectors.version_resolve(model=model, revision=data.pop("revision"))
@@ -163,7 +158,7 @@ class RequestDecisionApi(GenericAPIView):
 
     @extend_schema(request=DecisionInput)
     def post(self, request, request_id):
-        data = _valid(DecisionInput, request)
+        data = validated(DecisionInput, request)
         release_request_decide(request=_request_get(request, request_id), actor=request.user, **data)
         return _detail(request, request_id)
 
@@ -206,7 +201,7 @@ class DowngradeApi(GenericAPIView):
     @extend_schema(request=DowngradeInput, responses={201: ReleaseSerializer})
     def post(self, request, org, name):
         model = selectors.model_get(user=request.user, org=org, name=name)
-        release = release_downgrade(model=model, actor=request.user, **_valid(DowngradeInput, request))
+        release = release_downgrade(model=model, actor=request.user, **validated(DowngradeInput, request))
         return Response(ReleaseSerializer(release).data | {"warning": DOWNGRADE_WARNING}, status=status.HTTP_201_CREATED)
 
 

@@ -8,6 +8,7 @@ from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
 
 from gatehouse.accounts.models import Organization
+from gatehouse.core.api import validated
 from gatehouse.core.errors import InvalidInput, NotFound
 from gatehouse.registry import selectors
 from gatehouse.registry.api import serializers as s
@@ -175,7 +176,7 @@ class ComputeApi(_VersionScopedApi):
     @extend_schema(parameters=[REVISION], request=s.ComputeRecordInput, responses={201: s.ComputeRecordSerializer})
     def post(self, request, org, name):
         version = self.version(request, org, name)
-        data = _valid(s.ComputeRecordInput, request)
+        data = validated(s.ComputeRecordInput, request)
         record = compute_record_create(version=version, actor=request.user, **data)
         return Response(s.ComputeRecordSerializer(record).data, status=status.HTTP_201_CREATED)
 
@@ -193,7 +194,7 @@ class EvaluationApi(_VersionScopedApi):
     @extend_schema(parameters=[REVISION], request=s.EvaluationResultInput, responses={201: s.EvaluationResultSerializer})
     def post(self, request, org, name):
         version = self.version(request, org, name)
-        data = _valid(s.EvaluationResultInput, request)
+        data = validated(s.EvaluationResultInput, request)
         benchmark = Benchmark.objects.filter(key=data.pop("benchmark")).first()
         if benchmark is None:
             raise InvalidInput("Unknown benchmark; list them at /api/v1/benchmarks.", fields={"benchmark": ["unknown"]})
@@ -214,7 +215,7 @@ class RiskAssessmentApi(_VersionScopedApi):
     @extend_schema(parameters=[REVISION], request=s.RiskAssessmentInput, responses={201: s.RiskAssessmentSerializer})
     def post(self, request, org, name):
         version = self.version(request, org, name)
-        data = _valid(s.RiskAssessmentInput, request)
+        data = validated(s.RiskAssessmentInput, request)
         threshold = RiskThreshold.objects.select_related("domain__framework").filter(
             domain__framework__key=data.pop("framework"), domain__framework__is_active=True,
             domain__key=data.pop("domain"), key=data.pop("threshold")).first()
@@ -259,12 +260,6 @@ class LineageApi(_VersionScopedApi):
         })
 
 
-def _valid(serializer_class, request) -> dict:
-    serializer = serializer_class(data=request.data)
-    serializer.is_valid(raise_exception=True)
-    return dict(serializer.validated_data)
-
-
 def _dataset_queryset():
     return Dataset.objects.select_related("organization").prefetch_related(
         "licenses", Prefetch("versions", queryset=DatasetVersion.objects.order_by("-created_at")))
@@ -286,7 +281,7 @@ class DatasetListApi(GenericAPIView):
 
     @extend_schema(request=s.DatasetInput, responses={201: s.DatasetSerializer})
     def post(self, request):
-        data = _valid(s.DatasetInput, request)
+        data = validated(s.DatasetInput, request)
         organization = Organization.objects.filter(slug=data.pop("organization")).first()
         if organization is None:
             raise InvalidInput("Unknown organization.", fields={"organization": ["unknown"]})
@@ -319,7 +314,7 @@ class DatasetVersionCreateApi(GenericAPIView):
     @extend_schema(request=s.DatasetVersionInput, responses={201: s.DatasetVersionSerializer})
     def post(self, request, org, name):
         dataset = _dataset_get(org, name)
-        data = _valid(s.DatasetVersionInput, request)
+        data = validated(s.DatasetVersionInput, request)
         row = dataset_version_create(dataset=dataset, actor=request.user, **data)
         return Response(s.DatasetVersionSerializer(row).data, status=status.HTTP_201_CREATED)
 
@@ -384,7 +379,7 @@ class EvaluationImportApi(_VersionScopedApi):
                    responses={201: s.EvaluationResultSerializer(many=True)})
     def post(self, request, org, name):
         version = self.version(request, org, name)
-        data = _valid(EvaluationImportInput, request)
+        data = validated(EvaluationImportInput, request)
         results = evaluations_import(version=version, actor=request.user, **data)
         return Response(s.EvaluationResultSerializer(results, many=True).data, status=status.HTTP_201_CREATED)
 
@@ -400,5 +395,5 @@ class ModelCardApi(GenericAPIView):
     @extend_schema(request=CardInput, responses={200: s.ModelDetailSerializer})
     def put(self, request, org, name):
         model = selectors.model_get(user=request.user, org=org, name=name)
-        model_card_update(model=model, actor=request.user, text=_valid(CardInput, request)["card"])
+        model_card_update(model=model, actor=request.user, text=validated(CardInput, request)["card"])
         return ModelDetailApi().get(request, org, name)
