@@ -116,8 +116,12 @@ def main() -> None:
         config = preset(args.preset, vocab_size=args.model_vocab or vocab, max_seq_len=max(args.seq_len, 16))
         export(Transformer(config), tmp / "init", tokenizer_dir=data, manifest={"run_id": "bench-init"},
                card="---\nlicense: PSF-2.0\n---\n")
-        peer = transformers_peer(args, data, tmp / "init")
+        # The peer runs before and after ours and keeps its better figure: on a noisy shared machine the
+        # comparison then errs against us, never for us.
+        peer_runs = [transformers_peer(args, data, tmp / "init")]
         us = ours(args, data, tmp / "ours")
+        peer_runs.append(transformers_peer(args, data, tmp / "init"))
+        peer = max(peer_runs, key=lambda r: r["tokens_per_s"])
 
     flops_per_token, peak = us["flops_per_token"], us["peak"]
     rows = [("gatehouse trainer", us["tokens_per_s"]), ("transformers LlamaForCausalLM", peer["tokens_per_s"])]
@@ -129,10 +133,14 @@ def main() -> None:
     for name, tps in rows:
         print(f"{name:32} {tps:12.0f} {flops_per_token * tps / peak if peak else float('nan'):8.3f}")
     ratio = us["tokens_per_s"] / peer["tokens_per_s"]
+    print(f"transformers before / after ours: {peer_runs[0]['tokens_per_s']:.0f} / {peer_runs[1]['tokens_per_s']:.0f} tok/s "
+          "(the better one is compared)")
     print(f"ratio (ours / transformers): {ratio:.2f}x; peak {peak:.3g} FLOP/s, {flops_per_token:.4g} FLOP/token")
     print(json.dumps({"bench": "train_throughput", "preset": args.preset, "seq_len": args.seq_len,
                       "batch_size": args.batch_size, "device": args.device, "ours_tokens_per_s": round(us["tokens_per_s"]),
-                      "transformers_tokens_per_s": round(peer["tokens_per_s"]), "ratio": round(ratio, 3),
+                      "transformers_tokens_per_s": round(peer["tokens_per_s"]),
+                      "transformers_runs_tokens_per_s": [round(r["tokens_per_s"]) for r in peer_runs],
+                      "ratio": round(ratio, 3),
                       "ours_mfu": round(flops_per_token * us["tokens_per_s"] / peak, 4) if peak else None,
                       "transformers_mfu": round(flops_per_token * peer["tokens_per_s"] / peak, 4) if peak else None,
                       "peak_flops": peak}))
