@@ -101,9 +101,33 @@ def release_request_submit(*, request: ReleaseRequest, actor: User) -> ReleaseRe
     return request
 
 
-def _is_approver(user: User, request: ReleaseRequest) -> bool:
+def _approves_for(user: User, organization) -> bool:
     return user.is_superuser or Membership.objects.filter(
-        user=user, organization=request.version.model.organization, role__in=APPROVER_ROLES).exists()
+        user=user, organization=organization, role__in=APPROVER_ROLES).exists()
+
+
+def _base_owner(request: ReleaseRequest):
+    """The base's organization when this request waives 'derivative_more_open' for another organization's
+    base: that owner must approve too (the policy's "unless the base's owner approves")."""
+    version = request.version
+    if "derivative_more_open" not in request.waivers or not version.base_version_id:
+        return None
+    owner = version.base_version.model.organization
+    return owner if owner.pk != version.model.organization_id else None
+
+
+def _is_approver(user: User, request: ReleaseRequest) -> bool:
+    owner = _base_owner(request)
+    return _approves_for(user, request.version.model.organization) or (owner is not None and _approves_for(user, owner))
+
+
+def _approvals_complete(request: ReleaseRequest, round_: int) -> bool:
+    approvers = list(ReleaseApproval.objects.filter(request=request, submission=round_,
+                                                    decision=ReleaseApproval.Decision.APPROVE).select_related("approver"))
+    owner = _base_owner(request)
+    if owner is not None and not any(_approves_for(a.approver, owner) for a in approvers):
+        return False
+    return len(approvers) >= request.required_approvals
 
 
 def _submission_round(request: ReleaseRequest) -> int:
@@ -142,8 +166,7 @@ def release_request_decide(*, request: ReleaseRequest, actor: User, decision: st
             request.status, request.decided_at = ReleaseRequest.Status.REJECTED, now
         elif decision == ReleaseApproval.Decision.REQUEST_CHANGES:
             request.status = ReleaseRequest.Status.CHANGES_REQUESTED
-        elif ReleaseApproval.objects.filter(request=request, submission=round_,
-                                            decision=ReleaseApproval.Decision.APPROVE).count() >= request.required_approvals:
+        elif _approvals_complete(request, round_):
             request.status, request.decided_at = ReleaseRequest.Status.APPROVED, now
             _schedule(request, actor, now)
         request.save(update_fields=["status", "decided_at", "findings"])
@@ -241,7 +264,8 @@ def release_downgrade(*, model: Model, actor: User, tier: str, reason: str) -> R
 
 
 def _approver_emails(request: ReleaseRequest) -> list[str]:
-    return list(Membership.objects.filter(organization=request.version.model.organization, role__in=APPROVER_ROLES)
+    organizations = [request.version.model.organization_id] + ([_base_owner(request).pk] if _base_owner(request) else [])
+    return list(Membership.objects.filter(organization_id__in=organizations, role__in=APPROVER_ROLES)
                 .exclude(user=request.requested_by).values_list("user__email", flat=True))
 
 

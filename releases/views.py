@@ -1,5 +1,6 @@
 """The approver queue: server-rendered, for people who decide on releases."""
 from django.contrib import messages
+from django.db.models import Q
 from django.contrib.auth.decorators import login_required
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import path
@@ -17,10 +18,15 @@ def _queue_for(user):
     queue = ReleaseRequest.objects.filter(status=ReleaseRequest.Status.SUBMITTED).select_related(
         "version__model__organization", "version__model__license", "version__license", "requested_by"
     ).prefetch_related("decisions__approver", "version__datasets__organization", "version__datasets__licenses")
-    if not user.is_superuser:
-        queue = queue.filter(version__model__organization__in=Membership.objects.filter(
-            user=user, role__in=APPROVER_ROLES).values("organization_id"))
-    return queue.order_by("submitted_at")
+    if user.is_superuser:
+        return list(queue.order_by("submitted_at"))
+    mine = Membership.objects.filter(user=user, role__in=APPROVER_ROLES).values("organization_id")
+    candidates = queue.filter(Q(version__model__organization__in=mine)
+                              | Q(version__base_version__model__organization__in=mine)).order_by("submitted_at")
+    mine_ids = set(mine.values_list("organization_id", flat=True))
+    # Base owners see only the derivatives that ask, by waiver, to be more open than their base.
+    return [r for r in candidates if r.version.model.organization_id in mine_ids
+            or "derivative_more_open" in r.waivers]
 
 
 @login_required

@@ -285,3 +285,37 @@ def test_seed_release_demo_submits_a_passing_request(alice, register, capsys):
     call_command("seed_release_demo")  # idempotent
     request = ReleaseRequest.objects.get()
     assert request.status == "submitted" and request.findings == []
+
+
+def test_a_more_open_derivative_needs_the_base_owners_approval(aurora, northwind, alice, carol, erin, register):
+    """aurora fine-tuned northwind's API-only model and asks for open weights with the lineage waiver:
+    aurora's approver alone is not enough; northwind's approver must approve too."""
+    base = register(northwind, "base", carol, tier="api", metadata={"license": "mit"})
+    dataset = Dataset.objects.create(organization=aurora, name="corpus", provenance="licensed")
+    dataset.licenses.set(License.objects.filter(key="mit"))
+    DatasetVersion.objects.create(dataset=dataset, version="v1", manifest_sha256="a" * 64)
+    derivative = register(aurora, "ft", alice, tier="closed", body=CARD, metadata={
+        "license": "mit", "datasets": ["aurora/corpus"], "base_model": "northwind/base"})
+    assert derivative.base_version_id == base.pk
+    compute_record_create(version=derivative, actor=alice, hardware="CPU", flops=1e15)
+    _assess(derivative, alice)
+    with pytest.raises(InvalidInput, match=r"would be more open \(open\) than its base northwind/base"):
+        _submitted(derivative, alice, stages=[{"tier": "open", "after_days": 0}])
+    request = _submitted(derivative, alice, stages=[{"tier": "open", "after_days": 0}],
+                         waivers=["derivative_more_open"])
+    assert release_request_decide(request=request, actor=erin, decision="approve").status == "submitted"
+    assert Model.objects.get(name="ft").tier == "closed"
+    assert release_request_decide(request=request, actor=carol, decision="approve").status == "approved"
+    assert Model.objects.get(name="ft").tier == "open"
+
+
+def test_base_owners_see_waiver_requests_in_their_queue(aurora, northwind, alice, carol, register, client):
+    base = register(northwind, "base", carol, tier="api", metadata={"license": "mit"})
+    derivative = register(aurora, "ft", alice, tier="closed", body=CARD,
+                          metadata={"license": "mit", "base_model": "northwind/base"})
+    assert derivative.base_version_id == base.pk
+    request = release_request_create(version=derivative, actor=alice, stages=[{"tier": "open", "after_days": 0}],
+                                     waivers=["derivative_more_open"])
+    ReleaseRequest.objects.filter(pk=request.pk).update(status="submitted")
+    client.force_login(carol)
+    assert "aurora/ft" in client.get("/releases/queue").content.decode()
