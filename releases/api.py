@@ -116,9 +116,7 @@ class RequestListApi(GenericAPIView):
     @extend_schema(request=RequestInput, responses={201: RequestSerializer})
     def post(self, request):
         data = validated(RequestInput, request)
-        org, _, name = data.pop("model").partition("/")
-        model = selectors.model_get(user=request.user, org=org, name=name)
-        version = selectors.version_resolve(model=model, revision=data.pop("revision"))
+        version = selectors.version_get(user=request.user, repo_id=data.pop("model"), revision=data.pop("revision"))
         created = release_request_create(version=version, actor=request.user,
                                          stages=[dict(s) for s in data.pop("stages")], **data)
         ReleaseRequest.objects.filter(pk=created.pk).update(findings=release_findings(created))  # a preview

@@ -7,7 +7,6 @@ how to fix it.
 from dataclasses import dataclass, field
 
 TIERS = ("closed", "api", "open")
-VISIBLE_TO_OUTSIDERS = ("api", "open")
 CARD_SECTIONS = {  # what a complete card covers, and the headings that count for it
     "intended use": ("intended use", "uses", "direct use"),
     "limitations": ("limitations", "bias, risks and limitations", "risks"),
@@ -15,10 +14,6 @@ CARD_SECTIONS = {  # what a complete card covers, and the headings that count fo
     "evaluation": ("evaluation", "results"),
 }
 SYSTEMIC_RISK = "eu-systemic-risk"
-
-
-def outsiders_may_see(tier: str) -> bool:
-    return tier in VISIBLE_TO_OUTSIDERS
 
 
 def more_open(a: str, b: str) -> bool:

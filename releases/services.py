@@ -241,8 +241,7 @@ def release_request_withdraw(*, request: ReleaseRequest, actor: User) -> Release
 def release_downgrade(*, model: Model, actor: User, tier: str, reason: str) -> Release:
     """Immediate and decided by one approver. Scheduled widenings are cancelled. Weights already downloaded
     cannot be recalled; download links and grants are revoked by the distribution layer on its next check."""
-    if not (actor.is_superuser or Membership.objects.filter(user=actor, organization=model.organization,
-                                                            role__in=APPROVER_ROLES).exists()):
+    if not _approves_for(actor, model.organization):
         raise PermissionDenied("Only approvers (the organization's admins and approvers) can downgrade a release.")
     if tier not in Tier.values or not policy.more_open(model.tier, tier):
         raise InvalidInput(f"A downgrade must go to a more closed tier than the current '{model.tier}'.")

@@ -73,6 +73,12 @@ def version_resolve(*, model: Model, revision: str = "main", verified_only: bool
     return version
 
 
+def version_get(*, user, repo_id: str, revision: str = "main") -> ModelVersion:
+    """A verified version by "org/name" and revision, among the models the user can see."""
+    org, _, name = repo_id.partition("/")
+    return version_resolve(model=model_get(user=user, org=org, name=name), revision=revision or "main")
+
+
 def is_member(user, organization: Organization) -> bool:
     return bool(getattr(user, "is_authenticated", False)) and (
         user.is_superuser or Membership.objects.filter(user=user, organization=organization).exists())

@@ -116,9 +116,8 @@ class TrainingRunListApi(GenericAPIView):
             raise InvalidInput(f"Unknown organization {data['organization']!r}.", fields={"organization": ["unknown"]})
         base_version = None
         if "base" in data:
-            org, _, name = data["base"]["model"].partition("/")
-            base_model = selectors.model_get(user=request.user, org=org, name=name)
-            base_version = selectors.version_resolve(model=base_model, revision=data["base"]["revision"])
+            base_version = selectors.version_get(user=request.user, repo_id=data["base"]["model"],
+                                                 revision=data["base"]["revision"])
         run = training_run_create(
             organization=organization, model_name=data["model"], actor=request.user,
             datasets=_dataset_versions(request, data["datasets"]), preset_name=data["preset"], method=data["method"],

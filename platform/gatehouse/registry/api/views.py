@@ -144,7 +144,7 @@ class VersionDetailApi(GenericAPIView):
 class _VersionScopedApi(GenericAPIView):
     """GET lists a child record of the version named by ?revision= (default main)."""
 
-    def version(self, request, org, name, *, for_write=False) -> ModelVersion:
+    def version(self, request, org, name) -> ModelVersion:
         model = selectors.model_get(user=request.user, org=org, name=name)
         return selectors.version_resolve(model=model, revision=_revision(request))
 

@@ -31,10 +31,8 @@ class Command(BaseCommand):
         except (OSError, ValueError, yaml.YAMLError) as exc:
             raise CommandError(f"cannot read {file}: {exc}") from None
         ref, _, revision = model.partition("@")
-        org, _, name = ref.partition("/")
         try:
-            version = selectors.version_resolve(model=selectors.model_get(user=account, org=org, name=name),
-                                                revision=revision or "main")
+            version = selectors.version_get(user=account, repo_id=ref, revision=revision)
             results = evaluations_import(version=version, actor=account, format=format, data=data,
                                          evaluator=evaluator, evaluator_kind=evaluator_kind)
         except ApplicationError as exc:

@@ -74,10 +74,8 @@ class Command(BaseCommand):
         if not spec:
             return None
         ref, _, revision = spec.partition("@")
-        org, _, name = ref.partition("/")
         try:
-            return selectors.version_resolve(model=selectors.model_get(user=user, org=org, name=name),
-                                             revision=revision or "main")
+            return selectors.version_get(user=user, repo_id=ref, revision=revision)
         except ApplicationError as exc:
             raise CommandError(exc.message) from None
 
