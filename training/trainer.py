@@ -76,6 +76,9 @@ class Distributed:
         self.device = torch.device(f"cuda:{self.local_rank}" if use_cuda else "cpu")
         if use_cuda:
             torch.cuda.set_device(self.device)
+            # fp32 matmuls left outside autocast (and fp32 runs) may use TF32 tensor cores, as nanoGPT does.
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         if self.world > 1:
             dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         self.is_main = self.rank == 0
@@ -216,18 +219,24 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
                 model_config=model.config.to_dict(), train_config=asdict(cfg))
     energy = _EnergyMeter(env.device)
     model.train()
-    last_loss, metrics = float("nan"), {}
+    metrics = {}
+    clock = _StepClock(events, energy, env, tokens_per_step, flops_per_token, peak,
+                       totals=(started_tokens, flops_done, device_seconds))
+
+    def to_device(batch):
+        # Pinned host memory lets the copy overlap the GPU work already queued.
+        pin = env.device.type == "cuda"
+        return tuple((t.pin_memory() if pin else t).to(env.device, non_blocking=True) for t in batch)
+
     try:
         while step < cfg.max_steps:
-            t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            total_loss = 0.0
+            total_loss = torch.zeros((), device=env.device)
             for micro in range(cfg.grad_accum):
                 first = cursor + (micro * env.world + env.rank) * cfg.batch_size
-                x, y = train_stream.batch(first, cfg.batch_size)
-                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+                x, y = to_device(train_stream.batch(first, cfg.batch_size))
                 sync = micro == cfg.grad_accum - 1 or env.world == 1
                 context = nullcontext() if sync else forward_model.no_sync()
                 with context, autocast():
@@ -243,39 +252,39 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
             step += 1
             if env.world > 1:
                 dist.all_reduce(total_loss, op=dist.ReduceOp.AVG)
-            last_loss = float(total_loss)
-            if env.device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - t0
-            device_seconds += elapsed * env.world
-            started_tokens += tokens_per_step
-            flops_done += flops_per_token * tokens_per_step
-            tokens_per_s = tokens_per_step / elapsed
-            events.emit("step", step=step, loss=last_loss, lr=lr, tokens=started_tokens, tokens_per_s=tokens_per_s,
-                        flops=flops_done, mfu=(flops_per_token * tokens_per_s / (peak * env.world)) if peak else None,
-                        memory_bytes=_memory_bytes(env.device), energy_j=energy.joules())
-            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            # The step is queued, not done: its loss is read once the next step is queued too, so the host
+            # never idles the GPU between steps. Evaluation, checkpoints and stops read it first.
+            clock.queued(step, total_loss, lr)
+            finished = step == cfg.max_steps
+            evaluate = step % cfg.eval_interval == 0 or finished
+            checkpoint = env.is_main and (step % cfg.checkpoint_interval == 0 or finished or stop["signal"])
+            if evaluate or checkpoint or stop["signal"]:
+                clock.flush()
+            if evaluate:
                 metrics = validation_loss(model, val_stream, batches=cfg.eval_batches, batch_size=cfg.batch_size,
                                           device=env.device, autocast=autocast)
                 events.emit("eval", step=step, **metrics)
-            finished = step == cfg.max_steps
-            if env.is_main and (step % cfg.checkpoint_interval == 0 or finished or stop["signal"]):
+            if checkpoint:
                 save_checkpoint(checkpoint_dir, model=model, optimizer=optimizer, state={
-                    "step": step, "cursor": cursor, "run_id": run_id, "tokens": started_tokens, "flops": flops_done,
-                    "device_seconds": device_seconds, "model_config": model.config.to_dict(), "method": cfg.method})
+                    "step": step, "cursor": cursor, "run_id": run_id, "tokens": clock.tokens,
+                    "flops": clock.flops, "device_seconds": clock.device_seconds,
+                    "model_config": model.config.to_dict(), "method": cfg.method})
                 events.emit("checkpoint", step=step, path=str(checkpoint_dir))
             if env.world > 1:
                 dist.barrier()
             if stop["signal"] and not finished:
                 events.emit("stopped", step=step, signal=stop["signal"], resumable=True)
                 return EXIT_STOPPED
+            if evaluate or checkpoint:
+                clock.restart()  # evaluation and checkpoint time is not training-step time
+        clock.flush()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
     if env.is_main:
-        _finish(cfg, out, model, run_id, data_manifest, base, trainable, metrics, last_loss, started_tokens,
-                flops_done, device_seconds, events, env)
+        _finish(cfg, out, model, run_id, data_manifest, base, trainable, metrics, clock.last_loss,
+                clock.tokens, clock.flops, clock.device_seconds, events, env)
     events.close()
     return 0
 
@@ -313,6 +322,50 @@ def _finish(cfg, out, model, run_id, data_manifest, base, trainable, metrics, la
     path = export(model, out / "export", tokenizer_dir=Path(cfg.data), manifest=manifest, card=card,
                   adapter=adapter, base_model_path=cfg.init_from)
     events.emit("export", path=str(path), train_loss=last_loss, **metrics)
+
+
+class _StepClock:
+    """Step events without a host-device sync per step.
+
+    A step's loss is read when the following step has been queued (or at a flush), so reading it waits only
+    for that step's kernels. A step's time is from the previous step's completion to its own, which is its
+    real duration in the steady state where the GPU never waits for the host.
+    """
+
+    def __init__(self, events, energy, env, tokens_per_step, flops_per_token, peak, totals):
+        self.events, self.energy, self.env = events, energy, env
+        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak
+        self.pending = []
+        # Only a device that runs asynchronously gains from the lag; on a CPU the step is done when queued.
+        self.lag = 1 if env.device.type == "cuda" else 0
+        self.tokens, self.flops, self.device_seconds = totals  # carried over from a resumed checkpoint
+        self.last_loss = float("nan")
+        self.restart()
+
+    def restart(self):
+        self.done_at = time.perf_counter()
+
+    def queued(self, step: int, loss: torch.Tensor, lr: float):
+        self.pending.append((step, loss, lr))
+        if len(self.pending) > self.lag:
+            self._report(*self.pending.pop(0))
+
+    def flush(self):
+        while self.pending:
+            self._report(*self.pending.pop(0))
+
+    def _report(self, step, loss, lr):
+        self.last_loss = float(loss)  # waits for this step's kernels, not for the ones queued after it
+        now = time.perf_counter()
+        elapsed, self.done_at = now - self.done_at, now
+        self.device_seconds += elapsed * self.env.world
+        self.tokens += self.tokens_per_step
+        self.flops += self.flops_per_token * self.tokens_per_step
+        tokens_per_s = self.tokens_per_step / elapsed
+        mfu = self.flops_per_token * tokens_per_s / (self.peak * self.env.world) if self.peak else None
+        self.events.emit("step", step=step, loss=self.last_loss, lr=lr, tokens=self.tokens, tokens_per_s=tokens_per_s,
+                         flops=self.flops, mfu=mfu, memory_bytes=_memory_bytes(self.env.device),
+                         energy_j=self.energy.joules())
 
 
 def _memory_bytes(device: torch.device) -> int:

@@ -132,3 +132,27 @@ def test_cli_end_to_end_on_the_stdlib_demo_corpus(tmp_path):
                             text=True)
     assert scored.returncode == 0
     assert [r["task"] for r in json.loads(scored.stdout)] == ["copy", "count", "brackets"]
+
+
+def test_step_clock_on_an_async_device_reports_each_step_once_one_step_behind(monkeypatch):
+    """On CUDA a step's loss is read only after the next step is queued; a flush reads the rest, in order."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from training.trainer import _StepClock
+
+    emitted = []
+    events = SimpleNamespace(emit=lambda kind, **fields: emitted.append(fields))
+    env = SimpleNamespace(device=SimpleNamespace(type="cuda"), world=1)
+    clock = _StepClock(events, SimpleNamespace(joules=lambda: None), env, tokens_per_step=100, flops_per_token=10.0,
+                       peak=0.0, totals=(1000, 5.0, 2.0))
+    monkeypatch.setattr("training.trainer._memory_bytes", lambda device: 7)
+    clock.queued(1, torch.tensor(3.0), 0.1)
+    assert emitted == []
+    clock.queued(2, torch.tensor(2.0), 0.2)
+    assert [e["step"] for e in emitted] == [1]
+    clock.flush()
+    assert [(e["step"], e["loss"], e["lr"], e["tokens"]) for e in emitted] == [(1, 3.0, 0.1, 1100), (2, 2.0, 0.2, 1200)]
+    assert clock.tokens == 1200 and clock.flops == 5.0 + 2 * 100 * 10.0 and clock.last_loss == 2.0
+    assert all(e["tokens_per_s"] > 0 and e["mfu"] is None and e["memory_bytes"] == 7 for e in emitted)
