@@ -126,7 +126,7 @@ def main() -> None:
     flops_per_token, peak = us["flops_per_token"], us["peak"]
     rows = [("gatehouse trainer", us["tokens_per_s"]), ("transformers LlamaForCausalLM", peer["tokens_per_s"])]
     threads = torch.get_num_threads()
-    print(f"\nTraining throughput, preset {args.preset} ({config.num_layers}L x {config.hidden_size}, vocab {vocab}), "
+    print(f"\nTraining throughput, preset {args.preset} ({config.num_layers}L x {config.hidden_size}, model vocab {config.vocab_size}, tokenizer {vocab}), "
           f"batch {args.batch_size} x seq {args.seq_len}, device {args.device}, {threads} CPU threads, "
           f"median of {args.steps} steps after {args.warmup} warm-up")
     print(f"{'trainer':32} {'tokens/s':>12} {'MFU':>8}")
