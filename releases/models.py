@@ -102,3 +102,111 @@ class Release(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model_id} → {self.tier} at {self.effective_at:%Y-%m-%d %H:%M} ({self.status})"
+
+
+class AccessPolicy(models.Model):
+    """Who may download a model's files beyond its organization: kept in step with the effective release's
+    audience by the release services; the request form, rules and durations are set by the owners."""
+
+    model = models.OneToOneField(Model, on_delete=models.CASCADE, related_name="access_policy")
+    audience = models.CharField(max_length=16, choices=Audience.choices, default=Audience.PUBLIC)
+    # [{"name": "affiliation", "label": "Affiliation", "required": true}, …]: text fields on the request form
+    request_fields = models.JSONField(default=list, blank=True)
+    acceptable_use = models.TextField(blank=True, help_text="Shown on the request form; accepting it is required")
+    # Under manual review, requesters from these organizations or email domains are approved at once.
+    auto_approve_organizations = models.JSONField(default=list, blank=True)
+    auto_approve_email_domains = models.JSONField(default=list, blank=True)
+    grant_days = models.PositiveIntegerField(null=True, blank=True, help_text="Grants expire after; empty: never")
+    cooldown_days = models.PositiveIntegerField(default=7, help_text="Wait after a rejection before asking again")
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"access policy of {self.model_id} ({self.audience})"
+
+
+class AccessRequest(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        ACCEPTED = "accepted", "Accepted"
+        REJECTED = "rejected", "Rejected"
+        CANCELLED = "cancelled", "Cancelled"
+
+    model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="access_requests")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="access_requests")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    fields = models.JSONField(default=dict, blank=True)
+    # What the requester accepted: the licence by key and text hash, and the acceptable-use text's hash.
+    license_key = models.CharField(max_length=64, blank=True)
+    license_sha256 = models.CharField(max_length=64, blank=True)
+    acceptable_use_sha256 = models.CharField(max_length=64, blank=True)
+    rejection_reason = models.TextField(blank=True)
+    decided_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    decided_automatically = models.BooleanField(default=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    decided_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        indexes = [models.Index(fields=["model", "status", "created_at"])]
+        constraints = [
+            models.CheckConstraint(condition=Q(status__in=["pending", "accepted", "rejected", "cancelled"]),
+                                   name="access_request_status_valid"),
+            # At most one live request per person and model; rejected and cancelled ones stay as history.
+            models.UniqueConstraint(fields=["model", "user"], condition=Q(status__in=["pending", "accepted"]),
+                                    name="access_request_one_live"),
+        ]
+
+    def __str__(self) -> str:
+        return f"access request {self.pk} by {self.user_id} for {self.model_id} ({self.status})"
+
+
+class AccessGrant(models.Model):
+    """Permission to download a gated model, for one user or a whole organization."""
+
+    model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="access_grants")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE,
+                             related_name="access_grants")
+    organization = models.ForeignKey("accounts.Organization", null=True, blank=True, on_delete=models.CASCADE,
+                                     related_name="access_grants")
+    request = models.ForeignKey(AccessRequest, null=True, blank=True, on_delete=models.SET_NULL, related_name="grants")
+    granted_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    license_key = models.CharField(max_length=64, blank=True)
+    license_sha256 = models.CharField(max_length=64, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    revoked_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    revoke_reason = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["model", "user"]), models.Index(fields=["model", "organization"])]
+        constraints = [
+            models.CheckConstraint(condition=Q(user__isnull=False, organization__isnull=True)
+                                   | Q(user__isnull=True, organization__isnull=False),
+                                   name="access_grant_one_grantee"),
+        ]
+
+    def __str__(self) -> str:
+        return f"grant {self.pk} on {self.model_id} to {self.user_id or self.organization_id}"
+
+
+class Download(models.Model):
+    """One metered file transfer: who, with which token, which version and file, how many bytes."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    token = models.ForeignKey("accounts.ApiToken", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="downloads")
+    version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="downloads")
+    path = models.CharField(max_length=500)
+    bytes = models.BigIntegerField()
+    range_start = models.BigIntegerField(null=True, blank=True)
+    via = models.CharField(max_length=16, help_text="stream, x-accel or redirect")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["model", "created_at"]), models.Index(fields=["user", "created_at"])]

@@ -230,3 +230,117 @@ def required_approvals(facts: VersionFacts) -> int:
 
 def blockers(findings: list[Finding]) -> list[Finding]:
     return [f for f in findings if f.severity == "blocker"]
+
+
+# --- Distribution: who may see a model and download its files --------------------------------------------
+CARD_PATH = "README.md"
+
+
+@dataclass(frozen=True)
+class CallerFacts:
+    """What the gate knows about the caller for one model. `scopes` is None for a signed-in browser session,
+    which carries every permission its user has."""
+
+    authenticated: bool
+    is_member: bool = False
+    scopes: frozenset[str] | None = None
+    grant: str = ""  # "active", "expired" or "revoked" (the caller's most recent grant), "" for none
+    grant_at: str = ""  # when it expired or was revoked
+    grant_reason: str = ""
+    request: str = ""  # the caller's most recent request: "pending", "rejected", "cancelled", ""
+    request_at: str = ""  # when it was made (pending) or decided (rejected)
+    rejection_reason: str = ""
+    retry_after: str = ""  # after a rejection: the first moment a new request is accepted
+
+
+@dataclass(frozen=True)
+class AccessDecision:
+    allowed: bool
+    status: int = 200
+    code: str = ""  # the Hub's X-Error-Code: RepoNotFound or GatedRepo
+    message: str = ""
+
+
+ALLOW = AccessDecision(True)
+
+
+def may_see(tier: str, caller: CallerFacts) -> bool:
+    """A closed model does not exist for anyone outside its organization."""
+    return tier != "closed" or caller.is_member
+
+
+def not_found(repo_id: str) -> AccessDecision:
+    return AccessDecision(False, 404, "RepoNotFound",
+                          f"Repository not found: {repo_id} does not exist or you do not have access to it. "
+                          "If it is yours, pass a token of an account in its organization.")
+
+
+def file_access(*, repo_id: str, tier: str, audience: str, path: str, caller: CallerFacts,
+                request_url: str, inference_url: str) -> AccessDecision:
+    """May this caller download this file of this model? Every refusal says why and what to do."""
+    if not may_see(tier, caller):
+        return not_found(repo_id)
+    if caller.scopes is not None and "read" not in caller.scopes:
+        return AccessDecision(False, 403, "GatedRepo", "This token lacks the 'read' scope needed to download files; "
+                                                         "create a token with the read scope.")
+    if caller.is_member:
+        return ALLOW
+    if tier == "api":
+        if path == CARD_PATH:
+            return ALLOW
+        return AccessDecision(False, 403, "GatedRepo",
+                              f"{repo_id} is released API-only: its weights cannot be downloaded, only its card. "
+                              f"Use the inference API instead (base_url {inference_url}, model {repo_id!r}).")
+    if audience == "organization":
+        return AccessDecision(False, 403, "GatedRepo", f"{repo_id} is released to its organization's members only.")
+    if audience == "public":
+        return ALLOW
+    return _gated_access(repo_id, caller, request_url)
+
+
+def _gated_access(repo_id: str, caller: CallerFacts, request_url: str) -> AccessDecision:
+    def gated(status: int, message: str) -> AccessDecision:
+        return AccessDecision(False, status, "GatedRepo", message)
+
+    if not caller.authenticated:
+        return gated(401, f"Access to {repo_id} is gated: pass a Gatehouse token (token= or HF_TOKEN) of an account "
+                          f"with approved access. Request access at {request_url}.")
+    if caller.scopes is not None and "gated-read" not in caller.scopes:
+        return gated(403, f"{repo_id} is gated and this token lacks the 'gated-read' scope; create a token with "
+                          "the scopes read,gated-read.")
+    if caller.grant == "active":
+        return ALLOW
+    if caller.grant == "revoked":
+        reason = f" ({caller.grant_reason})" if caller.grant_reason else ""
+        return gated(403, f"Your access to {repo_id} was revoked on {caller.grant_at}{reason}. Contact the model's "
+                          "organization if you believe this is a mistake.")
+    if caller.request == "pending":
+        return gated(403, f"Your request for access to {repo_id} is pending review since {caller.request_at}. "
+                          "You will be notified by email when it is decided.")
+    if caller.grant == "expired":
+        return gated(403, f"Your access to {repo_id} expired on {caller.grant_at}. Request access again at "
+                          f"{request_url}.")
+    if caller.request == "rejected":
+        reason = f": {caller.rejection_reason}" if caller.rejection_reason else ""
+        again = (f"You can ask again after {caller.retry_after} at {request_url}." if caller.retry_after
+                 else f"You can ask again at {request_url}.")
+        return gated(403, f"Your request for access to {repo_id} was rejected on {caller.request_at}{reason}. {again}")
+    return gated(403, f"Access to {repo_id} is gated: request access at {request_url} (you will be asked to accept "
+                      "its license and acceptable-use policy).")
+
+
+def listed_paths(*, tier: str, caller: CallerFacts, paths: list[str]) -> list[str]:
+    """The file names a caller may list: outsiders of an API-only model see only its card."""
+    if tier == "api" and not caller.is_member:
+        return [p for p in paths if p == CARD_PATH]
+    return paths
+
+
+def auto_approves(*, audience: str, organizations: list[str], email_domains: list[str], user_organizations: list[str],
+                  user_email: str) -> bool:
+    """Whether a new access request is approved at once under the model's rules."""
+    if audience == "gated-auto":
+        return True
+    domain = user_email.rpartition("@")[2].lower() if "@" in user_email else ""
+    return bool(set(organizations) & set(user_organizations)) or (domain != "" and domain in
+                                                                   {d.lower().lstrip("@") for d in email_domains})

@@ -15,6 +15,7 @@ from gatehouse.registry.models import Model, ModelVersion, Tier
 from gatehouse.registry.selectors import organization_for_writer
 from gatehouse.webhooks.services import webhook_emit
 from releases import policy
+from releases.access import access_policy_set_audience
 from releases.facts import version_facts
 from releases.models import Audience, Release, ReleaseApproval, ReleaseRequest
 
@@ -193,6 +194,7 @@ def _schedule(request: ReleaseRequest, actor: User, now) -> None:
 def _make_effective(release: Release, actor) -> None:
     Release.objects.filter(pk=release.pk).update(status=Release.Status.EFFECTIVE)
     Model.objects.filter(pk=release.model_id).update(tier=release.tier, updated_at=timezone.now())
+    access_policy_set_audience(model_id=release.model_id, audience=release.audience)
     release.status = Release.Status.EFFECTIVE
     audit_record(actor=actor, action="release.effective", target=release, data={"tier": release.tier})
 

@@ -1,4 +1,5 @@
-"""The approver queue: server-rendered, for people who decide on releases."""
+"""Server-rendered pages of the releases app: the approver queue for people who decide on releases, and the
+access-request form of a gated model."""
 from django.contrib import messages
 from django.db.models import Q
 from django.contrib.auth.decorators import login_required
@@ -10,7 +11,8 @@ from gatehouse.accounts.models import Membership
 from gatehouse.core.errors import ApplicationError
 from gatehouse.registry.models import ComputeRecord, RiskAssessment
 from gatehouse.registry.selectors import designation_thresholds, designations_for
-from releases.models import Release, ReleaseRequest
+from releases import access
+from releases.models import AccessRequest, Release, ReleaseRequest
 from releases.services import APPROVER_ROLES, release_request_decide
 
 
@@ -57,6 +59,39 @@ def decide(request, request_id):
     except ApplicationError as exc:
         messages.error(request, f"Release request {request_id}: {exc.message}")
     return redirect("release-queue")
+
+
+@login_required
+def access_request_page(request, org, name):
+    """The form built from the model's request fields, with the license and acceptable-use text to accept."""
+    from gatehouse.registry.selectors import model_get
+
+    try:
+        model = model_get(user=request.user, org=org, name=name)
+    except ApplicationError as exc:
+        return render(request, "web/404.html", {"message": exc.message}, status=404)
+    access_policy = access.access_policy_of(model)
+    facts = access.caller_facts(user=request.user, token=None, model=model)
+    form_errors, values = {}, {}
+    if request.method == "POST":
+        values = {f["name"]: request.POST.get(f["name"], "") for f in access_policy.request_fields}
+        try:
+            created = access.access_request_create(model=model, user=request.user, fields=values,
+                                                   accept_license=request.POST.get("accept_license") == "on",
+                                                   accept_acceptable_use=request.POST.get("accept_acceptable_use") == "on")
+            if created.status == AccessRequest.Status.ACCEPTED:
+                messages.success(request, f"Access to {model.repo_id} granted.")
+            else:
+                messages.success(request, f"Your request for {model.repo_id} was sent to its reviewers.")
+            return redirect("web-access-request", org=org, name=name)
+        except ApplicationError as exc:
+            messages.error(request, exc.message)
+            form_errors = exc.fields
+    latest = AccessRequest.objects.filter(model=model, user=request.user).order_by("-created_at", "-id").first()
+    return render(request, "releases/access_request.html", {
+        "model": model, "policy": access_policy, "facts": facts, "latest": latest, "errors": form_errors,
+        "values": values, "gated": model.tier == "open" and access_policy.audience in ("gated-auto", "gated-manual")},
+        status=400 if form_errors else 200)
 
 
 urlpatterns = [

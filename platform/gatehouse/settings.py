@@ -167,6 +167,12 @@ elif GATEHOUSE_STORAGE == "s3":
 else:
     raise ImproperlyConfigured(f"GATEHOUSE_STORAGE must be local or s3, not {GATEHOUSE_STORAGE!r}")
 
+# Downloads: behind nginx, set the internal location that maps to the weights folder (infra/nginx.conf) and
+# nginx sends the bytes; with S3 the client is redirected to a presigned URL valid this long.
+GATEHOUSE_ACCEL_REDIRECT_PREFIX = os.environ.get("GATEHOUSE_ACCEL_REDIRECT_PREFIX", "")
+GATEHOUSE_PRESIGNED_SECONDS = int(os.environ.get("GATEHOUSE_PRESIGNED_SECONDS", "300"))
+GATEHOUSE_HUB_PAGE_SIZE = int(os.environ.get("GATEHOUSE_HUB_PAGE_SIZE", "1000"))
+
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage",
                 "OPTIONS": {"location": str(VAR_DIR / "media")}},
