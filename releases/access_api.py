@@ -58,24 +58,24 @@ class AccessPolicySerializer(serializers.ModelSerializer):
         read_only_fields = ["audience", "updated_at"]
 
 
-class RequestInput(serializers.Serializer):
+class AccessRequestInput(serializers.Serializer):
     fields = serializers.DictField(child=serializers.CharField(allow_blank=True, max_length=2000), default=dict)
     accept_license = serializers.BooleanField(default=False)
     accept_acceptable_use = serializers.BooleanField(default=False)
 
 
-class DecisionInput(serializers.Serializer):
+class AccessDecisionInput(serializers.Serializer):
     status = serializers.ChoiceField(["accepted", "rejected", "pending"])
     reason = serializers.CharField(required=False, default="", allow_blank=True, max_length=2000)
 
 
-class GrantInput(serializers.Serializer):
+class AccessGrantInput(serializers.Serializer):
     user = serializers.CharField(required=False)
     organization = serializers.CharField(required=False)
     expires_at = serializers.DateTimeField(required=False, allow_null=True, default=None)
 
 
-class RevokeInput(serializers.Serializer):
+class AccessRevokeInput(serializers.Serializer):
     reason = serializers.CharField(max_length=2000)
 
 
@@ -109,11 +109,11 @@ class ModelAccessRequestsApi(GenericAPIView):
         page = self.paginate_queryset(items)
         return self.get_paginated_response(AccessRequestSerializer(page, many=True).data)
 
-    @extend_schema(request=RequestInput, responses={201: AccessRequestSerializer})
+    @extend_schema(request=AccessRequestInput, responses={201: AccessRequestSerializer})
     def post(self, request, org, name):
         _signed_in(request)
         model = selectors.model_get(user=request.user, org=org, name=name)
-        created = access.access_request_create(model=model, user=request.user, **validated(RequestInput, request))
+        created = access.access_request_create(model=model, user=request.user, **validated(AccessRequestInput, request))
         return Response(AccessRequestSerializer(created).data, status=status.HTTP_201_CREATED)
 
 
@@ -131,12 +131,12 @@ class MyAccessRequestsApi(GenericAPIView):
 class AccessRequestDecisionApi(GenericAPIView):
     serializer_class = AccessRequestSerializer
 
-    @extend_schema(request=DecisionInput)
+    @extend_schema(request=AccessDecisionInput)
     def post(self, request, request_id):
         _signed_in(request)
         item = access.get_request(request_id=request_id)
         selectors.model_get(user=request.user, org=item.model.organization.slug, name=item.model.name)
-        data = validated(DecisionInput, request)
+        data = validated(AccessDecisionInput, request)
         decided = access.access_request_decide(request=item, actor=request.user, status=data["status"],
                                                reason=data["reason"])
         return Response(AccessRequestSerializer(decided).data)
@@ -152,10 +152,10 @@ class ModelAccessGrantsApi(GenericAPIView):
         page = self.paginate_queryset(grants)
         return self.get_paginated_response(AccessGrantSerializer(page, many=True).data)
 
-    @extend_schema(request=GrantInput, responses={201: AccessGrantSerializer})
+    @extend_schema(request=AccessGrantInput, responses={201: AccessGrantSerializer})
     def post(self, request, org, name):
         model = _reviewed_model(request, org, name)
-        data = validated(GrantInput, request)
+        data = validated(AccessGrantInput, request)
         user = organization = None
         if data.get("user"):
             user = User.objects.filter(username=data["user"]).first()
@@ -173,13 +173,13 @@ class ModelAccessGrantsApi(GenericAPIView):
 class AccessGrantRevokeApi(GenericAPIView):
     serializer_class = AccessGrantSerializer
 
-    @extend_schema(request=RevokeInput)
+    @extend_schema(request=AccessRevokeInput)
     def post(self, request, grant_id):
         _signed_in(request)
         grant = AccessGrant.objects.select_related("model__organization").filter(pk=grant_id).first()
         if grant is None or not access.can_review(request.user, grant.model):
             raise NotFound(f"Grant {grant_id} does not exist or is not one you review.")
-        revoked = access.access_grant_revoke(grant=grant, actor=request.user, **validated(RevokeInput, request))
+        revoked = access.access_grant_revoke(grant=grant, actor=request.user, **validated(AccessRevokeInput, request))
         return Response(AccessGrantSerializer(revoked).data)
 
 

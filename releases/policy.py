@@ -310,13 +310,13 @@ def _gated_access(repo_id: str, caller: CallerFacts, request_url: str) -> Access
                           "the scopes read,gated-read.")
     if caller.grant == "active":
         return ALLOW
+    if caller.request == "pending":
+        return gated(403, f"Your request for access to {repo_id} is pending review since {caller.request_at}. "
+                          "You will be notified by email when it is decided.")
     if caller.grant == "revoked":
         reason = f" ({caller.grant_reason})" if caller.grant_reason else ""
         return gated(403, f"Your access to {repo_id} was revoked on {caller.grant_at}{reason}. Contact the model's "
                           "organization if you believe this is a mistake.")
-    if caller.request == "pending":
-        return gated(403, f"Your request for access to {repo_id} is pending review since {caller.request_at}. "
-                          "You will be notified by email when it is decided.")
     if caller.grant == "expired":
         return gated(403, f"Your access to {repo_id} expired on {caller.grant_at}. Request access again at "
                           f"{request_url}.")
