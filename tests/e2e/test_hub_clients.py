@@ -41,6 +41,11 @@ def tiny_hf_folder(directory: Path) -> Path:
 
 @pytest.fixture
 def hub_server(deployment, tmp_path):
+    return start_hub(deployment, tmp_path)
+
+
+def start_hub(deployment, tmp_path, extra_env: dict | None = None) -> dict:
+    deployment["env"].update(extra_env or {})
     env, manage = deployment["env"], deployment["manage"]
     folder = tiny_hf_folder(tmp_path / "src")
     setup = subprocess.run([*manage, "shell", "-c", (ROOT / "tests" / "e2e" / "hub_setup.py").read_text()],
@@ -185,3 +190,45 @@ print("OK", ids.shape[1], diff)
     assert out.returncode == 0, out.stderr[-3000:]
     status, tokens, diff = out.stdout.strip().splitlines()[-1].split()
     assert status == "OK" and int(tokens) > 0 and float(diff) == 0.0
+
+
+@pytest.fixture
+def s3_server(deployment):
+    """moto's S3 server as its own process on another port: a different origin, like real object storage."""
+    import boto3
+
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deployment["processes"].append(server)
+    endpoint = f"http://127.0.0.1:{port}"
+    wait_for_http(endpoint + "/")
+    credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_S3_REGION_NAME": "us-east-1",
+                   "AWS_DEFAULT_REGION": "us-east-1"}
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                 region_name="us-east-1").create_bucket(Bucket="weights")
+    return credentials | {"GATEHOUSE_STORAGE": "s3", "AWS_STORAGE_BUCKET_NAME": "weights",
+                          "AWS_S3_ENDPOINT_URL": endpoint}
+
+
+def test_s3_storage_answers_with_a_presigned_redirect_the_client_follows(deployment, s3_server, tmp_path):
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    hub = start_hub(deployment, tmp_path, s3_server)
+    base, folder = hub["base"], hub["folder"]
+    head = httpx.head(f"{base}/aurora/tiny-open/resolve/main/model.safetensors")
+    assert head.status_code == 302 and head.headers["Location"].startswith(s3_server["AWS_S3_ENDPOINT_URL"])
+    assert "X-Amz-Signature=" in head.headers["Location"] and len(head.headers["X-Repo-Commit"]) == 40
+    assert head.headers["X-Linked-Size"] == str((folder / "model.safetensors").stat().st_size)
+    local = Path(snapshot_download("aurora/tiny-open", endpoint=base, token=False, cache_dir=tmp_path / "c"))
+    assert sha256(local / "model.safetensors") == sha256(folder / "model.safetensors")
+    assert sha256(local / "extra" / "notes.txt") == sha256(folder / "extra" / "notes.txt")
+    # The gate still decides before any redirect: no URL for an outsider of a gated model.
+    from huggingface_hub.errors import GatedRepoError
+
+    with pytest.raises(GatedRepoError):
+        hf_hub_download("aurora/tiny-gated", "model.safetensors", endpoint=base, token=hub["tokens"]["carol"],
+                        cache_dir=tmp_path / "d")
+    refused = httpx.get(f"{base}/aurora/tiny-gated/resolve/main/model.safetensors",
+                        headers={"Authorization": f"Bearer {hub['tokens']['carol']}"})
+    assert refused.status_code == 403 and "Location" not in refused.headers
