@@ -67,6 +67,12 @@ http {{
   default_type application/octet-stream;
   client_body_temp_path {tmp}/nginx-body; proxy_temp_path {tmp}/nginx-proxy; fastcgi_temp_path {tmp}/nginx-fcgi;
   uwsgi_temp_path {tmp}/nginx-uwsgi; scgi_temp_path {tmp}/nginx-scgi;
+  # nginx's own ETag (mtime-size) is the same for two shards of equal size written in the same second, and
+  # the client stores blobs by ETag: the mirror names each blob by its sha256, as the Hub does.
+  map_hash_bucket_size 256;
+  map $uri $linked_etag {{
+{etags}
+  }}
   server {{  # Gatehouse behind nginx: Django decides, nginx sends the bytes (infra/nginx.conf has the same block)
     listen 127.0.0.1:{gated_port};
     location /_weights/ {{
@@ -86,7 +92,10 @@ http {{
     listen 127.0.0.1:{static_port};
     root {mirror};
     location /api/ {{ default_type application/json; }}
-    location /{repo}/resolve/ {{ add_header X-Repo-Commit {commit} always; }}
+    location /{repo}/resolve/ {{
+      add_header X-Repo-Commit {commit} always;
+      add_header X-Linked-Etag $linked_etag always;
+    }}
   }}
 }}
 """
@@ -106,7 +115,7 @@ def wait_for(url: str, timeout: float = 30) -> None:
             return
         except httpx.TransportError:
             time.sleep(0.2)
-    raise SystemExit(f"{url} did not answer within {timeout} s")
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
 
 
 def write_model(folder: Path) -> None:
@@ -182,7 +191,8 @@ def main() -> None:
                                  stderr=subprocess.STDOUT)
         (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, gated_port=gated_port, accel_port=accel_port,
                                                           static_port=static_port, weights=weights, mirror=mirror,
-                                                          repo=REPO, commit=commit))
+                                                          repo=REPO, commit=commit, etags="\n".join(
+            f'    /{REPO}/resolve/{commit}/{path} "{sha}";' for path, (_, _, sha) in facts["files"].items())))
         proxy = subprocess.Popen([nginx, "-c", str(tmp / "nginx.conf"), "-p", str(tmp)], stdout=log,
                                  stderr=subprocess.STDOUT)
         try:

@@ -233,3 +233,16 @@ def test_refs_and_whoami(register, aurora, alice, hub):
     assert anonymous.status_code == 401
     bad = Client().get("/api/whoami-v2", HTTP_AUTHORIZATION="Bearer nope")
     assert bad.status_code == 401 and bad["X-Error-Message"].startswith("Invalid credentials in Authorization header")
+
+
+def test_hub_review_routes_need_a_token_not_a_browser_session(register, aurora, alice, carol):
+    """They accept POSTs without CSRF tokens (as the Hub does), so a session cookie must not be enough."""
+    version = register(aurora, "gated", alice, tier="open")
+    gate(version.model, "gated-manual")
+    AccessRequest.objects.create(model=version.model, user=carol)
+    browser = Client()
+    browser.force_login(alice)
+    response = browser.post("/api/models/aurora/gated/user-access-request/handle",
+                            data='{"user": "carol", "status": "accepted"}', content_type="application/json")
+    assert response.status_code == 401 and AccessRequest.objects.get().status == "pending"
+    assert AccessGrant.objects.count() == 0
