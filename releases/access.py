@@ -352,6 +352,22 @@ def _revoke(grants, *, actor: User, reason: str, now) -> None:
             _mail_on_commit(f"Access to {grant.model.repo_id} revoked", f"Reason: {reason}", [grant.user.email])
 
 
+def access_revoke_all(*, model: Model, actor: User, reason: str) -> int:
+    """On a downgrade: active grants are revoked and pending requests cancelled, so re-opening the model later
+    never silently restores old access. Presigned S3 links already handed out live until they expire
+    (GATEHOUSE_PRESIGNED_SECONDS); nothing can recall bytes already downloaded."""
+    now = timezone.now()
+    grants = _active_grants(model)
+    count = grants.count()
+    _revoke(grants, actor=actor, reason=reason, now=now)
+    cancelled = AccessRequest.objects.filter(model=model, status=AccessRequest.Status.PENDING).update(
+        status=AccessRequest.Status.CANCELLED, decided_at=now, decided_by=actor)
+    if count or cancelled:
+        audit_record(actor=actor, action="access.revoke_all", target=model,
+                     data={"grants_revoked": count, "requests_cancelled": cancelled, "reason": reason[:500]})
+    return count
+
+
 def download_record(*, user, token, version: ModelVersion, file: ModelFile, bytes: int, range_start: int | None,
                     via: str) -> Download:
     return Download.objects.create(user=user if getattr(user, "is_authenticated", False) else None, token=token,

@@ -15,7 +15,7 @@ from gatehouse.registry.models import Model, ModelVersion, Tier
 from gatehouse.registry.selectors import organization_for_writer
 from gatehouse.webhooks.services import webhook_emit
 from releases import policy
-from releases.access import access_policy_set_audience
+from releases.access import access_policy_set_audience, access_revoke_all
 from releases.facts import version_facts
 from releases.models import Audience, Release, ReleaseApproval, ReleaseRequest
 
@@ -241,8 +241,9 @@ def release_request_withdraw(*, request: ReleaseRequest, actor: User) -> Release
 
 
 def release_downgrade(*, model: Model, actor: User, tier: str, reason: str) -> Release:
-    """Immediate and decided by one approver. Scheduled widenings are cancelled. Weights already downloaded
-    cannot be recalled; download links and grants are revoked by the distribution layer on its next check."""
+    """Immediate and decided by one approver. Scheduled widenings are cancelled, access grants revoked and
+    pending access requests cancelled; the gate refuses the next download. Weights already downloaded cannot
+    be recalled."""
     if not _approves_for(actor, model.organization):
         raise PermissionDenied("Only approvers (the organization's admins and approvers) can downgrade a release.")
     if tier not in Tier.values or not policy.more_open(model.tier, tier):
@@ -258,6 +259,7 @@ def release_downgrade(*, model: Model, actor: User, tier: str, reason: str) -> R
                                          effective_at=timezone.now(), created_by=actor, reason=reason,
                                          status=Release.Status.SCHEDULED)
         _make_effective(release, actor)
+        access_revoke_all(model=model, actor=actor, reason=f"model downgraded to {tier}: {reason}")
         audit_record(actor=actor, action="release.downgrade", target=release, data={"tier": tier, "reason": reason[:500]})
         webhook_emit(organization=model.organization, event="release.downgraded",
                      data={"model": model.repo_id, "tier": tier, "reason": reason, "by": actor.username})

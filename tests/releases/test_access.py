@@ -170,11 +170,18 @@ def test_web_form_asks_for_the_fields_and_the_license_and_records_the_request(ga
 
 
 def test_downgrade_turns_a_working_grant_into_a_refusal_at_once(gated, alice, carol, token_for):
+    from gatehouse.accounts.models import User
+
     AccessGrant.objects.create(model=gated, user=carol)
+    waiting = AccessRequest.objects.create(model=gated, user=User.objects.create_user("dan", "dan@example.org", "pw"))
     assert download(token_for, carol).status_code == 200
     release_downgrade(model=gated, actor=alice, tier="api", reason="Misuse reported")
     to_api = download(token_for, carol)
     assert to_api.status_code == 403 and "API-only" in to_api["X-Error-Message"]
+    # Grants are revoked and pending requests cancelled, so re-opening later restores nothing silently.
+    assert AccessGrant.objects.get(user=carol).revoke_reason == "model downgraded to api: Misuse reported"
+    waiting.refresh_from_db()
+    assert waiting.status == "cancelled" and events()[-2:] == ["access_grant.revoked", "release.downgraded"]
     release_downgrade(model=type(gated).objects.get(pk=gated.pk), actor=alice, tier="closed", reason="Incident")
     assert download(token_for, carol).status_code == 404
     assert Download.objects.count() == 0  # HEADs are not metered; nothing was served after the downgrade
