@@ -15,12 +15,9 @@ from releases import policy
 from releases.facts import version_facts
 from releases.models import Audience, Release, ReleaseApproval, ReleaseRequest
 from releases.services import (
-    release_downgrade, release_findings, release_request_create, release_request_decide, release_request_submit,
-    release_request_withdraw,
+    DOWNGRADE_WARNING, model_follow, release_downgrade, release_findings, release_request_create,
+    release_request_decide, release_request_submit, release_request_withdraw,
 )
-
-DOWNGRADE_WARNING = ("Weights already downloaded cannot be recalled: a downgrade stops new downloads and inference, "
-                     "not copies that exist.")
 
 
 class StageSerializer(serializers.Serializer):
@@ -203,6 +200,22 @@ class DowngradeApi(GenericAPIView):
         return Response(ReleaseSerializer(release).data | {"warning": DOWNGRADE_WARNING}, status=status.HTTP_201_CREATED)
 
 
+class FollowApi(GenericAPIView):
+    """Follow a model to get an email when its release changes (effective releases, downgrades)."""
+    pagination_class = None
+
+    @extend_schema(request=None, responses={200: {"type": "object"}})
+    def post(self, request, org, name):
+        model = selectors.model_get(user=request.user, org=org, name=name)
+        return Response({"model": model.repo_id, "following": model_follow(model=model, user=request.user)})
+
+    @extend_schema(request=None, responses={200: {"type": "object"}})
+    def delete(self, request, org, name):
+        model = selectors.model_get(user=request.user, org=org, name=name)
+        return Response({"model": model.repo_id,
+                         "following": model_follow(model=model, user=request.user, follow=False)})
+
+
 M = "models/<seg:org>/<seg:name>"
 urlpatterns = [
     path("release-requests", RequestListApi.as_view(), name="release-request-list"),
@@ -213,4 +226,5 @@ urlpatterns = [
     path(f"{M}/releases", ModelReleasesApi.as_view(), name="model-releases"),
     path(f"{M}/release-checks", ReleaseChecksApi.as_view(), name="model-release-checks"),
     path(f"{M}/downgrade", DowngradeApi.as_view(), name="model-downgrade"),
+    path(f"{M}/follow", FollowApi.as_view(), name="model-follow"),
 ]

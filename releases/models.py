@@ -210,3 +210,14 @@ class Download(models.Model):
     class Meta:
         ordering = ["-created_at", "-id"]
         indexes = [models.Index(fields=["model", "created_at"]), models.Index(fields=["user", "created_at"])]
+
+
+class ModelFollow(models.Model):
+    """Someone who asked to hear when a model's release changes (email on effective releases and downgrades)."""
+
+    model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="followers")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="follows")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["model", "user"], name="model_follow_once")]

@@ -17,8 +17,10 @@ from gatehouse.webhooks.services import webhook_emit
 from releases import policy
 from releases.access import access_policy_set_audience, access_revoke_all
 from releases.facts import version_facts
-from releases.models import Audience, Release, ReleaseApproval, ReleaseRequest
+from releases.models import Audience, ModelFollow, Release, ReleaseApproval, ReleaseRequest
 
+DOWNGRADE_WARNING = ("Weights already downloaded cannot be recalled: a downgrade stops new downloads and inference, "
+                     "not copies that exist.")
 WAIVABLE = {"license_incompatible", "derivative_more_open"}
 APPROVER_ROLES = (Membership.Role.ADMIN, Membership.Role.APPROVER)
 
@@ -197,6 +199,32 @@ def _make_effective(release: Release, actor) -> None:
     access_policy_set_audience(model_id=release.model_id, audience=release.audience)
     release.status = Release.Status.EFFECTIVE
     audit_record(actor=actor, action="release.effective", target=release, data={"tier": release.tier})
+    _tell_followers(release)
+
+
+def _tell_followers(release: Release) -> None:
+    """Followers who may still see the model after the change (a closed model is its members' business)."""
+    followers = ModelFollow.objects.filter(model_id=release.model_id)
+    if release.tier == Tier.CLOSED:
+        followers = followers.filter(user__memberships__organization__models=release.model_id)
+    recipients = sorted({e for e in followers.values_list("user__email", flat=True) if e})
+    if not recipients:
+        return
+    repo_id = Model.objects.filter(pk=release.model_id).select_related("organization").get().repo_id
+    subject = f"{repo_id} is now released at tier {release.tier}"
+    body = f"{subject} (audience {release.audience}) since {release.effective_at:%Y-%m-%d %H:%M} UTC."
+    if release.reason:
+        body += f"\nReason: {release.reason}"
+    transaction.on_commit(lambda: send_mail(subject, body, settings.DEFAULT_FROM_EMAIL, recipients, fail_silently=True))
+
+
+def model_follow(*, model: Model, user: User, follow: bool = True) -> bool:
+    """Follow (or stop following) a model the user can see; returns whether they follow it now."""
+    if follow:
+        ModelFollow.objects.get_or_create(model=model, user=user)
+    else:
+        ModelFollow.objects.filter(model=model, user=user).delete()
+    return follow
 
 
 def releases_apply_due(*, now=None) -> list[Release]:

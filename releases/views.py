@@ -11,9 +11,10 @@ from gatehouse.accounts.models import Membership
 from gatehouse.core.errors import ApplicationError
 from gatehouse.registry.models import ComputeRecord, RiskAssessment
 from gatehouse.registry.selectors import designation_thresholds, designations_for
+from gatehouse.registry.api.urls import SegmentConverter  # noqa: F401  (registers <seg:>)
 from releases import access
 from releases.models import AccessRequest, Release, ReleaseRequest
-from releases.services import APPROVER_ROLES, release_request_decide
+from releases.services import APPROVER_ROLES, DOWNGRADE_WARNING, release_downgrade, release_request_decide
 
 
 def _queue_for(user):
@@ -94,7 +95,30 @@ def access_request_page(request, org, name):
         status=400 if form_errors else 200)
 
 
+@login_required
+def downgrade_page(request, org, name):
+    """Close a model further at once (open → API → closed), with the reason and the warning that copies stay."""
+    from gatehouse.registry.selectors import model_get
+
+    try:
+        model = model_get(user=request.user, org=org, name=name)
+    except ApplicationError as exc:
+        return render(request, "web/404.html", {"message": exc.message}, status=404)
+    if request.method == "POST":
+        try:
+            release_downgrade(model=model, actor=request.user, tier=request.POST.get("tier", ""),
+                              reason=request.POST.get("reason", ""))
+            messages.success(request, f"{model.repo_id} is now {request.POST.get('tier')}. {DOWNGRADE_WARNING}")
+            return redirect("release-downgrade", org=org, name=name)
+        except ApplicationError as exc:
+            messages.error(request, exc.message)
+    tiers = [t for t in ("api", "closed") if ("closed", "api", "open").index(t) < ("closed", "api", "open").index(model.tier)]
+    return render(request, "releases/downgrade.html", {"model": model, "tiers": tiers, "warning": DOWNGRADE_WARNING},
+                  status=400 if request.method == "POST" else 200)
+
+
 urlpatterns = [
     path("queue", queue, name="release-queue"),
     path("requests/<int:request_id>/decide", decide, name="release-decide"),
+    path("models/<seg:org>/<seg:name>/downgrade", downgrade_page, name="release-downgrade"),
 ]

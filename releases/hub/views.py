@@ -173,7 +173,7 @@ def model_index(request):
         models = models.annotate(download_count=Count("downloads")).order_by("-download_count", "-id")
     page = list(models[offset:offset + limit + 1])
     response = JsonResponse([_model_summary(m) for m in page[:limit]], safe=False)
-    if len(page) > limit and "limit" not in request.GET:
+    if len(page) > limit:  # the client follows Link and stops by itself once it has `limit` models
         params = request.GET.copy()
         params["offset"] = str(offset + limit)
         response["Link"] = f'<{request.build_absolute_uri(request.path)}?{params.urlencode()}>; rel="next"'

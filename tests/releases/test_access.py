@@ -185,3 +185,35 @@ def test_downgrade_turns_a_working_grant_into_a_refusal_at_once(gated, alice, ca
     release_downgrade(model=type(gated).objects.get(pk=gated.pk), actor=alice, tier="closed", reason="Incident")
     assert download(token_for, carol).status_code == 404
     assert Download.objects.count() == 0  # HEADs are not metered; nothing was served after the downgrade
+
+
+def test_followers_hear_of_downgrades_only_while_they_may_see_the_model(gated, alice, carol, client_for,
+                                                                        django_capture_on_commit_callbacks):
+    for user in (alice, carol):
+        followed = client_for(user, ("read", "write")).post("/api/v1/models/aurora/gated/follow")
+        assert followed.status_code == 200 and followed.json()["following"] is True
+    with django_capture_on_commit_callbacks(execute=True):
+        release_downgrade(model=gated, actor=alice, tier="api", reason="Misuse reported")
+    notice = [m for m in mail.outbox if "is now released at tier api" in m.subject]
+    assert len(notice) == 1 and sorted(notice[0].to) == ["alice@example.com", "carol@example.com"]
+    assert "Misuse reported" in notice[0].body
+    mail.outbox.clear()
+    with django_capture_on_commit_callbacks(execute=True):
+        release_downgrade(model=type(gated).objects.get(pk=gated.pk), actor=alice, tier="closed", reason="Incident")
+    notice = [m for m in mail.outbox if "is now released at tier closed" in m.subject]
+    assert len(notice) == 1 and notice[0].to == ["alice@example.com"]  # carol may no longer know it exists
+    gone = client_for(carol, ("read", "write")).delete("/api/v1/models/aurora/gated/follow")
+    assert gone.status_code == 404
+
+
+def test_downgrade_page_warns_and_only_approvers_can_use_it(gated, alice, bob):
+    browser = Client()
+    browser.force_login(bob)
+    page = browser.get("/releases/models/aurora/gated/downgrade")
+    assert page.status_code == 200 and "cannot be recalled" in page.content.decode()
+    refused = browser.post("/releases/models/aurora/gated/downgrade", {"tier": "api", "reason": "x"})
+    assert refused.status_code == 400 and "Only approvers" in refused.content.decode()
+    assert type(gated).objects.get(pk=gated.pk).tier == "open"
+    browser.force_login(alice)
+    done = browser.post("/releases/models/aurora/gated/downgrade", {"tier": "api", "reason": "Misuse"}, follow=True)
+    assert "is now api" in done.content.decode() and type(gated).objects.get(pk=gated.pk).tier == "api"
