@@ -139,9 +139,8 @@ def access_request_create(*, model: Model, user: User, fields: dict | None, acce
                           accept_acceptable_use: bool) -> AccessRequest:
     """Ask for access to a gated model. Approved at once when the policy's rules say so."""
     access_policy = access_policy_of(model)
-    if model.tier != Tier.OPEN or access_policy.audience not in (Audience.GATED_AUTO, Audience.GATED_MANUAL):
-        raise InvalidInput(f"{model.repo_id} is not gated: there is nothing to request"
-                           + (" (it is released API-only; use the inference API)." if model.tier == Tier.API else "."))
+    if model.tier == Tier.CLOSED or not policy.needs_grant(access_policy.audience, bool(access_policy.acceptable_use)):
+        raise InvalidInput(f"{model.repo_id} needs no approval: there is nothing to request.")
     if model.organization_id in user_organization_ids(user) or user.is_superuser:
         raise InvalidInput(f"You are a member of {model.organization.slug} and already have access.")
     fields = _clean_fields(access_policy, fields or {})
@@ -168,7 +167,7 @@ def access_request_create(*, model: Model, user: User, fields: dict | None, acce
             raise Conflict(f"You already have a request for {model.repo_id}.") from None
         audit_record(actor=user, action="access_request.create", target=request, data={"model": model.repo_id})
         organizations = list(Organization.objects.filter(memberships__user=user).values_list("slug", flat=True))
-        if policy.auto_approves(audience=access_policy.audience, organizations=access_policy.auto_approve_organizations,
+        if access_policy.audience == Audience.PUBLIC or policy.auto_approves(audience=access_policy.audience, organizations=access_policy.auto_approve_organizations,
                                 email_domains=access_policy.auto_approve_email_domains,
                                 user_organizations=organizations, user_email=user.email or ""):
             _accept(request, actor=None, access_policy=access_policy, now=now)
@@ -294,8 +293,9 @@ def access_grant_create(*, model: Model, actor: User, user: User | None = None,
     _require_reviewer(actor, model)
     if (user is None) == (organization is None):
         raise InvalidInput("Grant to exactly one of a user or an organization.")
-    if model.tier != Tier.OPEN or access_policy_of(model).audience not in (Audience.GATED_AUTO, Audience.GATED_MANUAL):
-        raise InvalidInput(f"{model.repo_id} is not gated; grants apply to gated open-weights releases.")
+    access_policy = access_policy_of(model)
+    if model.tier == Tier.CLOSED or not policy.needs_grant(access_policy.audience, bool(access_policy.acceptable_use)):
+        raise InvalidInput(f"{model.repo_id} needs no approval; grants apply to gated releases.")
     now = timezone.now()
     if expires_at is not None and expires_at <= now:
         raise InvalidInput("expires_at must be in the future.")

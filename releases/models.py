@@ -221,3 +221,48 @@ class ModelFollow(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["model", "user"], name="model_follow_once")]
+
+
+class InferenceBackend(models.Model):
+    """Where a model's inference requests go: an engine process the platform runs (`python -m training serve`,
+    supervised by `manage.py serve_engines`) or an upstream OpenAI-compatible server such as vLLM."""
+
+    class Kind(models.TextChoices):
+        LOCAL = "local", "Local engine process"
+        UPSTREAM = "upstream", "Upstream OpenAI-compatible server"
+
+    model = models.OneToOneField(Model, on_delete=models.CASCADE, related_name="inference_backend")
+    kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.LOCAL)
+    url = models.URLField(blank=True, help_text="Base URL including /v1; set by the supervisor for local engines")
+    upstream_model = models.CharField(max_length=200, blank=True, help_text="The model id at the backend")
+    api_key = models.CharField(max_length=200, blank=True, help_text="Sent as a Bearer token to an upstream")
+    version = models.ForeignKey(ModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+                                help_text="Local engines: the version loaded (default: the model's latest)")
+    enabled = models.BooleanField(default=True)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"{self.model_id} → {self.kind} {self.url}"
+
+
+class InferenceCall(models.Model):
+    """One metered call of the inference API; also what quotas count."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    token = models.ForeignKey("accounts.ApiToken", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    organization = models.ForeignKey("accounts.Organization", null=True, blank=True, on_delete=models.SET_NULL,
+                                     related_name="+", help_text="The caller's organization (quotas per organization)")
+    model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="inference_calls")
+    endpoint = models.CharField(max_length=32)
+    stream = models.BooleanField(default=False)
+    status = models.PositiveSmallIntegerField(default=0, help_text="0 while in flight")
+    error_code = models.CharField(max_length=64, blank=True)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    latency_ms = models.FloatField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["token", "created_at"]), models.Index(fields=["organization", "created_at"]),
+                   models.Index(fields=["model", "created_at"])]

@@ -275,8 +275,14 @@ def not_found(repo_id: str) -> AccessDecision:
                           "If it is yours, pass a token of an account in its organization.")
 
 
+def needs_grant(audience: str, acceptable_use: bool) -> bool:
+    """Gated audiences need an approved grant; so does any model whose acceptable-use policy must be accepted
+    (a public one grants at once, on acceptance)."""
+    return audience in ("gated-auto", "gated-manual") or acceptable_use
+
+
 def file_access(*, repo_id: str, tier: str, audience: str, path: str, caller: CallerFacts,
-                request_url: str, inference_url: str) -> AccessDecision:
+                request_url: str, inference_url: str, acceptable_use: bool = False) -> AccessDecision:
     """May this caller download this file of this model? Every refusal says why and what to do."""
     if not may_see(tier, caller):
         return not_found(repo_id)
@@ -293,21 +299,41 @@ def file_access(*, repo_id: str, tier: str, audience: str, path: str, caller: Ca
                               f"Use the inference API instead (base_url {inference_url}, model {repo_id!r}).")
     if audience == "organization":
         return AccessDecision(False, 403, "GatedRepo", f"{repo_id} is released to its organization's members only.")
-    if audience == "public":
+    if not needs_grant(audience, acceptable_use):
         return ALLOW
-    return _gated_access(repo_id, caller, request_url)
-
-
-def _gated_access(repo_id: str, caller: CallerFacts, request_url: str) -> AccessDecision:
-    def gated(status: int, message: str) -> AccessDecision:
-        return AccessDecision(False, status, "GatedRepo", message)
-
     if not caller.authenticated:
-        return gated(401, f"Access to {repo_id} is gated: pass a Gatehouse token (token= or HF_TOKEN) of an account "
-                          f"with approved access. Request access at {request_url}.")
+        return AccessDecision(False, 401, "GatedRepo", f"Access to {repo_id} is gated: pass a Gatehouse token "
+                              "(token= or HF_TOKEN) of an account with approved access. Request access at "
+                              f"{request_url}.")
     if caller.scopes is not None and "gated-read" not in caller.scopes:
-        return gated(403, f"{repo_id} is gated and this token lacks the 'gated-read' scope; create a token with "
-                          "the scopes read,gated-read.")
+        return AccessDecision(False, 403, "GatedRepo", f"{repo_id} is gated and this token lacks the 'gated-read' "
+                              "scope; create a token with the scopes read,gated-read.")
+    return _granted(repo_id, caller, request_url, "GatedRepo")
+
+
+def inference_access(*, repo_id: str, tier: str, audience: str, acceptable_use: bool, caller: CallerFacts,
+                     request_url: str) -> AccessDecision:
+    """May this caller use the model through the inference API? Codes are OpenAI's (model_not_found, …)."""
+    if not may_see(tier, caller):
+        return AccessDecision(False, 404, "model_not_found", f"The model {repo_id!r} does not exist or you do not have "
+                                                             "access to it.")
+    if caller.scopes is not None and "inference" not in caller.scopes:
+        return AccessDecision(False, 403, "missing_scope", "This token lacks the 'inference' scope; create a token "
+                                                           "with the inference scope.")
+    if caller.is_member:
+        return ALLOW
+    if audience == "organization":
+        return AccessDecision(False, 403, "model_access_denied",
+                              f"{repo_id} is released to its organization's members only.")
+    if not needs_grant(audience, acceptable_use):
+        return ALLOW
+    return _granted(repo_id, caller, request_url, "model_access_denied")
+
+
+def _granted(repo_id: str, caller: CallerFacts, request_url: str, code: str) -> AccessDecision:
+    def gated(status: int, message: str) -> AccessDecision:
+        return AccessDecision(False, status, code, message)
+
     if caller.grant == "active":
         return ALLOW
     if caller.request == "pending":
@@ -325,8 +351,8 @@ def _gated_access(repo_id: str, caller: CallerFacts, request_url: str) -> Access
         again = (f"You can ask again after {caller.retry_after} at {request_url}." if caller.retry_after
                  else f"You can ask again at {request_url}.")
         return gated(403, f"Your request for access to {repo_id} was rejected on {caller.request_at}{reason}. {again}")
-    return gated(403, f"Access to {repo_id} is gated: request access at {request_url} (you will be asked to accept "
-                      "its license and acceptable-use policy).")
+    return gated(403, f"Access to {repo_id} needs approval: request access at {request_url} (you will be asked to "
+                      "accept its license and acceptable-use policy).")
 
 
 def listed_paths(*, tier: str, caller: CallerFacts, paths: list[str]) -> list[str]:

@@ -12,7 +12,7 @@ from gatehouse.core.errors import ApplicationError
 from gatehouse.registry.models import ComputeRecord, RiskAssessment
 from gatehouse.registry.selectors import designation_thresholds, designations_for
 from gatehouse.registry.api.urls import SegmentConverter  # noqa: F401  (registers <seg:>)
-from releases import access
+from releases import access, policy
 from releases.models import AccessRequest, Release, ReleaseRequest
 from releases.services import APPROVER_ROLES, DOWNGRADE_WARNING, release_downgrade, release_request_decide
 
@@ -91,7 +91,8 @@ def access_request_page(request, org, name):
     latest = AccessRequest.objects.filter(model=model, user=request.user).order_by("-created_at", "-id").first()
     return render(request, "releases/access_request.html", {
         "model": model, "policy": access_policy, "facts": facts, "latest": latest, "errors": form_errors,
-        "values": values, "gated": model.tier == "open" and access_policy.audience in ("gated-auto", "gated-manual")},
+        "values": values, "gated": model.tier != "closed" and policy.needs_grant(access_policy.audience,
+                                                               bool(access_policy.acceptable_use))},
         status=400 if form_errors else 200)
 
 

@@ -1,4 +1,4 @@
-"""python -m training {prepare,train,merge,eval}: every failure is one line on stderr and a non-zero exit."""
+"""python -m training {prepare,train,merge,eval,serve}: every failure is one line on stderr and a non-zero exit."""
 import argparse
 import json
 import sys
@@ -57,6 +57,14 @@ def main(argv=None) -> int:
     ev = sub.add_parser("eval", help="score an exported model on the built-in tasks")
     ev.add_argument("model", type=Path)
 
+    srv = sub.add_parser("serve", help="serve an exported model over OpenAI-compatible HTTP (loopback)")
+    srv.add_argument("--model", type=Path, required=True, help="a Llama-architecture Hugging Face folder")
+    srv.add_argument("--model-id", default="", help="the id clients ask for (default: the folder's name)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8100)
+    srv.add_argument("--max-batch", type=int, default=32, help="requests decoded together (KV cache slots)")
+    srv.add_argument("--device", default="auto")
+
     args = parser.parse_args(argv)
     try:
         return _run(args)
@@ -110,6 +118,17 @@ def _run(args) -> int:
 
         model, _ = load_exported(args.model)
         print(json.dumps(run_tasks(model, load_tokenizer(args.model))))
+        return 0
+    if args.command == "serve":
+        from training.serve import serve
+
+        try:
+            serve(str(args.model), model_id=args.model_id or args.model.resolve().name, host=args.host, port=args.port,
+                  max_batch=args.max_batch, device=args.device)
+        except OSError as exc:  # the port is taken, say
+            raise ConfigError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
+        except KeyboardInterrupt:
+            pass
         return 0
     return 2
 

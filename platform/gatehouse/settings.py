@@ -174,6 +174,14 @@ GATEHOUSE_ACCEL_REDIRECT_PREFIX = os.environ.get("GATEHOUSE_ACCEL_REDIRECT_PREFI
 GATEHOUSE_PRESIGNED_SECONDS = int(os.environ.get("GATEHOUSE_PRESIGNED_SECONDS", "300"))
 GATEHOUSE_HUB_PAGE_SIZE = int(os.environ.get("GATEHOUSE_HUB_PAGE_SIZE", "1000"))
 
+# Inference quotas (0: unlimited), counted from the metered calls, so they hold across web processes.
+INFERENCE_RPM_PER_TOKEN = int(os.environ.get("GATEHOUSE_INFERENCE_RPM_PER_TOKEN", "60"))
+INFERENCE_TOKENS_PER_DAY_PER_TOKEN = int(os.environ.get("GATEHOUSE_INFERENCE_TOKENS_PER_DAY_PER_TOKEN", "200000"))
+INFERENCE_RPM_PER_ORGANIZATION = int(os.environ.get("GATEHOUSE_INFERENCE_RPM_PER_ORGANIZATION", "600"))
+INFERENCE_TOKENS_PER_DAY_PER_ORGANIZATION = int(os.environ.get("GATEHOUSE_INFERENCE_TOKENS_PER_DAY_PER_ORGANIZATION",
+                                                               "2000000"))
+INFERENCE_BACKEND_TIMEOUT_SECONDS = float(os.environ.get("GATEHOUSE_INFERENCE_BACKEND_TIMEOUT_SECONDS", "300"))
+
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage",
                 "OPTIONS": {"location": str(VAR_DIR / "media")}},

@@ -12,6 +12,7 @@ urlpatterns = [
     path("api/v1/", include("releases.api")),  # project wiring: the releases app builds on gatehouse
     path("api/v1/", include("releases.access_api")),
     path("releases/", include("releases.views")),
+    path("v1/", include("releases.inference.urls")),  # OpenAI-compatible inference gateway
     path("", include("releases.hub.urls")),  # Hub-compatible API and resolve, before the web pages
     path("", include("gatehouse.web.urls")),
 ]

@@ -124,9 +124,10 @@ def resolve(request, org: str, name: str, revision: str, path: str):
     model, facts = _visible_model(caller, org, name)
     version = _version(model, revision)
     request_url, inference_url = _urls(request, model)
-    decision = policy.file_access(repo_id=model.repo_id, tier=model.tier,
-                                  audience=access.access_policy_of(model).audience, path=path, caller=facts,
-                                  request_url=request_url, inference_url=inference_url)
+    access_policy = access.access_policy_of(model)
+    decision = policy.file_access(repo_id=model.repo_id, tier=model.tier, audience=access_policy.audience, path=path,
+                                  caller=facts, request_url=request_url, inference_url=inference_url,
+                                  acceptable_use=bool(access_policy.acceptable_use))
     if not decision.allowed:
         raise HubError(decision.status, decision.code, decision.message, commit=version.commit)
     file = ModelFile.objects.filter(version=version, path=path).first()

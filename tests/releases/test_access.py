@@ -148,7 +148,7 @@ def test_members_and_ungated_models_have_nothing_to_request(gated, register, aur
     register(aurora, "served", alice, tier="api")
     api = client_for(carol, ("read", "gated-read")).post("/api/v1/models/aurora/served/access-requests", body,
                                                          format="json")
-    assert api.status_code == 400 and "API-only" in api.json()["error"]["message"]
+    assert api.status_code == 400 and "needs no approval" in api.json()["error"]["message"]
     assert AccessRequest.objects.count() == 0
 
 

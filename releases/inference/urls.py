@@ -1,0 +1,11 @@
+"""/v1: the OpenAI-compatible inference API."""
+from django.urls import path
+
+from releases.inference import views
+
+urlpatterns = [
+    path("models", views.models, name="openai-models"),
+    path("models/<path:model_id>", views.model_detail, name="openai-model"),
+    path("completions", views.completions, name="openai-completions"),
+    path("chat/completions", views.chat_completions, name="openai-chat-completions"),
+]

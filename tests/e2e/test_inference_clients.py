@@ -1,0 +1,167 @@
+"""The stock `openai` client against a live Gatehouse server whose gateway forwards to a real engine process
+(`python -m training serve`, registered as an OpenAI-compatible backend): listings, completions, chat,
+streaming with usage, the client's own exceptions where they belong, quotas, and metering that matches."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import free_port, wait_for_http
+from .test_hub_clients import tiny_hf_folder
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.e2e
+RPM = 8
+
+SETUP = """
+import json, os
+from pathlib import Path
+from gatehouse.accounts.models import Membership, Organization, User
+from gatehouse.accounts.services import api_token_create
+from gatehouse.registry.services.ingest import files_from_directory, model_version_ingest
+from gatehouse.registry.services.versions import model_version_verify
+from releases.models import AccessGrant, AccessPolicy, InferenceBackend
+folder = Path(os.environ["SETUP_FOLDER"])
+alice = User.objects.create_user("alice", "alice@example.com", "pw")
+aurora = Organization.objects.create(slug="aurora", name="Aurora")
+Membership.objects.create(user=alice, organization=aurora, role=Membership.Role.ADMIN)
+people = {name: User.objects.create_user(name, f"{name}@example.org", "pw") for name in ("carol", "dave", "erin")}
+for name, tier, audience in [("tiny-served", "api", "public"), ("tiny-gated", "open", "gated-manual"),
+                             ("tiny-secret", "closed", "organization"), ("tiny-offline", "api", "public")]:
+    version = model_version_ingest(organization=aurora, name=name, files=files_from_directory(folder), user=alice,
+                                   tier=tier)
+    model_version_verify(version_id=version.pk)
+    AccessPolicy.objects.create(model=version.model, audience=audience)
+    url = "http://127.0.0.1:9/v1" if name == "tiny-offline" else os.environ["ENGINE_URL"]
+    InferenceBackend.objects.create(model=version.model, kind="upstream", url=url, upstream_model="tiny")
+    if name == "tiny-gated":
+        AccessGrant.objects.create(model=version.model, user=people["dave"])
+scopes = ["read", "inference"]
+tokens = {name: api_token_create(user=user, name="e2e", scopes=scopes).secret for name, user in people.items()}
+tokens["alice"] = api_token_create(user=alice, name="e2e", scopes=scopes).secret
+tokens["carol-read-only"] = api_token_create(user=people["carol"], name="ro", scopes=["read"]).secret
+print("TOKENS " + json.dumps(tokens))
+"""
+
+
+@pytest.fixture
+def gateway(deployment, tmp_path):
+    env, manage = deployment["env"], deployment["manage"]
+    folder = tiny_hf_folder(tmp_path / "src")
+    engine_port = free_port()
+    log = open(tmp_path / "servers.log", "w")
+    engine = subprocess.Popen([sys.executable, "-m", "training", "serve", "--model", str(folder), "--model-id", "tiny",
+                               "--port", str(engine_port), "--max-batch", "8", "--device", "cpu"],
+                              cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+    deployment["processes"].append(engine)
+    engine_url = f"http://127.0.0.1:{engine_port}/v1"
+    setup = subprocess.run([*manage, "shell", "-c", SETUP], env=env | {"SETUP_FOLDER": str(folder),
+                                                                        "ENGINE_URL": engine_url},
+                           cwd=ROOT, capture_output=True, text=True)
+    assert setup.returncode == 0, setup.stderr
+    port = free_port()
+    server = subprocess.Popen([*manage, "runserver", f"127.0.0.1:{port}", "--noreload"],
+                              env=env | {"GATEHOUSE_INFERENCE_RPM_PER_TOKEN": str(RPM)}, cwd=ROOT, stdout=log,
+                              stderr=subprocess.STDOUT)
+    deployment["processes"].append(server)
+    base = f"http://127.0.0.1:{port}"
+    wait_for_http(base + "/api/v1/licenses")
+    wait_for_http(f"http://127.0.0.1:{engine_port}/health", timeout=120)
+
+    def calls():
+        out = subprocess.run([*manage, "shell", "-c", "import json; from releases.models import InferenceCall; "
+                              "print(json.dumps(list(InferenceCall.objects.order_by('id').values("
+                              "'user__username', 'status', 'prompt_tokens', 'completion_tokens', 'stream', "
+                              "'error_code'))))"], env=env, cwd=ROOT, capture_output=True, text=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    return {"base": base + "/v1", "engine": engine_url,
+            "tokens": json.loads(setup.stdout.split("TOKENS ", 1)[1]), "calls": calls}
+
+
+def client(gateway, who, **kwargs):
+    from openai import OpenAI
+
+    return OpenAI(base_url=gateway["base"], api_key=gateway["tokens"].get(who, who), **kwargs)
+
+
+def test_openai_client_lists_completes_chats_and_streams_with_metered_usage(gateway):
+    carol = client(gateway, "carol")
+    assert [m.id for m in carol.models.list()] == ["aurora/tiny-offline", "aurora/tiny-served"]
+    assert {m.id for m in client(gateway, "dave").models.list()} == {
+        "aurora/tiny-gated", "aurora/tiny-offline", "aurora/tiny-served"}
+    assert {m.id for m in client(gateway, "alice").models.list()} >= {"aurora/tiny-secret"}
+    assert carol.models.retrieve("aurora/tiny-served").id == "aurora/tiny-served"
+
+    completion = carol.completions.create(model="aurora/tiny-served", prompt="def add(a, b):", max_tokens=12,
+                                          temperature=0)
+    direct = httpx.post(gateway["engine"] + "/completions", json={"model": "tiny", "prompt": "def add(a, b):",
+                                                                  "max_tokens": 12, "temperature": 0}).json()
+    assert completion.choices[0].text == direct["choices"][0]["text"] and completion.model == "aurora/tiny-served"
+    assert completion.usage.completion_tokens == direct["usage"]["completion_tokens"] > 0
+
+    messages = [{"role": "user", "content": "Write a function."}]
+    chat = carol.chat.completions.create(model="aurora/tiny-served", messages=messages, max_tokens=16, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].finish_reason in ("stop", "length")
+    stream = carol.chat.completions.create(model="aurora/tiny-served", messages=messages, max_tokens=16,
+                                           temperature=0, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == chat.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+    plain = list(carol.chat.completions.create(model="aurora/tiny-served", messages=messages, max_tokens=4,
+                                               temperature=0, stream=True))
+    assert all(c.usage is None for c in plain) and plain[-1].choices[0].finish_reason in ("stop", "length")
+
+    # Every call is metered with the tokens the client was told about.
+    metered = [c for c in gateway["calls"]() if c["user__username"] == "carol"]
+    assert [(c["status"], c["stream"]) for c in metered] == [(200, False), (200, False), (200, True), (200, True)]
+    assert metered[0]["completion_tokens"] == completion.usage.completion_tokens
+    assert metered[1]["prompt_tokens"] == chat.usage.prompt_tokens
+    assert metered[2]["completion_tokens"] == chat.usage.completion_tokens and metered[3]["completion_tokens"] > 0
+
+
+def test_openai_client_raises_its_own_errors_where_they_belong(gateway):
+    import openai
+
+    carol = client(gateway, "carol", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        client(gateway, "not-a-token").models.list()
+    with pytest.raises(openai.PermissionDeniedError, match="request access"):
+        carol.completions.create(model="aurora/tiny-gated", prompt="x", max_tokens=2)
+    with pytest.raises(openai.PermissionDeniedError, match="'inference' scope"):
+        client(gateway, "carol-read-only").completions.create(model="aurora/tiny-served", prompt="x", max_tokens=2)
+    for hidden in ("aurora/tiny-secret", "aurora/nope"):
+        with pytest.raises(openai.NotFoundError) as missing:
+            carol.completions.create(model=hidden, prompt="x", max_tokens=2)
+        assert missing.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        carol.completions.create(model="aurora/tiny-served", prompt="x", max_tokens=5000)
+    assert too_long.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        carol.completions.create(model="aurora/tiny-served", prompt="x", max_tokens=2, temperature=9)
+    with pytest.raises(openai.InternalServerError) as down:
+        carol.completions.create(model="aurora/tiny-offline", prompt="x", max_tokens=2)
+    assert down.value.status_code == 503
+    # Closed and gated rules hold for the people they admit.
+    assert client(gateway, "dave").completions.create(model="aurora/tiny-gated", prompt="x", max_tokens=2).choices
+    assert client(gateway, "alice").completions.create(model="aurora/tiny-secret", prompt="x", max_tokens=2).choices
+    refused = [c for c in gateway["calls"]() if c["user__username"] == "carol"]
+    assert [c["status"] for c in refused] == [400, 400, 503]  # refusals before a backend are not calls
+
+
+def test_quota_exhaustion_is_a_rate_limit_error_with_retry_after(gateway):
+    import openai
+
+    erin = client(gateway, "erin", max_retries=0)
+    for _ in range(RPM):
+        erin.completions.create(model="aurora/tiny-served", prompt="x", max_tokens=1)
+    with pytest.raises(openai.RateLimitError) as limited:
+        erin.completions.create(model="aurora/tiny-served", prompt="x", max_tokens=1)
+    assert limited.value.code == "rate_limit_exceeded"
+    assert 1 <= int(limited.value.response.headers["retry-after"]) <= 61
+    # Another token is not affected.
+    assert client(gateway, "carol").completions.create(model="aurora/tiny-served", prompt="x", max_tokens=1).choices

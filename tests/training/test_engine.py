@@ -1,0 +1,100 @@
+"""The generation engine: greedy output equals transformers' generate token for token, batched equals
+unbatched, and sampling controls, stop sequences, limits and cancellation behave."""
+import pytest
+import torch
+
+from training.engine import Engine, EngineError, SamplingParams
+
+PROMPTS = ["def add(a, b):\n    return", "import os\nimport", "class Foo:\n    def __init__(self", "x = [1, 2,"]
+
+
+@pytest.fixture(scope="module")
+def export_dir(trained):
+    return trained / "export"
+
+
+@pytest.fixture(scope="module")
+def engine(export_dir):
+    return Engine(export_dir, device="cpu", max_batch=8)
+
+
+def generate_alone(engine, prompt, **params):
+    request = engine.submit(engine.encode(prompt), SamplingParams(**params))
+    engine.run_until_idle()
+    return request
+
+
+def test_greedy_equals_transformers_generate_token_for_token(engine, export_dir):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(export_dir), local_files_only=True, dtype=torch.float32).eval()
+    for prompt in PROMPTS:
+        ids = engine.encode(prompt)
+        with torch.no_grad():
+            expected = hf.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                                   pad_token_id=0)[0, len(ids):].tolist()
+        ours = generate_alone(engine, prompt, max_tokens=24, temperature=0)
+        stop = next((i for i, t in enumerate(expected) if t in engine.eos_ids), len(expected))
+        assert ours.output_ids == expected[:stop], prompt
+
+
+def test_batched_results_equal_unbatched(engine):
+    alone = [generate_alone(engine, p, max_tokens=20, temperature=0).output_ids for p in PROMPTS]
+    # Staggered: two start together, the others join between decode steps (continuous batching).
+    first = [engine.submit(engine.encode(p), SamplingParams(max_tokens=20, temperature=0)) for p in PROMPTS[:2]]
+    engine.step()
+    engine.step()
+    later = [engine.submit(engine.encode(p), SamplingParams(max_tokens=20, temperature=0)) for p in PROMPTS[2:]]
+    engine.run_until_idle()
+    assert [r.output_ids for r in first + later] == alone
+
+
+def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(engine):
+    a = generate_alone(engine, PROMPTS[0], max_tokens=16, temperature=1.0, top_p=0.9, seed=7)
+    b = generate_alone(engine, PROMPTS[0], max_tokens=16, temperature=1.0, top_p=0.9, seed=7)
+    assert a.output_ids == b.output_ids and len(a.output_ids) > 0
+    greedy = generate_alone(engine, PROMPTS[1], max_tokens=12, temperature=0)
+    top1 = generate_alone(engine, PROMPTS[1], max_tokens=12, temperature=0.7, top_k=1, seed=1)
+    assert top1.output_ids == greedy.output_ids
+
+
+def test_stop_sequences_cut_the_text_and_stream_never_leaks_them(engine):
+    free = generate_alone(engine, PROMPTS[0], max_tokens=24, temperature=0)
+    assert free.finish_reason == "length" and len(free.text) > 4
+    stop = free.text[2:4]
+    cut = generate_alone(engine, PROMPTS[0], max_tokens=24, temperature=0, stop=(stop,))
+    assert cut.finish_reason == "stop" and cut.text == free.text[:free.text.find(stop)]
+    streamed = []
+    while (delta := cut.deltas.get()) is not None:
+        streamed.append(delta)
+    assert "".join(streamed) == cut.text
+
+
+def test_limits_and_bad_parameters_are_refused_with_a_reason(engine):
+    with pytest.raises(EngineError, match="context is 64 tokens") as too_long:
+        engine.submit(engine.encode("x " * 40), SamplingParams(max_tokens=60))
+    assert too_long.value.code == "context_length_exceeded"
+    for params, name in [({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"), ({"max_tokens": 0}, "max_tokens"),
+                         ({"top_k": -1}, "top_k"), ({"stop": ("",)}, "stop")]:
+        with pytest.raises(EngineError) as bad:
+            engine.submit([1, 2], SamplingParams(**params))
+        assert bad.value.param == name
+    with pytest.raises(EngineError, match="empty"):
+        engine.submit([], SamplingParams())
+    assert engine.waiting.empty() and not engine.active
+
+
+def test_cancelled_requests_free_their_slot(engine):
+    request = engine.submit(engine.encode(PROMPTS[0]), SamplingParams(max_tokens=40, temperature=0))
+    engine.step()
+    assert request.slot in engine.active
+    request.cancel()
+    engine.step()
+    assert request.finish_reason == "cancelled" and not engine.active and request.done.is_set()
+
+
+def test_chat_template_renders_roles_and_refuses_bad_messages(engine):
+    text = engine.render_chat([{"role": "user", "content": "hi"}])
+    assert text.startswith("<|user|>\nhi") and text.endswith("<|assistant|>\n")
+    with pytest.raises(EngineError):
+        engine.render_chat([{"role": "robot", "content": "hi"}])

@@ -1,0 +1,338 @@
+"""Generation engine: any Llama-architecture Hugging Face checkpoint (safetensors + tokenizer.json), a static
+preallocated KV cache, and continuous batching — new requests are admitted (prefilled) between decode
+steps and every active request advances one token per step, whatever its length.
+
+    engine = Engine("runs/r1/export")
+    request = engine.submit(engine.encode("def add(a, b):"), SamplingParams(max_tokens=32, temperature=0))
+    engine.run_until_idle()            # or engine.start() for a background thread (the server does this)
+    print(request.text, request.finish_reason)
+
+Greedy decoding reproduces transformers' `generate` token for token; batched results equal unbatched ones
+(tests/training/test_engine.py). The model's modules are reused as they are; only the cached forward lives
+here, so training and serving share one implementation of every layer.
+"""
+import json
+import math
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from training.config import ConfigError
+from training.export import load_exported
+from training.model import apply_rope
+
+
+class EngineError(ValueError):
+    """A request the engine cannot serve (too long, bad parameters); the server answers 400."""
+
+    def __init__(self, message: str, code: str = "invalid_value", param: str | None = None):
+        super().__init__(message)
+        self.code, self.param = code, param
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def validate(self) -> None:
+        def bad(param, message):
+            raise EngineError(message, param=param)
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            bad("max_tokens", "max_tokens must be a positive integer.")
+        if not 0 <= self.temperature <= 2:
+            bad("temperature", "temperature must be between 0 and 2.")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "top_p must be in (0, 1].")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", "top_k must be a non-negative integer.")
+        if len(self.stop) > 4 or any(not isinstance(s, str) or not s or len(s) > 100 for s in self.stop):
+            bad("stop", "stop takes up to 4 non-empty strings of at most 100 characters.")
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    cancelled: bool = False
+    slot: int = -1
+    created: float = field(default_factory=time.time)
+    first_token_at: float | None = None
+    # Text increments for streaming; None marks the end.
+    deltas: "queue.Queue[str | None]" = field(default_factory=queue.Queue)
+    done: threading.Event = field(default_factory=threading.Event)
+    generator: torch.Generator | None = None
+    _emitted: int = 0  # characters of `text` already sent as deltas
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Engine:
+    def __init__(self, model_dir: str | Path, *, device: str = "auto", max_batch: int = 32,
+                 max_seq_len: int | None = None, dtype: str = "auto"):
+        model_dir = Path(model_dir)
+        use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        self.device = torch.device("cuda" if use_cuda else "cpu")
+        self.dtype = torch.bfloat16 if (dtype == "bfloat16" or (dtype == "auto" and use_cuda)) else torch.float32
+        model, hf_config = load_exported(model_dir, device=self.device)
+        self.model = model.to(self.dtype).eval()
+        self.config = model.config
+        self.model_dir = model_dir
+        self.tokenizer, self.chat_template, self.eos_ids = _load_tokenizer(model_dir, hf_config)
+        self.max_batch = max_batch
+        self.max_seq_len = min(max_seq_len or self.config.max_seq_len, self.config.max_seq_len)
+        c = self.config
+        shape = (c.num_layers, max_batch, c.num_kv_heads, self.max_seq_len, c.head_dim)
+        self.cache_k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.cache_v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.lengths = [0] * max_batch
+        self.active: dict[int, Request] = {}
+        self.waiting: "queue.Queue[Request]" = queue.Queue()
+        self.wake = threading.Event()
+        self.stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "steps": 0}
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    # --- Tokens -----------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        if not self.chat_template:
+            raise EngineError("This model has no chat template; use /v1/completions.", code="chat_unsupported")
+        for message in messages:
+            if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant") \
+                    or not isinstance(message.get("content"), str):
+                raise EngineError("messages must be a list of {role: system|user|assistant, content: string}.",
+                                  param="messages")
+        return self.chat_template.render(messages=messages, add_generation_prompt=True)
+
+    # --- Requests ---------------------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+        params.validate()
+        if not prompt_ids:
+            raise EngineError("The prompt is empty.", param="prompt")
+        if len(prompt_ids) + params.max_tokens > self.max_seq_len:
+            raise EngineError(f"This model's context is {self.max_seq_len} tokens; the prompt has {len(prompt_ids)} "
+                              f"and max_tokens asks for {params.max_tokens} more. Shorten the prompt or lower "
+                              "max_tokens.", code="context_length_exceeded", param="max_tokens")
+        request = Request(prompt_ids=list(prompt_ids), params=params)
+        if params.seed is not None:
+            request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        self.waiting.put(request)
+        self.wake.set()
+        return request
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self.wake.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop:
+            if not self.active and self.waiting.empty():
+                self.wake.wait(timeout=0.5)
+                self.wake.clear()
+                continue
+            self.step()
+
+    def run_until_idle(self) -> None:
+        while self.active or not self.waiting.empty():
+            self.step()
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Admit what fits (prefill each), then one decode step for every active request."""
+        self._drop_cancelled()
+        while len(self.active) < self.max_batch and not self.waiting.empty():
+            request = self.waiting.get()
+            if request.cancelled:
+                self._finish(request, "cancelled")
+                continue
+            slot = next(s for s in range(self.max_batch) if s not in self.active)
+            request.slot, self.lengths[slot] = slot, 0
+            self.active[slot] = request
+            self.stats["requests"] += 1
+            self.stats["prompt_tokens"] += len(request.prompt_ids)
+            logits = self._forward(torch.tensor([request.prompt_ids], device=self.device), [slot])
+            self._advance([request], logits)
+        if not self.active:
+            return
+        requests = [r for r in self.active.values() if r.finish_reason is None]
+        if requests:
+            tokens = torch.tensor([[r.output_ids[-1]] for r in requests], device=self.device)
+            logits = self._forward(tokens, [r.slot for r in requests])
+            self._advance(requests, logits)
+        self.stats["steps"] += 1
+
+    def _drop_cancelled(self) -> None:
+        for slot, request in list(self.active.items()):
+            if request.cancelled:
+                self._finish(request, "cancelled")
+
+    def _advance(self, requests: list[Request], logits: torch.Tensor) -> None:
+        next_ids = self._sample(requests, logits)
+        now = time.time()
+        for request, token in zip(requests, next_ids):
+            if request.first_token_at is None:
+                request.first_token_at = now
+            if token in self.eos_ids:
+                self._finish(request, "stop")
+                continue
+            request.output_ids.append(token)
+            self.stats["completion_tokens"] += 1
+            request.text = self.decode(request.output_ids)
+            stop_at = _first_stop(request.text, request.params.stop)
+            if stop_at is not None:
+                request.text = request.text[:stop_at]
+                self._finish(request, "stop")
+            elif len(request.output_ids) >= request.params.max_tokens:
+                self._finish(request, "length")
+            else:
+                self._emit(request, final=False)
+
+    def _emit(self, request: Request, *, final: bool) -> None:
+        # Hold back what could still become a stop sequence, and a trailing partial UTF-8 character.
+        text = request.text
+        limit = len(text)
+        if not final:
+            hold = max((len(s) - 1 for s in request.params.stop), default=0)
+            limit = max(request._emitted, len(text) - hold)
+            if text.endswith("\ufffd"):
+                limit = min(limit, len(text) - 1)
+        if limit > request._emitted:
+            request.deltas.put(text[request._emitted:limit])
+            request._emitted = limit
+
+    def _finish(self, request: Request, reason: str) -> None:
+        request.finish_reason = reason
+        if request.slot in self.active and self.active[request.slot] is request:
+            del self.active[request.slot]
+        if reason != "cancelled":
+            self._emit(request, final=True)
+        request.deltas.put(None)
+        request.done.set()
+
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
+        logits = logits.float()
+        out = []
+        for i, request in enumerate(requests):
+            p = request.params
+            row = logits[i]
+            if p.temperature == 0:
+                out.append(int(row.argmax()))
+                continue
+            row = row / p.temperature
+            if p.top_k:
+                kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
+                row = row.masked_fill(row < kth, -math.inf)
+            probs = torch.softmax(row, dim=-1)
+            if p.top_p < 1:
+                sorted_probs, order = torch.sort(probs, descending=True)
+                cumulative = torch.cumsum(sorted_probs, dim=-1)
+                drop = cumulative - sorted_probs > p.top_p  # keep the smallest set reaching top_p
+                sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+                probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+            out.append(int(torch.multinomial(probs, 1, generator=request.generator)))
+        return out
+
+    # --- The cached forward -----------------------------------------------------------------------------
+    def _forward(self, tokens: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        """Logits of the last position of each row; writes the rows' keys and values into their slots."""
+        model, c = self.model, self.config
+        batch, seq = tokens.shape
+        starts = torch.tensor([self.lengths[s] for s in slots], device=self.device)
+        positions = starts[:, None] + torch.arange(seq, device=self.device)[None, :]  # (batch, seq)
+        total = int(positions.max()) + 1
+        cos = model.rope_cos[positions].to(self.dtype)[:, None]  # (batch, 1, seq, head_dim)
+        sin = model.rope_sin[positions].to(self.dtype)[:, None]
+        slot_index = torch.tensor(slots, device=self.device)
+        # Key j is visible to the query at position p when j <= p (causal, and never past the row's length).
+        mask = (torch.arange(total, device=self.device)[None, None, :] <= positions[:, :, None])[:, None]
+        contiguous = slots == list(range(slots[0], slots[0] + batch))
+        x = model.model.embed_tokens(tokens)
+        for layer, block in enumerate(model.model.layers):
+            attn = block.self_attn
+            h = block.input_layernorm(x)
+            q = attn.q_proj(h).view(batch, seq, c.num_heads, c.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(batch, seq, c.num_kv_heads, c.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(batch, seq, c.num_kv_heads, c.head_dim).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            cache_k, cache_v = self.cache_k[layer], self.cache_v[layer]
+            if batch == 1:
+                start = int(starts[0])
+                cache_k[slots[0], :, start:start + seq] = k[0]
+                cache_v[slots[0], :, start:start + seq] = v[0]
+            else:  # decode: one new position per row, each at its own length
+                rows = slot_index[:, None]
+                heads = torch.arange(c.num_kv_heads, device=self.device)[None, :]
+                cache_k[rows, heads, starts[:, None]] = k[:, :, 0]
+                cache_v[rows, heads, starts[:, None]] = v[:, :, 0]
+            if contiguous:
+                keys = cache_k[slots[0]:slots[0] + batch, :, :total]
+                values = cache_v[slots[0]:slots[0] + batch, :, :total]
+            else:
+                keys, values = cache_k[slot_index, :, :total], cache_v[slot_index, :, :total]
+            if c.num_kv_heads != c.num_heads:
+                groups = c.num_heads // c.num_kv_heads
+                keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            x = x + attn.o_proj(y.transpose(1, 2).reshape(batch, seq, c.num_heads * c.head_dim))
+            x = x + block.mlp(block.post_attention_layernorm(x))
+        for s in slots:
+            self.lengths[s] += seq
+        return model.lm_head(model.model.norm(x[:, -1]))
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [text.find(s) for s in stops if s in text]
+    return min(hits) if hits else None
+
+
+def _load_tokenizer(model_dir: Path, hf_config: dict):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from tokenizers import Tokenizer
+
+    path = model_dir / "tokenizer.json"
+    if not path.exists():
+        raise ConfigError(f"{model_dir} has no tokenizer.json; the engine needs a fast tokenizer")
+    tokenizer = Tokenizer.from_file(str(path))
+    config_path = model_dir / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    template = tokenizer_config.get("chat_template")
+    # Chat templates come with checkpoints from anywhere: render them sandboxed, as transformers does.
+    chat_template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template) \
+        if isinstance(template, str) else None
+    eos = set()
+    generation = model_dir / "generation_config.json"
+    for source in (hf_config, json.loads(generation.read_text()) if generation.exists() else {}):
+        value = source.get("eos_token_id")
+        eos.update(value if isinstance(value, list) else [value] if value is not None else [])
+    token = tokenizer_config.get("eos_token")
+    token = token.get("content") if isinstance(token, dict) else token
+    if token and tokenizer.token_to_id(token) is not None:
+        eos.add(tokenizer.token_to_id(token))
+    return tokenizer, chat_template, eos

@@ -1,0 +1,233 @@
+"""The engine as a process speaking OpenAI-compatible HTTP on loopback, so the platform's gateway can talk to
+it exactly as it talks to a vLLM server:
+
+    python -m training serve --model runs/r1/export --model-id aurora/coder --port 8100
+
+GET /v1/models, /v1/models/{id}, /health, /metrics; POST /v1/completions and /v1/chat/completions (with
+`"stream": true` as server-sent events, `stream_options.include_usage` adding a usage chunk). Errors use
+OpenAI's shape. A client that goes away cancels its request at the next decode step.
+"""
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
+
+from training.engine import Engine, EngineError, Request, SamplingParams
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.body = status, {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def sampling_from(body: dict, *, chat: bool) -> SamplingParams:
+    def number(name, default, kind=float):
+        value = body.get(name, default)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+            raise ApiError(400, f"{name} must be a{'n integer' if kind is int else ' number'}.", code="invalid_value",
+                           param=name)
+        return kind(value)
+    if body.get("n", 1) != 1:
+        raise ApiError(400, "Only n=1 is supported.", code="invalid_value", param="n")
+    stop = body.get("stop") or ()
+    stop = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(stop, (list, tuple)):
+        raise ApiError(400, "stop must be a string or a list of strings.", code="invalid_value", param="stop")
+    limit = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    return SamplingParams(max_tokens=number(limit, 256 if chat else 16, int), temperature=number("temperature", 1.0),
+                          top_p=number("top_p", 1.0), top_k=number("top_k", 0, int), stop=tuple(stop),
+                          seed=number("seed", None, int))
+
+
+class EngineServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, engine: Engine, model_id: str):
+        super().__init__(address, Handler)
+        self.engine, self.model_id, self.created = engine, model_id, int(time.time())
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: EngineServer
+
+    def log_message(self, format, *args):  # one line per request is the gateway's job
+        pass
+
+    # --- plumbing -------------------------------------------------------------------------------------------
+    def _json(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _guard(self, handler) -> None:
+        try:
+            handler()
+        except ApiError as exc:
+            self._json(exc.status, exc.body)
+        except EngineError as exc:
+            self._json(400, {"error": {"message": str(exc), "type": "invalid_request_error", "param": exc.param,
+                                       "code": exc.code}})
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _body(self) -> dict:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY_BYTES:
+            raise ApiError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.", code="request_too_large")
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}")
+        except ValueError:
+            raise ApiError(400, "The body must be JSON.", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "The body must be a JSON object.", code="invalid_json")
+        return body
+
+    def _model_object(self) -> dict:
+        return {"id": self.server.model_id, "object": "model", "created": self.server.created, "owned_by": "gatehouse",
+                "max_model_len": self.server.engine.max_seq_len}
+
+    # --- routes ---------------------------------------------------------------------------------------------
+    def do_GET(self):
+        path = unquote(self.path.split("?", 1)[0])
+        engine = self.server.engine
+        if path == "/health":
+            return self._json(200, {"status": "ok", "model": self.server.model_id, "active": len(engine.active),
+                                    "waiting": engine.waiting.qsize()})
+        if path == "/metrics":
+            lines = [f"# TYPE engine_{k}_total counter\nengine_{k}_total {v}" for k, v in engine.stats.items()]
+            lines += [f"engine_active_requests {len(engine.active)}", f"engine_waiting_requests {engine.waiting.qsize()}"]
+            data = ("\n".join(lines) + "\n").encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            return self.wfile.write(data)
+        if path == "/v1/models":
+            return self._json(200, {"object": "list", "data": [self._model_object()]})
+        if path == f"/v1/models/{self.server.model_id}":
+            return self._json(200, self._model_object())
+        self._json(404, {"error": {"message": f"No route {path}.", "type": "invalid_request_error", "param": None,
+                                   "code": "not_found"}})
+
+    def do_POST(self):
+        path = unquote(self.path.split("?", 1)[0])
+        if path == "/v1/completions":
+            return self._guard(lambda: self._generate(chat=False))
+        if path == "/v1/chat/completions":
+            return self._guard(lambda: self._generate(chat=True))
+        self._json(404, {"error": {"message": f"No route {path}.", "type": "invalid_request_error", "param": None,
+                                   "code": "not_found"}})
+
+    def _generate(self, *, chat: bool) -> None:
+        body = self._body()
+        engine = self.server.engine
+        if body.get("model") not in (None, self.server.model_id):
+            raise ApiError(404, f"The model {body.get('model')!r} does not exist here; this server serves "
+                                f"{self.server.model_id!r}.", code="model_not_found", param="model")
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise ApiError(400, "messages must be a non-empty list.", code="invalid_value", param="messages")
+            prompt = engine.render_chat(messages)
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+                prompt = prompt[0]
+            if not isinstance(prompt, str):
+                raise ApiError(400, "prompt must be a string.", code="invalid_value", param="prompt")
+        request = engine.submit(engine.encode(prompt), sampling_from(body, chat=chat))
+        ident = ("chatcmpl-" if chat else "cmpl-") + request.id
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return self._stream(request, ident, chat=chat, include_usage=include_usage)
+        request.done.wait()
+        self._json(200, self._final(request, ident, chat=chat))
+
+    def _usage(self, request: Request) -> dict:
+        prompt, completion = len(request.prompt_ids), len(request.output_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _final(self, request: Request, ident: str, *, chat: bool) -> dict:
+        created, model = int(request.created), self.server.model_id
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": request.text},
+                      "finish_reason": request.finish_reason, "logprobs": None}
+            return {"id": ident, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
+                    "usage": self._usage(request)}
+        choice = {"index": 0, "text": request.text, "finish_reason": request.finish_reason, "logprobs": None}
+        return {"id": ident, "object": "text_completion", "created": created, "model": model, "choices": [choice],
+                "usage": self._usage(request)}
+
+    def _stream(self, request: Request, ident: str, *, chat: bool, include_usage: bool) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")  # the body ends when the connection does
+        self.end_headers()
+        self.close_connection = True
+        created, model = int(request.created), self.server.model_id
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices, **extra):
+            event = {"id": ident, "object": kind, "created": created, "model": model, "choices": choices, **extra}
+            self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            self.wfile.flush()
+
+        try:
+            if chat:
+                chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            while (delta := request.deltas.get()) is not None:
+                if chat:
+                    chunk([{"index": 0, "delta": {"content": delta}, "finish_reason": None}])
+                else:
+                    chunk([{"index": 0, "text": delta, "finish_reason": None, "logprobs": None}])
+            final = {"index": 0, "delta": {}, "finish_reason": request.finish_reason} if chat else \
+                {"index": 0, "text": "", "finish_reason": request.finish_reason, "logprobs": None}
+            chunk([final])
+            if include_usage:
+                chunk([], usage=self._usage(request))
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            request.cancel()  # the client went away: free the slot at the next step
+
+
+def serve(model_dir: str, *, model_id: str, host: str = "127.0.0.1", port: int = 8100, max_batch: int = 32,
+          device: str = "auto", ready=None) -> None:
+    engine = Engine(model_dir, device=device, max_batch=max_batch)
+    engine.start()
+    server = EngineServer((host, port), engine, model_id)
+    print(f"engine serving {model_id} from {model_dir} on http://{host}:{server.server_address[1]}/v1 "
+          f"(device {engine.device}, batch {max_batch}, context {engine.max_seq_len})", flush=True)
+    if ready is not None:
+        ready(server)
+    try:
+        server.serve_forever()
+    finally:
+        engine.stop()
+        server.server_close()
+
+
+def serve_in_thread(model_dir: str, *, model_id: str, **kwargs) -> EngineServer:
+    """For tests and benchmarks: an engine server on a free port, in this process."""
+    started = threading.Event()
+    holder = {}
+
+    def ready(server):
+        holder["server"] = server
+        started.set()
+    threading.Thread(target=serve, args=(model_dir,), kwargs={"model_id": model_id, "port": 0, "ready": ready,
+                                                              **kwargs}, daemon=True).start()
+    started.wait(timeout=120)
+    return holder["server"]
