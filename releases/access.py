@@ -46,13 +46,16 @@ def user_organization_ids(user) -> list[int]:
 
 
 def caller_facts(*, user, token, model: Model, organization_ids: list[int] | None = None) -> policy.CallerFacts:
-    """Two to three small queries: memberships, the latest grant, the latest request."""
+    """Memberships, then — only for a model that needs a grant — the latest grant and the latest request."""
     if not getattr(user, "is_authenticated", False):
         return policy.CallerFacts(authenticated=False)
     scopes = frozenset(token.scopes) if token is not None else None
     organization_ids = user_organization_ids(user) if organization_ids is None else organization_ids
     if user.is_superuser or model.organization_id in organization_ids:
         return policy.CallerFacts(authenticated=True, is_member=True, scopes=scopes)
+    access_policy = access_policy_of(model)
+    if not policy.needs_grant(access_policy.audience, bool(access_policy.acceptable_use)):
+        return policy.CallerFacts(authenticated=True, scopes=scopes)
     now = timezone.now()
     grants = AccessGrant.objects.filter(Q(user=user) | Q(organization_id__in=organization_ids), model=model)
     active = grants.filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now), revoked_at__isnull=True).exists()

@@ -44,6 +44,7 @@ class SamplingParams:
     top_k: int = 0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks), as vLLM's parameter of the same name
 
     def validate(self) -> None:
         def bad(param, message):
@@ -76,6 +77,7 @@ class Request:
     deltas: "queue.Queue[str | None]" = field(default_factory=queue.Queue)
     done: threading.Event = field(default_factory=threading.Event)
     generator: torch.Generator | None = None
+    stream: bool = False  # deltas are wanted while generating (else text is decoded once, at the end)
     _emitted: int = 0  # characters of `text` already sent as deltas
 
     def cancel(self) -> None:
@@ -92,6 +94,7 @@ class Engine:
         model, hf_config = load_exported(model_dir, device=self.device)
         self.model = model.to(self.dtype).eval()
         self.config = model.config
+        self.layers = [_LayerWeights.of(block) for block in self.model.model.layers]
         self.model_dir = model_dir
         self.tokenizer, self.chat_template, self.eos_ids = _load_tokenizer(model_dir, hf_config)
         self.max_batch = max_batch
@@ -126,7 +129,7 @@ class Engine:
         return self.chat_template.render(messages=messages, add_generation_prompt=True)
 
     # --- Requests ---------------------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, *, stream: bool = False) -> Request:
         params.validate()
         if not prompt_ids:
             raise EngineError("The prompt is empty.", param="prompt")
@@ -134,7 +137,7 @@ class Engine:
             raise EngineError(f"This model's context is {self.max_seq_len} tokens; the prompt has {len(prompt_ids)} "
                               f"and max_tokens asks for {params.max_tokens} more. Shorten the prompt or lower "
                               "max_tokens.", code="context_length_exceeded", param="max_tokens")
-        request = Request(prompt_ids=list(prompt_ids), params=params)
+        request = Request(prompt_ids=list(prompt_ids), params=params, stream=stream)
         if params.seed is not None:
             request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         self.waiting.put(request)
@@ -199,19 +202,21 @@ class Engine:
         for request, token in zip(requests, next_ids):
             if request.first_token_at is None:
                 request.first_token_at = now
-            if token in self.eos_ids:
+            if token in self.eos_ids and not request.params.ignore_eos:
                 self._finish(request, "stop")
                 continue
             request.output_ids.append(token)
             self.stats["completion_tokens"] += 1
-            request.text = self.decode(request.output_ids)
-            stop_at = _first_stop(request.text, request.params.stop)
-            if stop_at is not None:
-                request.text = request.text[:stop_at]
-                self._finish(request, "stop")
-            elif len(request.output_ids) >= request.params.max_tokens:
+            if request.stream or request.params.stop:  # else one decode at the end is enough
+                request.text = self.decode(request.output_ids)
+                stop_at = _first_stop(request.text, request.params.stop)
+                if stop_at is not None:
+                    request.text = request.text[:stop_at]
+                    self._finish(request, "stop")
+                    continue
+            if len(request.output_ids) >= request.params.max_tokens:
                 self._finish(request, "length")
-            else:
+            elif request.stream:
                 self._emit(request, final=False)
 
     def _emit(self, request: Request, *, final: bool) -> None:
@@ -228,6 +233,8 @@ class Engine:
             request._emitted = limit
 
     def _finish(self, request: Request, reason: str) -> None:
+        if reason != "stop" or not request.params.stop:  # a stop sequence already cut the text
+            request.text = self.decode(request.output_ids)
         request.finish_reason = reason
         if request.slot in self.active and self.active[request.slot] is request:
             del self.active[request.slot]
@@ -237,14 +244,12 @@ class Engine:
         request.done.set()
 
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
-        logits = logits.float()
-        out = []
+        out = logits.argmax(dim=-1).tolist()  # greedy for all in one op; sampled rows are replaced below
         for i, request in enumerate(requests):
             p = request.params
-            row = logits[i]
             if p.temperature == 0:
-                out.append(int(row.argmax()))
                 continue
+            row = logits[i].float()
             row = row / p.temperature
             if p.top_k:
                 kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
@@ -256,7 +261,7 @@ class Engine:
                 drop = cumulative - sorted_probs > p.top_p  # keep the smallest set reaching top_p
                 sorted_probs = sorted_probs.masked_fill(drop, 0.0)
                 probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-            out.append(int(torch.multinomial(probs, 1, generator=request.generator)))
+            out[i] = int(torch.multinomial(probs, 1, generator=request.generator))
         return out
 
     # --- The cached forward -----------------------------------------------------------------------------
@@ -264,28 +269,44 @@ class Engine:
         """Logits of the last position of each row; writes the rows' keys and values into their slots."""
         model, c = self.model, self.config
         batch, seq = tokens.shape
-        starts = torch.tensor([self.lengths[s] for s in slots], device=self.device)
-        positions = starts[:, None] + torch.arange(seq, device=self.device)[None, :]  # (batch, seq)
-        total = int(positions.max()) + 1
-        cos = model.rope_cos[positions].to(self.dtype)[:, None]  # (batch, 1, seq, head_dim)
-        sin = model.rope_sin[positions].to(self.dtype)[:, None]
-        slot_index = torch.tensor(slots, device=self.device)
+        lengths = [self.lengths[s] for s in slots]
+        total = max(lengths) + seq
+        same_length = min(lengths) == max(lengths)
+        if same_length:  # slicing the tables is a view; no per-step tensors to build
+            cos = model.rope_cos[lengths[0]:lengths[0] + seq].to(self.dtype)[None, None]
+            sin = model.rope_sin[lengths[0]:lengths[0] + seq].to(self.dtype)[None, None]
+        else:
+            positions = torch.tensor(lengths, device=self.device)[:, None] + torch.arange(seq, device=self.device)
+            cos = model.rope_cos[positions].to(self.dtype)[:, None]  # (batch, 1, seq, head_dim)
+            sin = model.rope_sin[positions].to(self.dtype)[:, None]
         # Key j is visible to the query at position p when j <= p (causal, and never past the row's length).
-        mask = (torch.arange(total, device=self.device)[None, None, :] <= positions[:, :, None])[:, None]
+        # Rows of one length need no explicit mask: a fresh prompt is plain causal, a decode sees every key.
+        if same_length and seq > 1 and lengths[0] == 0:
+            mask, causal = None, True
+        elif same_length and seq == 1:
+            mask, causal = None, False
+        else:
+            positions = torch.tensor(lengths, device=self.device)[:, None] + torch.arange(seq, device=self.device)
+            mask = (torch.arange(total, device=self.device)[None, None, :] <= positions[:, :, None])[:, None]
+            causal = False
         contiguous = slots == list(range(slots[0], slots[0] + batch))
+        if not (contiguous and same_length):
+            slot_index = torch.tensor(slots, device=self.device)
+            starts = torch.tensor(lengths, device=self.device)
         x = model.model.embed_tokens(tokens)
-        for layer, block in enumerate(model.model.layers):
-            attn = block.self_attn
-            h = block.input_layernorm(x)
-            q = attn.q_proj(h).view(batch, seq, c.num_heads, c.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(batch, seq, c.num_kv_heads, c.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(batch, seq, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        eps = c.rms_norm_eps
+        for layer, w in enumerate(self.layers):
+            h = _rms_norm(x, w.input_norm, eps)
+            q, k, v = F.linear(h, w.qkv, w.qkv_bias).split(w.qkv_split, dim=-1)
+            q = q.view(batch, seq, c.num_heads, c.head_dim).transpose(1, 2)
+            k = k.view(batch, seq, c.num_kv_heads, c.head_dim).transpose(1, 2)
+            v = v.view(batch, seq, c.num_kv_heads, c.head_dim).transpose(1, 2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             cache_k, cache_v = self.cache_k[layer], self.cache_v[layer]
-            if batch == 1:
-                start = int(starts[0])
-                cache_k[slots[0], :, start:start + seq] = k[0]
-                cache_v[slots[0], :, start:start + seq] = v[0]
+            if contiguous and same_length:  # one block write for all rows
+                first, start = slots[0], lengths[0]
+                cache_k[first:first + batch, :, start:start + seq] = k
+                cache_v[first:first + batch, :, start:start + seq] = v
             else:  # decode: one new position per row, each at its own length
                 rows = slot_index[:, None]
                 heads = torch.arange(c.num_kv_heads, device=self.device)[None, :]
@@ -299,12 +320,60 @@ class Engine:
             if c.num_kv_heads != c.num_heads:
                 groups = c.num_heads // c.num_kv_heads
                 keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-            x = x + attn.o_proj(y.transpose(1, 2).reshape(batch, seq, c.num_heads * c.head_dim))
-            x = x + block.mlp(block.post_attention_layernorm(x))
+            if seq == 1 and mask is None:
+                # One query per row: two batched matmuls beat SDPA's general path on strided cache views.
+                scores = torch.matmul(q, keys.transpose(-1, -2)) * (1.0 / math.sqrt(c.head_dim))
+                y = torch.matmul(torch.softmax(scores.float(), dim=-1).to(values.dtype), values)
+            else:
+                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)
+            x = x + F.linear(y.transpose(1, 2).reshape(batch, seq, c.num_heads * c.head_dim), w.o, w.o_bias)
+            gate, up = F.linear(_rms_norm(x, w.post_norm, eps), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w.down, w.down_bias)
         for s in slots:
             self.lengths[s] += seq
         return model.lm_head(model.model.norm(x[:, -1]))
+
+
+@dataclass(frozen=True)
+class _LayerWeights:
+    """One layer's weights as the decode loop uses them: q, k and v as one matrix, gate and up as one (fewer,
+    wider matmuls; the model's own modules and state dict are untouched)."""
+
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    qkv_split: tuple[int, int, int]
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+
+    @classmethod
+    def of(cls, block) -> "_LayerWeights":
+        attn, mlp = block.self_attn, block.mlp
+
+        def cat(*linears, bias=False):
+            parts = [(l.bias if bias else l.weight) for l in linears]
+            return None if parts[0] is None else torch.cat(parts).detach()
+        return cls(input_norm=block.input_layernorm.weight.detach(),
+                   qkv=cat(attn.q_proj, attn.k_proj, attn.v_proj),
+                   qkv_bias=cat(attn.q_proj, attn.k_proj, attn.v_proj, bias=True),
+                   qkv_split=(attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features),
+                   o=attn.o_proj.weight.detach(), o_bias=None if attn.o_proj.bias is None else attn.o_proj.bias.detach(),
+                   post_norm=block.post_attention_layernorm.weight.detach(),
+                   gate_up=cat(mlp.gate_proj, mlp.up_proj), gate_up_bias=cat(mlp.gate_proj, mlp.up_proj, bias=True),
+                   down=mlp.down_proj.weight.detach(),
+                   down_bias=None if mlp.down_proj.bias is None else mlp.down_proj.bias.detach())
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The model's RMSNorm (normalise in float32, scale in the model's dtype), without the module call."""
+    normed = x.float()
+    normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -56,6 +56,9 @@ class EngineServer(ThreadingHTTPServer):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes; without TCP_NODELAY each keep-alive response waits ~40 ms
+    # for the client's delayed ACK.
+    disable_nagle_algorithm = True
     server: EngineServer
 
     def log_message(self, format, *args):  # one line per request is the gateway's job
@@ -146,9 +149,9 @@ class Handler(BaseHTTPRequestHandler):
                 prompt = prompt[0]
             if not isinstance(prompt, str):
                 raise ApiError(400, "prompt must be a string.", code="invalid_value", param="prompt")
-        request = engine.submit(engine.encode(prompt), sampling_from(body, chat=chat))
+        request = engine.submit(engine.encode(prompt), sampling_from(body, chat=chat), stream=bool(body.get("stream")))
         ident = ("chatcmpl-" if chat else "cmpl-") + request.id
-        if body.get("stream"):
+        if request.stream:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return self._stream(request, ident, chat=chat, include_usage=include_usage)
         request.done.wait()

@@ -24,6 +24,16 @@ from releases.models import InferenceBackend
 TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
          404: "invalid_request_error", 429: "rate_limit_exceeded", 503: "server_error"}
 MAX_BODY_BYTES = 4 * 1024 * 1024
+_backend_client: httpx.Client | None = None
+
+
+def backend_client() -> httpx.Client:
+    """One pooled client per process: a new one per call costs more than the call (TLS setup, no keep-alive)."""
+    global _backend_client
+    if _backend_client is None:
+        _backend_client = httpx.Client(timeout=httpx.Timeout(settings.INFERENCE_BACKEND_TIMEOUT_SECONDS, connect=5.0),
+                                       limits=httpx.Limits(max_connections=256, max_keepalive_connections=32))
+    return _backend_client
 
 
 class OpenAIError(Exception):
@@ -96,7 +106,10 @@ def models(request):
 
 def _model_for(request, model_id: str, user, token, organization_ids) -> Model:
     org, _, name = (model_id or "").partition("/")
-    model = _served_models(user).filter(organization__slug=org, name=name).first() if org and name else None
+    model = (Model.objects.filter(organization__slug=org, name=name, inference_backend__enabled=True)
+             .select_related("organization", "access_policy", "inference_backend").first() if org and name else None)
+    if model is not None and model.tier == "closed" and not (user.is_superuser or model.organization_id in organization_ids):
+        model = None  # a closed model does not exist for outsiders
     if model is None:
         raise OpenAIError(404, f"The model {model_id!r} does not exist or you do not have access to it.",
                           "model_not_found", param="model")
@@ -154,11 +167,10 @@ def _generate(request, endpoint: str):
                                 endpoint=endpoint, stream=stream)
     headers = {"Authorization": f"Bearer {backend.api_key}"} if backend.api_key else {}
     url = backend.url.rstrip("/") + "/" + endpoint
-    client = httpx.Client(timeout=httpx.Timeout(settings.INFERENCE_BACKEND_TIMEOUT_SECONDS, connect=5.0))
+    client = backend_client()
     try:
         upstream = client.send(client.build_request("POST", url, json=upstream_body, headers=headers), stream=True)
     except httpx.HTTPError:
-        client.close()
         inference_call_finish(call, status=503, error_code="engine_unavailable")
         raise OpenAIError(503, f"The engine for {model.repo_id} is not answering; retry shortly.",
                           "engine_unavailable", headers={"Retry-After": "5"}) from None
@@ -169,7 +181,6 @@ def _generate(request, endpoint: str):
             payload = {}
         finally:
             upstream.close()
-            client.close()
         if upstream.status_code != 200:
             error = payload.get("error") if isinstance(payload.get("error"), dict) else {}
             inference_call_finish(call, status=upstream.status_code, error_code=str(error.get("code") or ""))
@@ -179,14 +190,14 @@ def _generate(request, endpoint: str):
         inference_call_finish(call, status=200, usage=payload.get("usage"))
         payload["model"] = model.repo_id
         return JsonResponse(payload)
-    response = StreamingHttpResponse(_relay(upstream, client, call, model.repo_id, wants_usage),
+    response = StreamingHttpResponse(_relay(upstream, call, model.repo_id, wants_usage),
                                      content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
     return response
 
 
-def _relay(upstream, client, call, repo_id: str, wants_usage: bool):
+def _relay(upstream, call, repo_id: str, wants_usage: bool):
     """Relay server-sent events as they come; meter from the usage chunk; a client that leaves closes us."""
     usage, status, error_code = None, 200, ""
     try:
@@ -215,6 +226,5 @@ def _relay(upstream, client, call, repo_id: str, wants_usage: bool):
                b'"type": "server_error", "param": null, "code": "engine_disconnected"}}\n\n')
     finally:
         upstream.close()  # also when the client went away: the engine sees the disconnect and cancels
-        client.close()
         inference_call_finish(call, status=status if usage or status != 200 else 499, usage=usage,
                               error_code=error_code or ("" if usage else "client_disconnected"))

@@ -18,8 +18,8 @@ def engine(export_dir):
     return Engine(export_dir, device="cpu", max_batch=8)
 
 
-def generate_alone(engine, prompt, **params):
-    request = engine.submit(engine.encode(prompt), SamplingParams(**params))
+def generate_alone(engine, prompt, stream=False, **params):
+    request = engine.submit(engine.encode(prompt), SamplingParams(**params), stream=stream)
     engine.run_until_idle()
     return request
 
@@ -40,6 +40,9 @@ def test_greedy_equals_transformers_generate_token_for_token(engine, export_dir)
 
 def test_batched_results_equal_unbatched(engine):
     alone = [generate_alone(engine, p, max_tokens=20, temperature=0).output_ids for p in PROMPTS]
+    streamed = [generate_alone(engine, p, stream=True, max_tokens=20, temperature=0) for p in PROMPTS]
+    assert [r.output_ids for r in streamed] == alone
+    assert ["".join(iter(r.deltas.get, None)) for r in streamed] == [r.text for r in streamed]
     # Staggered: two start together, the others join between decode steps (continuous batching).
     first = [engine.submit(engine.encode(p), SamplingParams(max_tokens=20, temperature=0)) for p in PROMPTS[:2]]
     engine.step()
@@ -62,7 +65,9 @@ def test_stop_sequences_cut_the_text_and_stream_never_leaks_them(engine):
     free = generate_alone(engine, PROMPTS[0], max_tokens=24, temperature=0)
     assert free.finish_reason == "length" and len(free.text) > 4
     stop = free.text[2:4]
-    cut = generate_alone(engine, PROMPTS[0], max_tokens=24, temperature=0, stop=(stop,))
+    cut = engine.submit(engine.encode(PROMPTS[0]), SamplingParams(max_tokens=24, temperature=0, stop=(stop,)),
+                        stream=True)
+    engine.run_until_idle()
     assert cut.finish_reason == "stop" and cut.text == free.text[:free.text.find(stop)]
     streamed = []
     while (delta := cut.deltas.get()) is not None:
