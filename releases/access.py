@@ -260,7 +260,8 @@ def access_request_decide(*, request: AccessRequest, actor: User, status: str, r
         raise InvalidInput(f"The reason is longer than {MAX_FIELD_CHARS} characters.")
     now = timezone.now()
     with transaction.atomic():
-        request = AccessRequest.objects.select_for_update().select_related("user", "model__organization").get(pk=request.pk)
+        request = (AccessRequest.objects.select_for_update(of=("self",))
+                   .select_related("user", "model__organization").get(pk=request.pk))
         if request.status == status:
             raise Conflict(f"Request {request.pk} is already {status}.")
         if request.status == Status.CANCELLED:
@@ -335,7 +336,8 @@ def access_grant_revoke(*, grant: AccessGrant, actor: User, reason: str) -> Acce
     if not (reason or "").strip():
         raise InvalidInput("Give the reason for the revocation; the grantee is told.")
     with transaction.atomic():
-        grant = AccessGrant.objects.select_for_update().select_related("model__organization", "user").get(pk=grant.pk)
+        grant = (AccessGrant.objects.select_for_update(of=("self",))
+                 .select_related("model__organization", "user").get(pk=grant.pk))
         if grant.revoked_at is not None:
             raise Conflict(f"Grant {grant.pk} was already revoked on {_day(grant.revoked_at)}.")
         _revoke(AccessGrant.objects.filter(pk=grant.pk), actor=actor, reason=reason.strip(), now=timezone.now())

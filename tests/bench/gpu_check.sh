@@ -17,3 +17,7 @@ timeout 150 python3 -m pytest -c /dev/null --rootdir "$PWD" --confcutdir tests/t
 echo "=== train_throughput: 124M shape, seq 1024, bf16 + torch.compile, batch 32 as in performance-anchors §8, ours vs transformers ==="
 timeout 300 python3 tests/bench/train_throughput.py --device cuda --preset 124m --seq-len 1024 --batch-size 32 \
   --model-vocab 50304 --steps 20 --warmup 5 2>&1 | grep -v -i warn | tee "$OUT/bench.log"
+
+echo "=== generate: our engine vs transformers.generate, 124M shape, bf16, batch 1 and 64 concurrent ==="
+timeout 240 python3 tests/bench/generate.py --device cuda --preset 124m --concurrency 1,64 --new-tokens 128 \
+  --gateway-requests 0 2>&1 | grep -v -i "warn\|Loading weights" | tee "$OUT/generate.log"
