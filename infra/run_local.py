@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Start the embedded stack (web + Celery worker) in the foreground; Ctrl-C stops all of it."""
+"""Start the embedded stack (web, Celery workers, engine supervisor) in the foreground; Ctrl-C stops all of it."""
 import argparse
 import os
 import signal
@@ -28,6 +28,8 @@ def main() -> int:
         # Training runs get their own worker, as GPU workers do in production, so uploads never wait on them.
         "training-worker": worker + ["-Q", training_queue, "-n", f"training-{os.getpid()}@%h"],
         "web": [py, str(ROOT / "manage.py"), "runserver", f"{args.host}:{args.port}", "--noreload"],
+        # One engine process per local inference backend, restarted when it exits.
+        "engines": [py, str(ROOT / "manage.py"), "serve_engines"],
     }
     processes = {name: subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
                  for name, cmd in commands.items()}

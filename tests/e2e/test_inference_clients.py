@@ -165,3 +165,61 @@ def test_quota_exhaustion_is_a_rate_limit_error_with_retry_after(gateway):
     assert 1 <= int(limited.value.response.headers["retry-after"]) <= 61
     # Another token is not affected.
     assert client(gateway, "carol").completions.create(model="aurora/tiny-served", prompt="x", max_tokens=1).choices
+
+
+LOCAL_SETUP = """
+import os
+from pathlib import Path
+from gatehouse.accounts.models import Membership, Organization, User
+from gatehouse.accounts.services import api_token_create
+from gatehouse.registry.services.ingest import files_from_directory, model_version_ingest
+from gatehouse.registry.services.versions import model_version_verify
+from releases.models import InferenceBackend
+alice = User.objects.create_user("alice", "alice@example.com", "pw")
+aurora = Organization.objects.create(slug="aurora", name="Aurora")
+Membership.objects.create(user=alice, organization=aurora, role=Membership.Role.ADMIN)
+version = model_version_ingest(organization=aurora, name="tiny-local", files=files_from_directory(
+    Path(os.environ["SETUP_FOLDER"])), user=alice, tier="api")
+model_version_verify(version_id=version.pk)
+InferenceBackend.objects.create(model=version.model, kind="local")
+print("TOKEN " + api_token_create(user=alice, name="e2e", scopes=["inference"]).secret)
+"""
+
+
+def test_the_platform_runs_a_local_engine_and_restarts_it_after_a_crash(deployment, tmp_path):
+    import time
+
+    import openai
+
+    env, manage = deployment["env"], deployment["manage"]
+    folder = tiny_hf_folder(tmp_path / "src")
+    setup = subprocess.run([*manage, "shell", "-c", LOCAL_SETUP], env=env | {"SETUP_FOLDER": str(folder)}, cwd=ROOT,
+                           capture_output=True, text=True)
+    assert setup.returncode == 0, setup.stderr
+    token = setup.stdout.split("TOKEN ", 1)[1].strip()
+    log = open(tmp_path / "servers.log", "w")
+    port = free_port()
+    for command in (["runserver", f"127.0.0.1:{port}", "--noreload"], ["serve_engines"]):
+        deployment["processes"].append(subprocess.Popen([*manage, *command], env=env, cwd=ROOT, stdout=log,
+                                                        stderr=subprocess.STDOUT))
+    wait_for_http(f"http://127.0.0.1:{port}/api/v1/licenses")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=token, max_retries=0)
+
+    def answer_within(seconds):
+        deadline, statuses = time.time() + seconds, set()
+        while time.time() < deadline:
+            try:
+                return client.completions.create(model="aurora/tiny-local", prompt="def", max_tokens=3,
+                                                 temperature=0), statuses
+            except openai.APIStatusError as exc:
+                statuses.add(exc.status_code)
+                time.sleep(0.5)
+        pytest.fail(f"no answer within {seconds} s (statuses seen: {statuses})")
+
+    first, seen = answer_within(120)
+    assert first.choices[0].text is not None and seen <= {503}  # "not running yet; retry shortly" until ready
+    killed = subprocess.run(["pkill", "-f", "--", "--model-id aurora/tiny-local"])
+    assert killed.returncode == 0
+    again, seen = answer_within(120)
+    assert 503 in seen  # the gateway said so while the engine was down
+    assert again.choices[0].text == first.choices[0].text  # the restarted engine serves the same weights

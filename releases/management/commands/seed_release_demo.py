@@ -7,7 +7,7 @@ from gatehouse.registry.models import Model, RiskThreshold
 from gatehouse.registry.services.records import risk_assessment_record
 from gatehouse.registry.services.versions import model_card_update
 from releases.access import access_policy_set_audience, access_policy_update, access_request_create
-from releases.models import AccessRequest, ReleaseRequest
+from releases.models import AccessRequest, InferenceBackend, ReleaseRequest
 from releases.services import release_request_create, release_request_submit
 
 RELEASE_CARD_SECTIONS = ("\n## Intended use\n\nCompleting Python code in teaching demos.\n\n"
@@ -27,6 +27,8 @@ class Command(BaseCommand):
             self.stdout.write("No trained demo model (seed_demo --no-training?): no release request seeded.")
             return
         version = model.latest_version
+        # Served by a local engine (serve_engines): members can chat with it now, everyone once it is released.
+        InferenceBackend.objects.get_or_create(model=model, defaults={"kind": InferenceBackend.Kind.LOCAL})
         if ReleaseRequest.objects.filter(version=version).exists():
             return
         model_card_update(model=model, actor=alice, text=version.card + RELEASE_CARD_SECTIONS)

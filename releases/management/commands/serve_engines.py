@@ -1,0 +1,142 @@
+"""Run and supervise one engine process (`python -m training serve`) per local inference backend.
+
+    python manage.py serve_engines          # infra/run_local.py (`make run`) starts it beside web and worker
+
+Each enabled backend of kind "local" gets its model version's files copied out of weight storage (streamed)
+into VAR_DIR/engines/<commit>/, an engine on a free loopback port, and its URL recorded on the backend once
+the engine answers /health, so the gateway starts routing to it. An engine that exits is marked down (the
+gateway answers 503 with Retry-After) and restarted with backoff. SIGTERM/SIGINT stop every engine.
+"""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from django.conf import settings
+from django.core.files.storage import storages
+from django.core.management.base import BaseCommand
+from django.utils import timezone
+
+from releases.models import InferenceBackend
+
+ROOT = Path(__file__).resolve().parents[3]
+POLL_SECONDS = 2.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def materialize(version) -> Path:
+    """The version's files as a folder the engine can load; written once per commit, atomically."""
+    target = Path(settings.VAR_DIR) / "engines" / version.commit
+    if (target / ".complete").exists():
+        return target
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    storage = storages["weights"]
+    for file in version.files.all():
+        destination = tmp / file.path
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with storage.open(file.storage_key, "rb") as source, open(destination, "wb") as out:
+            shutil.copyfileobj(source, out, 1024 * 1024)
+    (tmp / ".complete").write_text(version.commit)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+class Engine:
+    def __init__(self, backend_id: int):
+        self.backend_id, self.process, self.port, self.failures, self.next_start = backend_id, None, 0, 0, 0.0
+        self.commit = ""
+
+    def mark(self, url: str) -> None:
+        InferenceBackend.objects.filter(pk=self.backend_id).update(url=url, updated_at=timezone.now())
+
+
+class Command(BaseCommand):
+    help = "Run and supervise the engine processes of local inference backends."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--once", action="store_true", help="start what is missing, wait until ready, exit "
+                                                                "(engines keep running; for scripts)")
+
+    def handle(self, *args, once=False, **options):
+        engines: dict[int, Engine] = {}
+        stopping = {"now": False}
+
+        def stop(*_):
+            stopping["now"] = True
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, stop)
+        try:
+            while not stopping["now"]:
+                self.reconcile(engines)
+                if once and engines and not InferenceBackend.objects.filter(pk__in=list(engines), url="").exists():
+                    return
+                time.sleep(POLL_SECONDS)
+        finally:
+            if not once:
+                for engine in engines.values():
+                    self.stop_engine(engine)
+
+    def reconcile(self, engines: dict[int, Engine]) -> None:
+        backends = {b.pk: b for b in InferenceBackend.objects.filter(kind=InferenceBackend.Kind.LOCAL, enabled=True)
+                    .select_related("model__organization", "model__latest_version", "version")}
+        for backend_id in set(engines) - set(backends):  # disabled or deleted
+            self.stop_engine(engines.pop(backend_id))
+        for backend_id, backend in backends.items():
+            engine = engines.setdefault(backend_id, Engine(backend_id))
+            version = backend.version or backend.model.latest_version
+            if version is None:
+                continue
+            if engine.process is not None and engine.process.poll() is not None:
+                self.stderr.write(f"engine for {backend.model.repo_id} exited with status {engine.process.returncode}; "
+                                  "restarting")
+                engine.process, engine.failures = None, engine.failures + 1
+                engine.next_start = time.time() + min(60, 2 ** engine.failures)
+                engine.mark("")
+            if engine.process is not None and engine.commit != version.commit:  # a new version to serve
+                self.stop_engine(engine)
+            if engine.process is None and time.time() >= engine.next_start:
+                self.start_engine(engine, backend, version)
+            elif engine.process is not None and not backend.url and self.ready(engine):
+                engine.mark(f"http://127.0.0.1:{engine.port}/v1")
+                engine.failures = 0
+                self.stdout.write(f"engine for {backend.model.repo_id} is ready on port {engine.port}")
+
+    def start_engine(self, engine: Engine, backend: InferenceBackend, version) -> None:
+        folder = materialize(version)
+        engine.port, engine.commit = _free_port(), version.commit
+        log = open(Path(settings.VAR_DIR) / "engines" / f"{backend.model.organization.slug}--{backend.model.name}.log",
+                   "a")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "platform"), str(ROOT)]))
+        engine.process = subprocess.Popen(
+            [sys.executable, "-m", "training", "serve", "--model", str(folder), "--model-id", backend.model.repo_id,
+             "--port", str(engine.port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        InferenceBackend.objects.filter(pk=backend.pk).update(url="", upstream_model=backend.model.repo_id)
+        self.stdout.write(f"starting the engine for {backend.model.repo_id}@{version.commit[:12]} on port {engine.port}")
+
+    def ready(self, engine: Engine) -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{engine.port}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop_engine(self, engine: Engine) -> None:
+        engine.mark("")
+        if engine.process is not None and engine.process.poll() is None:
+            engine.process.terminate()
+            try:
+                engine.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                engine.process.kill()
+        engine.process = None
