@@ -118,8 +118,46 @@ def downgrade_page(request, org, name):
                   status=400 if request.method == "POST" else 200)
 
 
+@login_required
+def playground(request, org, name):
+    """Try a model the signed-in user may use, and copy the `openai` snippet that does the same."""
+    import json
+
+    from releases.inference.views import OpenAIError, generate
+
+    from gatehouse.registry.selectors import model_get
+
+    try:
+        model = model_get(user=request.user, org=org, name=name)
+    except ApplicationError as exc:
+        return render(request, "web/404.html", {"message": exc.message}, status=404)
+    context = {"model": model, "base_url": request.build_absolute_uri("/v1"), "message": "", "answer": None,
+               "error": None, "max_tokens": 64, "temperature": 0.7}
+    status = 200
+    if request.method == "POST":
+        try:
+            max_tokens, temperature = int(request.POST.get("max_tokens", 64)), float(request.POST.get("temperature", 0.7))
+        except ValueError:
+            max_tokens, temperature = 0, -1.0  # refused below with the engine's own message
+        context.update(message=request.POST.get("message", ""), max_tokens=max_tokens, temperature=temperature)
+        body = {"model": model.repo_id, "messages": [{"role": "user", "content": context["message"]}],
+                "max_tokens": max_tokens, "temperature": temperature}
+        try:
+            response = generate(request, "chat/completions", user=request.user, token=None, body=body)
+            payload = json.loads(response.content)
+            if response.status_code == 200:
+                context["answer"] = payload["choices"][0]["message"]["content"]
+                context["usage"] = payload.get("usage")
+            else:
+                context["error"], status = payload["error"]["message"], response.status_code
+        except OpenAIError as exc:
+            context["error"], status = exc.message, exc.status
+    return render(request, "releases/playground.html", context, status=status)
+
+
 urlpatterns = [
     path("queue", queue, name="release-queue"),
     path("requests/<int:request_id>/decide", decide, name="release-decide"),
     path("models/<seg:org>/<seg:name>/downgrade", downgrade_page, name="release-downgrade"),
+    path("models/<seg:org>/<seg:name>/playground", playground, name="model-playground"),
 ]

@@ -44,9 +44,11 @@ def _daily(calls, limit: int, what: str, now) -> QuotaRefusal | None:
                         "at 00:00 UTC.", "insufficient_quota", wait)
 
 
-def quota_check(*, token, organization_id: int | None) -> QuotaRefusal | None:
+def quota_check(*, user, token, organization_id: int | None) -> QuotaRefusal | None:
+    """Per token (a signed-in session counts as one token of its user) and per the caller's organization."""
     now = timezone.now()
-    by_token = InferenceCall.objects.filter(token=token)
+    by_token = InferenceCall.objects.filter(token=token) if token is not None else \
+        InferenceCall.objects.filter(user=user, token__isnull=True)
     checks = [(_window, by_token, settings.INFERENCE_RPM_PER_TOKEN, "token"),
               (_daily, by_token, settings.INFERENCE_TOKENS_PER_DAY_PER_TOKEN, "token")]
     if organization_id:

@@ -143,12 +143,17 @@ def _generate(request, endpoint: str):
         body = json.loads(request.body or b"{}")
     except ValueError:
         raise OpenAIError(400, "The body must be JSON.", "invalid_json") from None
+    return generate(request, endpoint, user=user, token=token, body=body)
+
+
+def generate(request, endpoint: str, *, user, token, body):
+    """One completion or chat call for an authenticated caller (a token, or None for a signed-in session)."""
     if not isinstance(body, dict) or not isinstance(body.get("model"), str):
         raise OpenAIError(400, "Name the model: {\"model\": \"org/name\", …}.", "invalid_value", param="model")
     organization_ids = access.user_organization_ids(user)
     model = _model_for(request, body["model"], user, token, organization_ids)
     organization_id = organization_ids[0] if organization_ids else None
-    refusal = quota_check(token=token, organization_id=organization_id)
+    refusal = quota_check(user=user, token=token, organization_id=organization_id)
     if refusal:
         retry = {"Retry-After": str(refusal.retry_after)}
         if refusal.code == "insufficient_quota":

@@ -223,3 +223,25 @@ def test_the_platform_runs_a_local_engine_and_restarts_it_after_a_crash(deployme
     again, seen = answer_within(120)
     assert 503 in seen  # the gateway said so while the engine was down
     assert again.choices[0].text == first.choices[0].text  # the restarted engine serves the same weights
+
+
+def test_playground_answers_signed_in_users_with_access_and_shows_the_snippet(gateway):
+    base = gateway["base"].removesuffix("/v1")
+    with httpx.Client(base_url=base, follow_redirects=False) as browser:
+        assert browser.get("/releases/models/aurora/tiny-served/playground").status_code == 302  # sign in first
+        login = browser.get("/accounts/login/")
+        csrf = browser.cookies["csrftoken"]
+        browser.post("/accounts/login/", data={"username": "carol", "password": "pw", "csrfmiddlewaretoken": csrf,
+                                            "next": "/"})
+        page = browser.get("/releases/models/aurora/tiny-served/playground")
+        assert page.status_code == 200 and 'base_url="http://127.0.0.1' in page.text and "aurora/tiny-served" in page.text
+        csrf = browser.cookies["csrftoken"]
+        answered = browser.post("/releases/models/aurora/tiny-served/playground",
+                                data={"message": "Hello", "max_tokens": "4", "temperature": "0",
+                                      "csrfmiddlewaretoken": csrf})
+        assert answered.status_code == 200 and "completion tokens (metered)" in answered.text
+        gated = browser.post("/releases/models/aurora/tiny-gated/playground",
+                             data={"message": "Hello", "max_tokens": "4", "temperature": "0",
+                                   "csrfmiddlewaretoken": csrf})
+        assert gated.status_code == 403 and "request access" in gated.text
+    assert login.status_code == 200

@@ -1,9 +1,12 @@
+from django.contrib.auth import views as auth_views
 from django.urls import path
 
 from gatehouse.registry.api.urls import SegmentConverter  # noqa: F401  (registers <seg:>)
 from gatehouse.web import views
 
 urlpatterns = [
+    path("accounts/login/", auth_views.LoginView.as_view(template_name="web/login.html"), name="login"),
+    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("", views.model_list, name="web-model-list"),
     path("<seg:org>/<seg:name>", views.model_detail, name="web-model-detail"),
 ]
