@@ -30,6 +30,7 @@ test: install
 bench: install
 	$(PY) tests/bench/registry_api.py
 	$(PY) tests/bench/train_throughput.py
+	$(PY) tests/bench/generate.py
 	$(PY) tests/bench/download.py  # needs nginx (apt-get install nginx)
 
 clean:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks for a lent NVIDIA machine (device tool), about 4 minutes. Run from the repo root:
+# GPU checks for a lent NVIDIA machine (device tool), about 7 minutes. Run from the repo root:
 #   bash tests/bench/gpu_check.sh
 # Uses the machine's own python3 (torch, transformers, peft, tokenizers, safetensors are in its image);
 # the training tests never import Django, so the repository's Django conftest is left out (--confcutdir).
