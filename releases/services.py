@@ -104,7 +104,7 @@ def release_request_submit(*, request: ReleaseRequest, actor: User) -> ReleaseRe
     return request
 
 
-def _approves_for(user: User, organization) -> bool:
+def approves_for(user: User, organization) -> bool:
     return user.is_superuser or Membership.objects.filter(
         user=user, organization=organization, role__in=APPROVER_ROLES).exists()
 
@@ -121,14 +121,14 @@ def _base_owner(request: ReleaseRequest):
 
 def _is_approver(user: User, request: ReleaseRequest) -> bool:
     owner = _base_owner(request)
-    return _approves_for(user, request.version.model.organization) or (owner is not None and _approves_for(user, owner))
+    return approves_for(user, request.version.model.organization) or (owner is not None and approves_for(user, owner))
 
 
 def _approvals_complete(request: ReleaseRequest, round_: int) -> bool:
     approvers = list(ReleaseApproval.objects.filter(request=request, submission=round_,
                                                     decision=ReleaseApproval.Decision.APPROVE).select_related("approver"))
     owner = _base_owner(request)
-    if owner is not None and not any(_approves_for(a.approver, owner) for a in approvers):
+    if owner is not None and not any(approves_for(a.approver, owner) for a in approvers):
         return False
     return len(approvers) >= request.required_approvals
 
@@ -272,7 +272,7 @@ def release_downgrade(*, model: Model, actor: User, tier: str, reason: str) -> R
     """Immediate and decided by one approver. Scheduled widenings are cancelled, access grants revoked and
     pending access requests cancelled; the gate refuses the next download. Weights already downloaded cannot
     be recalled."""
-    if not _approves_for(actor, model.organization):
+    if not approves_for(actor, model.organization):
         raise PermissionDenied("Only approvers (the organization's admins and approvers) can downgrade a release.")
     if tier not in Tier.values or not policy.more_open(model.tier, tier):
         raise InvalidInput(f"A downgrade must go to a more closed tier than the current '{model.tier}'.")

@@ -155,6 +155,36 @@ def playground(request, org, name):
     return render(request, "releases/playground.html", context, status=status)
 
 
+def model_page_panel(request, model) -> str:
+    """The model page's "Access" panel (wired in by settings.GATEHOUSE_MODEL_PAGE_PANELS, since gatehouse's
+    pages know nothing of releases): what the caller may do, and how — files with sizes and hashes and the
+    huggingface_hub snippet when downloads are allowed, the request-access state when they need approval,
+    the openai snippet and playground when the model is served, and the downgrade page for approvers."""
+    from django.template.loader import render_to_string
+
+    from releases.inference.views import backend_served
+    from releases.services import approves_for
+
+    version = model.latest_version
+    access_policy = access.access_policy_of(model)
+    facts = access.caller_facts(user=request.user, token=None, model=model)
+    base = request.build_absolute_uri("/").rstrip("/")
+    downloads = policy.file_access(repo_id=model.repo_id, tier=model.tier, audience=access_policy.audience,
+                                   path="model.safetensors", caller=facts, request_url=f"{base}/{model.repo_id}/access",
+                                   inference_url=f"{base}/v1", acceptable_use=bool(access_policy.acceptable_use))
+    inference = policy.inference_access(repo_id=model.repo_id, tier=model.tier, audience=access_policy.audience,
+                                        acceptable_use=bool(access_policy.acceptable_use), caller=facts,
+                                        request_url=f"{base}/{model.repo_id}/access")
+    needs_request = model.tier != "closed" and not facts.is_member and policy.needs_grant(
+        access_policy.audience, bool(access_policy.acceptable_use))
+    return render_to_string("releases/model_panel.html", {
+        "model": model, "version": version, "facts": facts, "downloads": downloads, "needs_request": needs_request,
+        "files": version.files.order_by("path") if version and downloads.allowed else [],
+        "served": backend_served(model) and inference.allowed, "base": base,
+        "approver": request.user.is_authenticated and approves_for(request.user, model.organization),
+        "audience": access_policy.get_audience_display()}, request=request)
+
+
 urlpatterns = [
     path("queue", queue, name="release-queue"),
     path("requests/<int:request_id>/decide", decide, name="release-decide"),

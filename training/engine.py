@@ -371,6 +371,8 @@ class _LayerWeights:
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The model's RMSNorm (normalise in float32, scale in the model's dtype), without the module call."""
+    if x.dtype == torch.float32:  # one fused op computing the same thing
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     normed = x.float()
     normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)

@@ -176,6 +176,10 @@ GATEHOUSE_ACCEL_REDIRECT_PREFIX = os.environ.get("GATEHOUSE_ACCEL_REDIRECT_PREFI
 GATEHOUSE_PRESIGNED_SECONDS = int(os.environ.get("GATEHOUSE_PRESIGNED_SECONDS", "300"))
 GATEHOUSE_HUB_PAGE_SIZE = int(os.environ.get("GATEHOUSE_HUB_PAGE_SIZE", "1000"))
 
+# Extra panels on the model page, each `f(request, model) -> html`: how apps built on gatehouse add to it
+# without gatehouse importing them.
+GATEHOUSE_MODEL_PAGE_PANELS = ["releases.views.model_page_panel"]
+
 # Inference quotas (0: unlimited), counted from the metered calls, so they hold across web processes.
 INFERENCE_RPM_PER_TOKEN = int(os.environ.get("GATEHOUSE_INFERENCE_RPM_PER_TOKEN", "60"))
 INFERENCE_TOKENS_PER_DAY_PER_TOKEN = int(os.environ.get("GATEHOUSE_INFERENCE_TOKENS_PER_DAY_PER_TOKEN", "200000"))

@@ -90,6 +90,10 @@ def _served_models(user):
             .select_related("organization", "access_policy", "inference_backend").order_by("organization__slug", "name"))
 
 
+def backend_served(model: Model) -> bool:
+    return InferenceBackend.objects.filter(model=model, enabled=True).exists()
+
+
 def _model_object(model: Model) -> dict:
     return {"id": model.repo_id, "object": "model", "created": int(model.created_at.timestamp()),
             "owned_by": model.organization.slug}

@@ -217,3 +217,30 @@ def test_downgrade_page_warns_and_only_approvers_can_use_it(gated, alice, bob):
     browser.force_login(alice)
     done = browser.post("/releases/models/aurora/gated/downgrade", {"tier": "api", "reason": "Misuse"}, follow=True)
     assert "is now api" in done.content.decode() and type(gated).objects.get(pk=gated.pk).tier == "api"
+
+
+def test_model_page_shows_each_caller_what_they_may_do(gated, alice, carol, bob):
+    def page(user):
+        browser = Client()
+        if user:
+            browser.force_login(user)
+        response = browser.get("/aurora/gated")
+        assert response.status_code == 200
+        return response.content.decode()
+
+    anonymous = page(None)
+    assert "Log in</a> to request access" in anonymous and "snapshot_download" not in anonymous
+    outsider = page(carol)
+    assert 'href="/aurora/gated/access"' in outsider and "/resolve/" not in outsider
+    AccessRequest.objects.create(model=gated, user=carol)
+    assert "pending review since" in page(carol)
+    AccessGrant.objects.create(model=gated, user=carol)
+    granted = page(carol)
+    commit = gated.latest_version.commit
+    assert "snapshot_download(&quot;aurora/gated&quot;" in granted or 'snapshot_download("aurora/gated"' in granted
+    assert f"/aurora/gated/resolve/{commit}/model.safetensors" in granted
+    # The link works for the signed-in browser: the gate reads the session.
+    browser = Client()
+    browser.force_login(carol)
+    assert browser.get(f"/aurora/gated/resolve/{commit}/model.safetensors").status_code == 200
+    assert "Downgrade" in page(alice) and "Downgrade" not in page(bob)

@@ -1,9 +1,11 @@
+from django.conf import settings
 from django.core.paginator import Paginator
 from django.shortcuts import render
+from django.utils.module_loading import import_string
 
 from gatehouse.core.errors import NotFound
 from gatehouse.registry import selectors
-from gatehouse.registry.models import EvaluationResult, ModelFile, RiskAssessment, Tier
+from gatehouse.registry.models import EvaluationResult, RiskAssessment, Tier
 from gatehouse.web.cards import card_html
 
 
@@ -27,8 +29,8 @@ def model_detail(request, org, name):
     thresholds = selectors.designation_thresholds()
     context = {"model": model, "version": version, "card": card_html(model.card_text or (version.card if version else "")),
                "designations": [t for t in thresholds if version and t.key in selectors.designations_for(version, thresholds)]}
+    context["panels"] = [import_string(panel)(request, model) for panel in settings.GATEHOUSE_MODEL_PAGE_PANELS]
     if version:
-        context["files"] = ModelFile.objects.filter(version=version).order_by("path")
         context["evaluations"] = EvaluationResult.objects.filter(version=version).select_related("benchmark")
         context["assessments"] = RiskAssessment.objects.filter(version=version).select_related("threshold__domain__framework")
         context["datasets"] = version.datasets.select_related("organization")
