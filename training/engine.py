@@ -295,13 +295,14 @@ class Engine:
             starts = torch.tensor(lengths, device=self.device)
         x = model.model.embed_tokens(tokens)
         eps = c.rms_norm_eps
+        heads_qk = c.num_heads + c.num_kv_heads
         for layer, w in enumerate(self.layers):
             h = _rms_norm(x, w.input_norm, eps)
-            q, k, v = F.linear(h, w.qkv, w.qkv_bias).split(w.qkv_split, dim=-1)
-            q = q.view(batch, seq, c.num_heads, c.head_dim).transpose(1, 2)
-            k = k.view(batch, seq, c.num_kv_heads, c.head_dim).transpose(1, 2)
+            qk, v = F.linear(h, w.qkv, w.qkv_bias).split(w.qk_v_split, dim=-1)
+            # q and k rotated together: one RoPE over all their heads.
+            qk = apply_rope(qk.view(batch, seq, heads_qk, c.head_dim).transpose(1, 2), cos, sin)
+            q, k = qk[:, :c.num_heads], qk[:, c.num_heads:]
             v = v.view(batch, seq, c.num_kv_heads, c.head_dim).transpose(1, 2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             cache_k, cache_v = self.cache_k[layer], self.cache_v[layer]
             if contiguous and same_length:  # one block write for all rows
                 first, start = slots[0], lengths[0]
@@ -342,7 +343,7 @@ class _LayerWeights:
     input_norm: torch.Tensor
     qkv: torch.Tensor
     qkv_bias: torch.Tensor | None
-    qkv_split: tuple[int, int, int]
+    qk_v_split: tuple[int, int]
     o: torch.Tensor
     o_bias: torch.Tensor | None
     post_norm: torch.Tensor
@@ -361,7 +362,7 @@ class _LayerWeights:
         return cls(input_norm=block.input_layernorm.weight.detach(),
                    qkv=cat(attn.q_proj, attn.k_proj, attn.v_proj),
                    qkv_bias=cat(attn.q_proj, attn.k_proj, attn.v_proj, bias=True),
-                   qkv_split=(attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features),
+                   qk_v_split=(attn.q_proj.out_features + attn.k_proj.out_features, attn.v_proj.out_features),
                    o=attn.o_proj.weight.detach(), o_bias=None if attn.o_proj.bias is None else attn.o_proj.bias.detach(),
                    post_norm=block.post_attention_layernorm.weight.detach(),
                    gate_up=cat(mlp.gate_proj, mlp.up_proj), gate_up_bias=cat(mlp.gate_proj, mlp.up_proj, bias=True),
