@@ -185,9 +185,43 @@ def model_page_panel(request, model) -> str:
         "audience": access_policy.get_audience_display()}, request=request)
 
 
+def _reviewable_requests(user):
+    pending = AccessRequest.objects.filter(status=AccessRequest.Status.PENDING).select_related(
+        "user", "model__organization", "model__license")
+    if not user.is_superuser:
+        reviewed = Membership.objects.filter(user=user, role__in=[Membership.Role.ADMIN, Membership.Role.MAINTAINER])
+        pending = pending.filter(model__organization__in=reviewed.values("organization_id"))
+    return pending.order_by("created_at", "id")
+
+
+@login_required
+def access_queue(request):
+    """Reviewers' queue of access requests: oldest first, with how long each has waited."""
+    return render(request, "releases/access_queue.html", {"items": list(_reviewable_requests(request.user))})
+
+
+@login_required
+@require_POST
+def access_decide(request, request_id):
+    item = AccessRequest.objects.select_related("model__organization", "user").filter(pk=request_id).first()
+    if item is None:
+        messages.error(request, f"Access request {request_id} does not exist.")
+        return redirect("access-queue")
+    try:
+        access.access_request_decide(request=item, actor=request.user, status=request.POST.get("status", ""),
+                                     reason=request.POST.get("reason", ""))
+        messages.success(request, f"{item.user.username}'s request for {item.model.repo_id}: "
+                                  f"{request.POST.get('status')}.")
+    except ApplicationError as exc:
+        messages.error(request, f"Access request {request_id}: {exc.message}")
+    return redirect("access-queue")
+
+
 urlpatterns = [
     path("queue", queue, name="release-queue"),
     path("requests/<int:request_id>/decide", decide, name="release-decide"),
     path("models/<seg:org>/<seg:name>/downgrade", downgrade_page, name="release-downgrade"),
     path("models/<seg:org>/<seg:name>/playground", playground, name="model-playground"),
+    path("access-requests", access_queue, name="access-queue"),
+    path("access-requests/<int:request_id>/decide", access_decide, name="access-decide"),
 ]

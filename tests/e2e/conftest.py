@@ -67,3 +67,30 @@ def deployment(tmp_path):
                 proc.wait(timeout=20)
         if drop:
             drop()
+
+
+CHROMIUM = os.environ.get("GATEHOUSE_CHROMIUM", "/usr/bin/chromium")
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Chromium driven by Playwright (the system's browser: `playwright install` cannot download here)."""
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("GATEHOUSE_REQUIRE_BROWSER"):
+            pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
+        pytest.skip(f"browser tests need Chromium at {CHROMIUM} (apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def screenshots(request):
+    """Where a browser test saves its screenshots: test-output/<test name>/."""
+    folder = ROOT / "test-output" / request.node.name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

@@ -244,3 +244,26 @@ def test_model_page_shows_each_caller_what_they_may_do(gated, alice, carol, bob)
     browser.force_login(carol)
     assert browser.get(f"/aurora/gated/resolve/{commit}/model.safetensors").status_code == 200
     assert "Downgrade" in page(alice) and "Downgrade" not in page(bob)
+
+
+def test_access_queue_page_lists_oldest_first_and_decides(gated, alice, bob, carol):
+    from gatehouse.accounts.models import User
+
+    dan = User.objects.create_user("dan", "dan@example.org", "pw")
+    older = AccessRequest.objects.create(model=gated, user=dan, created_at=timezone.now() - timedelta(hours=5),
+                                         fields={"affiliation": "Lab"})
+    AccessRequest.objects.create(model=gated, user=carol)
+    browser = Client()
+    browser.force_login(alice)
+    html = browser.get("/releases/access-requests").content.decode()
+    assert html.index("dan") < html.index("carol") and "Waiting for 5" in html and "Lab" in html
+    browser.force_login(bob)  # a plain member reviews nothing
+    assert "No access requests wait for you" in browser.get("/releases/access-requests").content.decode()
+    refused = browser.post(f"/releases/access-requests/{older.pk}/decide", {"status": "accepted"}, follow=True)
+    assert "Only admins and maintainers" in refused.content.decode()
+    older.refresh_from_db()
+    assert older.status == "pending"
+    browser.force_login(alice)
+    browser.post(f"/releases/access-requests/{older.pk}/decide", {"status": "accepted"})
+    older.refresh_from_db()
+    assert older.status == "accepted" and AccessGrant.objects.filter(user=dan).exists()

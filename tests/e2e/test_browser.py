@@ -1,0 +1,105 @@
+"""Chromium (Playwright) against a live server: a visitor browses the catalog and opens a card; a user requests
+gated access, an admin approves it in the reviewers' queue, and the user then sees the download snippet and a
+file link that works. Screenshots go to test-output/<test name>/."""
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import free_port, wait_for_http
+from .test_hub_clients import tiny_hf_folder
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.e2e
+
+SETUP = """
+import os
+from pathlib import Path
+from gatehouse.accounts.models import Membership, Organization, User
+from gatehouse.registry.models import License, Model
+from gatehouse.registry.services.ingest import files_from_directory, model_version_ingest
+from gatehouse.registry.services.versions import model_version_verify
+from releases.models import AccessPolicy
+alice = User.objects.create_user("alice", "alice@example.com", "pw-alice")
+User.objects.create_user("carol", "carol@example.org", "pw-carol")
+aurora = Organization.objects.create(slug="aurora", name="Aurora")
+Membership.objects.create(user=alice, organization=aurora, role=Membership.Role.ADMIN)
+for name, tier in [("tiny-gated", "open"), ("tiny-open", "open"), ("tiny-secret", "closed")]:
+    version = model_version_ingest(organization=aurora, name=name, files=files_from_directory(
+        Path(os.environ["SETUP_FOLDER"])), user=alice, tier=tier)
+    model_version_verify(version_id=version.pk)
+Model.objects.filter(name="tiny-gated").update(license=License.objects.get(key="apache-2.0"))
+AccessPolicy.objects.create(model=Model.objects.get(name="tiny-gated"), audience="gated-manual",
+                            acceptable_use="No weapons work.",
+                            request_fields=[{"name": "affiliation", "label": "Affiliation", "required": True}])
+"""
+
+
+@pytest.fixture
+def site(deployment, tmp_path):
+    env, manage = deployment["env"], deployment["manage"]
+    setup = subprocess.run([*manage, "shell", "-c", SETUP], cwd=ROOT, capture_output=True, text=True,
+                           env=env | {"SETUP_FOLDER": str(tiny_hf_folder(tmp_path / "src"))})
+    assert setup.returncode == 0, setup.stderr
+    port = free_port()
+    server = subprocess.Popen([*manage, "runserver", f"127.0.0.1:{port}", "--noreload"], env=env, cwd=ROOT,
+                              stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
+    deployment["processes"].append(server)
+    base = f"http://127.0.0.1:{port}"
+    wait_for_http(base + "/")
+    return base
+
+
+def log_in(browser, base, username, password):
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    page = context.new_page()
+    page.goto(f"{base}/accounts/login/")
+    page.get_by_label("Username").fill(username)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_url(f"{base}/")
+    return page
+
+
+def test_visitor_browses_the_catalog_and_opens_a_card(site, chromium, screenshots):
+    page = chromium.new_page(viewport={"width": 390, "height": 844})  # a phone
+    page.goto(site + "/")
+    assert page.get_by_role("link", name="aurora/tiny-open").is_visible()
+    assert page.get_by_text("aurora/tiny-secret").count() == 0  # closed: not there for visitors
+    page.screenshot(path=str(screenshots / "catalog.png"), full_page=True)
+    page.get_by_role("link", name="aurora/tiny-open").click()
+    page.wait_for_url(site + "/aurora/tiny-open")
+    assert page.get_by_role("heading", name="Access").is_visible()
+    assert "snapshot_download" in page.content()
+    page.screenshot(path=str(screenshots / "card.png"), full_page=True)
+
+
+def test_gated_access_is_requested_approved_in_the_queue_and_then_downloads(site, chromium, screenshots):
+    carol = log_in(chromium, site, "carol", "pw-carol")
+    carol.goto(site + "/aurora/tiny-gated")
+    assert "/resolve/" not in carol.content()  # no file links before approval
+    carol.get_by_role("link", name="Request access").click()
+    carol.get_by_label("Affiliation (required)").fill("Northwind Research")
+    carol.get_by_label("I accept the apache-2.0 license").check()
+    carol.get_by_label("I accept the acceptable-use policy").check()
+    carol.screenshot(path=str(screenshots / "1-request-form.png"), full_page=True)
+    carol.get_by_role("button", name="Request access").click()
+    assert carol.get_by_text("pending review since").is_visible()
+    carol.screenshot(path=str(screenshots / "2-pending.png"), full_page=True)
+
+    alice = log_in(chromium, site, "alice", "pw-alice")
+    alice.goto(site + "/releases/access-requests")
+    request = alice.locator("section.access-request", has_text="carol")
+    assert request.get_by_text("Northwind Research").is_visible() and "Waiting for" in request.inner_text()
+    alice.screenshot(path=str(screenshots / "3-queue.png"), full_page=True)
+    request.get_by_role("button", name="Approve").click()
+    assert alice.get_by_text("carol's request for aurora/tiny-gated: accepted").is_visible()
+    assert alice.get_by_text("No access requests wait for you").is_visible()
+
+    carol.goto(site + "/aurora/tiny-gated")
+    assert 'snapshot_download("aurora/tiny-gated"' in carol.inner_text("div.access-panel")
+    link = carol.get_by_role("link", name="config.json", exact=True)
+    response = carol.context.request.get(site + link.get_attribute("href"))
+    assert response.status == 200 and response.json()["architectures"] == ["LlamaForCausalLM"]
+    assert len(response.headers["x-repo-commit"]) == 40
+    carol.screenshot(path=str(screenshots / "4-approved.png"), full_page=True)
