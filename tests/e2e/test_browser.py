@@ -103,3 +103,23 @@ def test_gated_access_is_requested_approved_in_the_queue_and_then_downloads(site
     assert response.status == 200 and response.json()["architectures"] == ["LlamaForCausalLM"]
     assert len(response.headers["x-repo-commit"]) == 40
     carol.screenshot(path=str(screenshots / "4-approved.png"), full_page=True)
+
+
+def test_a_token_is_created_shown_once_works_and_is_revoked(site, chromium, screenshots):
+    import httpx
+
+    page = log_in(chromium, site, "carol", "pw-carol")
+    page.goto(site + "/accounts/tokens")
+    page.get_by_label("Name").fill("laptop")
+    page.get_by_role("checkbox", name="read — Read the registry").check()
+    page.get_by_role("button", name="Create token").click()
+    secret = page.locator("code.token-secret").inner_text().strip()
+    page.screenshot(path=str(screenshots / "1-created.png"), full_page=True)
+    assert httpx.get(site + "/api/v1/me", headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+    page.goto(site + "/accounts/tokens")
+    assert secret not in page.content()  # shown once
+    page.get_by_role("button", name="Revoke laptop").click()
+    assert page.get_by_text("revoked").first.is_visible()
+    page.screenshot(path=str(screenshots / "2-revoked.png"), full_page=True)
+    refused = httpx.get(site + "/api/v1/me", headers={"Authorization": f"Bearer {secret}"})
+    assert refused.status_code == 401 and "revoked" in refused.json()["error"]["message"]

@@ -7,6 +7,7 @@ from gatehouse.web import views
 urlpatterns = [
     path("accounts/login/", auth_views.LoginView.as_view(template_name="web/login.html"), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("accounts/tokens", views.tokens, name="web-tokens"),
     path("", views.model_list, name="web-model-list"),
     path("<seg:org>/<seg:name>", views.model_detail, name="web-model-detail"),
 ]

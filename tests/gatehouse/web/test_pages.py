@@ -27,3 +27,43 @@ def test_closed_model_page_is_a_404_for_outsiders(aurora, alice, carol, register
     assert client.get("/aurora/secret").status_code == 404
     client.force_login(alice)
     assert client.get("/aurora/secret").status_code == 200
+
+
+def test_tokens_page_refuses_bad_input_and_other_peoples_tokens(alice, carol, client, token_for):
+    from gatehouse.accounts.models import ApiToken
+
+    token_for(alice, ("read",))
+    alices = ApiToken.objects.get(user=alice)
+    client.force_login(carol)
+    no_scope = client.post("/accounts/tokens", {"name": "x"})
+    assert no_scope.status_code == 400 and "Scopes must be" in no_scope.content.decode()
+    assert not ApiToken.objects.filter(user=carol).exists()
+    theirs = client.post("/accounts/tokens", {"revoke": alices.pk})
+    assert theirs.status_code == 404
+    alices.refresh_from_db()
+    assert alices.revoked_at is None
+    made = client.post("/accounts/tokens", {"name": "ci", "scopes": ["read", "inference"], "expires_in_days": "30"})
+    html = made.content.decode()
+    token = ApiToken.objects.get(user=carol)
+    assert made.status_code == 200 and "shown only once" in html and token.scopes == ["read", "inference"]
+    assert token.expires_at is not None and token.prefix in html
+
+
+def test_catalog_filters_by_licence_task_organization_and_sorts(aurora, northwind, alice, carol, register, client,
+                                                                django_assert_max_num_queries):
+    register(aurora, "zeta", alice, tier="open", metadata={"license": "mit", "pipeline_tag": "text-generation"})
+    register(aurora, "alpha", alice, tier="open", metadata={"license": "apache-2.0", "pipeline_tag": "fill-mask"})
+    register(northwind, "breeze", carol, tier="open", metadata={"license": "mit", "pipeline_tag": "text-generation"})
+
+    def names(query):
+        html = client.get("/?" + query).content.decode()
+        return [n for n in ("aurora/zeta", "aurora/alpha", "northwind/breeze") if n in html]
+
+    assert names("license=mit") == ["aurora/zeta", "northwind/breeze"]
+    assert names("task=fill-mask") == ["aurora/alpha"]
+    assert names("organization=northwind") == ["northwind/breeze"]
+    assert names("tier=closed") == [] and names("designation=eu-systemic-risk") == []
+    html = client.get("/?sort=name").content.decode()
+    assert html.index("aurora/alpha") < html.index("aurora/zeta") < html.index("northwind/breeze")
+    with django_assert_max_num_queries(8):  # no query per row
+        assert client.get("/?license=mit&sort=name").status_code == 200
