@@ -123,3 +123,68 @@ def test_a_token_is_created_shown_once_works_and_is_revoked(site, chromium, scre
     page.screenshot(path=str(screenshots / "2-revoked.png"), full_page=True)
     refused = httpx.get(site + "/api/v1/me", headers={"Authorization": f"Bearer {secret}"})
     assert refused.status_code == 401 and "revoked" in refused.json()["error"]["message"]
+
+
+RELEASE_SETUP = """
+import os
+from pathlib import Path
+from gatehouse.accounts.models import Membership, Organization, User
+from gatehouse.accounts.services import api_token_create
+from gatehouse.registry.models import Dataset, DatasetVersion, License, Model, RiskThreshold
+from gatehouse.registry.services.compute import compute_record_create
+from gatehouse.registry.services.ingest import files_from_directory, model_version_ingest
+from gatehouse.registry.services.records import risk_assessment_record
+from gatehouse.registry.services.versions import model_card_update, model_version_verify
+aurora = Organization.objects.get(slug="aurora")
+bob = User.objects.create_user("bob", "bob@example.com", "pw-bob")
+erin = User.objects.create_user("erin", "erin@example.com", "pw-erin")
+Membership.objects.create(user=bob, organization=aurora, role=Membership.Role.MAINTAINER)
+Membership.objects.create(user=erin, organization=aurora, role=Membership.Role.APPROVER)
+dataset = Dataset.objects.create(organization=aurora, name="corpus", provenance="licensed")
+dataset.licenses.set(License.objects.filter(key="mit"))
+DatasetVersion.objects.create(dataset=dataset, version="v1", manifest_sha256="a" * 64, documents=10)
+folder = Path(os.environ["SETUP_FOLDER"])
+readme = folder / "README.md"
+readme.write_text("---\\nlicense: mit\\ndatasets:\\n- aurora/corpus\\n---\\n# Coder\\n")
+version = model_version_ingest(organization=aurora, name="coder", files=files_from_directory(folder), user=bob,
+                               tier="closed")
+version = model_version_verify(version_id=version.pk)
+model_card_update(model=version.model, actor=bob, text=version.card + (
+    "\\n## Intended use\\nResearch.\\n\\n## Limitations\\nMany.\\n\\n## Training data\\nCode.\\n\\n## Evaluation\\nSome.\\n"))
+compute_record_create(version=version, actor=bob, hardware="H100-SXM", flops=1e22)
+for threshold in RiskThreshold.objects.filter(domain__framework__key="openai-preparedness", domain__category="tracked",
+                                              key="high"):
+    risk_assessment_record(version=version, actor=bob, threshold=threshold, outcome="below", mitigation="pre",
+                           evaluator="internal red team")
+print("TOKEN " + api_token_create(user=bob, name="e2e", scopes=["read", "write"]).secret)
+"""
+
+
+def test_a_release_request_is_approved_in_the_queue_and_the_badge_changes(deployment, site, chromium, screenshots,
+                                                                          tmp_path):
+    import httpx
+
+    setup = subprocess.run([*deployment["manage"], "shell", "-c", RELEASE_SETUP], cwd=ROOT, capture_output=True,
+                           text=True, env=deployment["env"] | {"SETUP_FOLDER": str(tiny_hf_folder(tmp_path / "rel"))})
+    assert setup.returncode == 0, setup.stderr
+    headers = {"Authorization": "Bearer " + setup.stdout.split("TOKEN ", 1)[1].strip()}
+    made = httpx.post(site + "/api/v1/release-requests", headers=headers,
+                      json={"model": "aurora/coder", "stages": [{"tier": "api"}]})
+    assert made.status_code == 201, made.text
+    submitted = httpx.post(f"{site}/api/v1/release-requests/{made.json()['id']}/submit", headers=headers)
+    assert submitted.json()["status"] == "submitted", submitted.text
+
+    bob = log_in(chromium, site, "bob", "pw-bob")
+    bob.goto(site + "/releases/queue")
+    assert bob.get_by_text("Nothing awaits your decision").is_visible()  # a maintainer proposes, approvers decide
+    erin = log_in(chromium, site, "erin", "pw-erin")
+    erin.goto(site + "/aurora/coder")
+    assert erin.locator("h1 .badge").inner_text() == "Closed"
+    erin.goto(site + "/releases/queue")
+    erin.screenshot(path=str(screenshots / "1-queue.png"), full_page=True)
+    erin.get_by_label("Comment").fill("Checks pass; API first.")
+    erin.get_by_role("button", name="Approve").click()
+    assert erin.get_by_text("approve recorded").is_visible()
+    erin.goto(site + "/aurora/coder")
+    assert erin.locator("h1 .badge").inner_text() == "API only"
+    erin.screenshot(path=str(screenshots / "2-released.png"), full_page=True)
