@@ -217,11 +217,30 @@ def access_decide(request, request_id):
     return redirect("access-queue")
 
 
+@login_required
+def my_access_and_usage(request):
+    """My access requests and what I used: downloads (files, bytes) and inference (calls, tokens), per model."""
+    from django.db.models import Count, Sum
+
+    from releases.models import Download, InferenceCall
+
+    requests = AccessRequest.objects.filter(user=request.user).select_related("model__organization").order_by(
+        "-created_at")
+    downloads = (Download.objects.filter(user=request.user).values("model__organization__slug", "model__name")
+                 .annotate(files=Count("id"), bytes=Sum("bytes")).order_by("-bytes"))
+    inference = (InferenceCall.objects.filter(user=request.user).values("model__organization__slug", "model__name")
+                 .annotate(calls=Count("id"), prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"))
+                 .order_by("-calls"))
+    return render(request, "releases/mine.html", {"requests": requests, "downloads": downloads,
+                                                  "inference": inference})
+
+
 urlpatterns = [
     path("queue", queue, name="release-queue"),
     path("requests/<int:request_id>/decide", decide, name="release-decide"),
     path("models/<seg:org>/<seg:name>/downgrade", downgrade_page, name="release-downgrade"),
     path("models/<seg:org>/<seg:name>/playground", playground, name="model-playground"),
     path("access-requests", access_queue, name="access-queue"),
+    path("mine", my_access_and_usage, name="my-usage"),
     path("access-requests/<int:request_id>/decide", access_decide, name="access-decide"),
 ]

@@ -267,3 +267,21 @@ def test_access_queue_page_lists_oldest_first_and_decides(gated, alice, bob, car
     browser.post(f"/releases/access-requests/{older.pk}/decide", {"status": "accepted"})
     older.refresh_from_db()
     assert older.status == "accepted" and AccessGrant.objects.filter(user=dan).exists()
+
+
+def test_my_page_lists_my_requests_downloads_and_inference_only(gated, alice, carol, django_assert_max_num_queries):
+    from releases.models import InferenceCall
+
+    AccessRequest.objects.create(model=gated, user=carol, status="rejected", rejection_reason="Say who you are",
+                                 decided_at=timezone.now())
+    version = gated.latest_version
+    Download.objects.create(user=carol, model=gated, version=version, path="model.safetensors", bytes=2048, via="stream")
+    Download.objects.create(user=alice, model=gated, version=version, path="model.safetensors", bytes=999, via="stream")
+    InferenceCall.objects.create(user=carol, model=gated, endpoint="completions", status=200, prompt_tokens=5,
+                                 completion_tokens=7)
+    browser = Client()
+    browser.force_login(carol)
+    with django_assert_max_num_queries(8):
+        html = browser.get("/releases/mine").content.decode()
+    assert "Say who you are" in html and "2.0\xa0KB" in html and ">7<" in html
+    assert "999" not in html  # alice's download is hers
