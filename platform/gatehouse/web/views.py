@@ -8,7 +8,8 @@ from gatehouse.accounts.models import ApiToken
 from gatehouse.accounts.services import api_token_create, api_token_revoke
 from gatehouse.core.errors import ApplicationError, NotFound
 from gatehouse.registry import selectors
-from gatehouse.registry.models import EvaluationResult, License, RiskAssessment, Tier
+from gatehouse.registry.models import EvaluationResult, License, RiskAssessment, Tier, TrainingMetric, TrainingRun
+from gatehouse.web.charts import line_chart, lineage_svg, power_law_fit
 from gatehouse.web.cards import card_html
 
 
@@ -44,6 +45,12 @@ def model_detail(request, org, name):
     context = {"model": model, "version": version, "card": card_html(model.card_text or (version.card if version else "")),
                "designations": [t for t in thresholds if version and t.key in selectors.designations_for(version, thresholds)]}
     context["panels"] = [import_string(panel)(request, model) for panel in settings.GATEHOUSE_MODEL_PAGE_PANELS]
+    context["loss_chart"], context["run"] = _loss_chart(model, version)
+    context["scaling_chart"], context["fit"] = _scaling_chart(model)
+    if version is not None:
+        chain = list(reversed(selectors.version_lineage(version)))
+        context["lineage"] = lineage_svg([(f"{v.model.repo_id}@{v.commit[:8]}", f"/{v.model.repo_id}",
+                                           v.cumulative_flops) for v in chain])
     if version:
         context["evaluations"] = EvaluationResult.objects.filter(version=version).select_related("benchmark")
         context["assessments"] = RiskAssessment.objects.filter(version=version).select_related("threshold__domain__framework")
@@ -72,3 +79,39 @@ def tokens(request):
             context["error"], status = exc.message, exc.status
     context["tokens"] = ApiToken.objects.filter(user=request.user).order_by("-created_at")
     return render(request, "web/tokens.html", context, status=status)
+
+
+def _loss_chart(model, version):
+    """The loss curve of the run that produced this version, or of the model's run in progress."""
+    run = None
+    if version is not None:
+        run = TrainingRun.objects.filter(result_version=version).first()
+    if run is None:
+        run = (TrainingRun.objects.filter(organization_id=model.organization_id, model_name=model.name,
+                                          status=TrainingRun.Status.RUNNING).order_by("-created_at").first())
+    if run is None:
+        return "", None
+    metrics = list(TrainingMetric.objects.filter(run=run).order_by("step").values_list("kind", "step", "loss",
+                                                                                       "val_loss"))
+    chart = line_chart({"train loss": [(step, loss) for kind, step, loss, _ in metrics if kind == "step"],
+                        "validation loss": [(step, val) for kind, step, _, val in metrics if kind == "eval"]},
+                       x_label="step", y_label="loss")
+    return chart, run
+
+
+def _scaling_chart(model):
+    """The organization's finished runs: final loss against training FLOPs on log axes, with a fitted power law."""
+    runs = (TrainingRun.objects.filter(organization_id=model.organization_id, status=TrainingRun.Status.SUCCEEDED,
+                                       last_loss__isnull=False, result_version__isnull=False)
+            .values_list("result_version__own_flops", "last_loss"))
+    points = sorted((flops, loss) for flops, loss in runs if flops and flops > 0)
+    if len(points) < 2:
+        return "", None
+    fit = power_law_fit(points)
+    series = {"runs": points}
+    if fit:
+        a, b = fit
+        series[f"fit: loss = {a:.3g}·C^{b:.3f}"] = [(points[0][0], a * points[0][0] ** b),
+                                                   (points[-1][0], a * points[-1][0] ** b)]
+    return line_chart(series, x_label="training FLOPs", y_label="final loss", log_x=True, log_y=True,
+                      scatter=("runs",)), fit

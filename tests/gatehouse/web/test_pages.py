@@ -67,3 +67,48 @@ def test_catalog_filters_by_licence_task_organization_and_sorts(aurora, northwin
     assert html.index("aurora/alpha") < html.index("aurora/zeta") < html.index("northwind/breeze")
     with django_assert_max_num_queries(8):  # no query per row
         assert client.get("/?license=mit&sort=name").status_code == 200
+
+
+def test_model_page_draws_the_loss_curve_of_the_run_that_made_it(aurora, alice, register, client):
+    from gatehouse.registry.models import TrainingMetric, TrainingRun
+
+    version = register(aurora, "trained", alice, tier="open")
+    run = TrainingRun.objects.create(organization=aurora, model_name="trained", created_by=alice, status="succeeded",
+                                     result_version=version, step=50, total_steps=50)
+    TrainingMetric.objects.bulk_create([TrainingMetric(run=run, kind="step", step=s, loss=5.0 - s * 0.05)
+                                        for s in range(1, 51)])
+    TrainingMetric.objects.create(run=run, kind="eval", step=50, val_loss=2.7)
+    html = client.get("/aurora/trained").content.decode()
+    assert '<svg class="chart"' in html and 'data-series="train loss"' in html
+    points = html.split('data-series="train loss"')[1].split('points="')[1].split('"')[0].split()
+    assert len(points) == 50 and float(points[0].split(",")[1]) < float(points[-1].split(",")[1])  # falls (SVG y down)
+    assert "step 50 of 50" in html
+
+
+def test_charts_escape_labels_and_skip_what_log_axes_cannot_show():
+    from gatehouse.web.charts import line_chart
+
+    svg = line_chart({"<script>x</script>": [(1, 10.0), (10, 1.0), (0, 5.0)]}, x_label="<b>", log_x=True, log_y=True)
+    assert "<script>" not in svg and "&lt;script&gt;" in svg and "<b>" not in svg
+    assert len(svg.split('points="')[1].split('"')[0].split()) == 2  # x=0 has no place on a log axis
+    assert line_chart({"empty": []}) == ""
+
+
+def test_scaling_view_fits_a_power_law_and_lineage_shows_the_ancestors(aurora, alice, register, client):
+    from gatehouse.registry.models import ModelVersion, TrainingRun
+    from gatehouse.web.charts import power_law_fit
+
+    a, b = power_law_fit([(1e18, 4.0), (1e19, 4.0 * 10 ** -0.05), (1e20, 4.0 * 10 ** -0.1)])
+    assert abs(b + 0.05) < 1e-9 and abs(a * 1e18 ** b - 4.0) < 1e-9
+    versions = []
+    for index, (flops, loss) in enumerate([(1e18, 4.0), (1e19, 3.5), (1e20, 3.1)]):
+        version = register(aurora, f"size-{index}", alice, tier="open", seed=index)
+        ModelVersion.objects.filter(pk=version.pk).update(own_flops=flops, cumulative_flops=flops)
+        TrainingRun.objects.create(organization=aurora, model_name=f"size-{index}", created_by=alice,
+                                   status="succeeded", result_version=version, last_loss=loss)
+        versions.append(version)
+    html = client.get("/aurora/size-2").content.decode()
+    assert html.count('class="point" data-series="runs"') == 3 and "fit: loss = " in html
+    ModelVersion.objects.filter(pk=versions[2].pk).update(base_version=versions[1])
+    lineage = client.get("/aurora/size-2").content.decode().split('class="chart lineage"')[1]
+    assert lineage.index("aurora/size-1@") < lineage.index("aurora/size-2@")  # oldest first
