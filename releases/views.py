@@ -182,6 +182,8 @@ def model_page_panel(request, model) -> str:
         "files": version.files.order_by("path") if version and downloads.allowed else [],
         "served": backend_served(model) and inference.allowed, "base": base,
         "approver": request.user.is_authenticated and approves_for(request.user, model.organization),
+        "history": Release.objects.filter(model=model).exclude(status=Release.Status.CANCELLED)
+        .select_related("version").order_by("-effective_at", "-id")[:10],
         "audience": access_policy.get_audience_display()}, request=request)
 
 

@@ -8,7 +8,9 @@ from gatehouse.accounts.models import ApiToken
 from gatehouse.accounts.services import api_token_create, api_token_revoke
 from gatehouse.core.errors import ApplicationError, NotFound
 from gatehouse.registry import selectors
-from gatehouse.registry.models import EvaluationResult, License, RiskAssessment, Tier, TrainingMetric, TrainingRun
+from gatehouse.registry.models import (
+    ComputeRecord, EvaluationResult, License, RiskAssessment, Tier, TrainingMetric, TrainingRun,
+)
 from gatehouse.web.charts import line_chart, lineage_svg, power_law_fit
 from gatehouse.web.cards import card_html
 
@@ -54,7 +56,13 @@ def model_detail(request, org, name):
     if version:
         context["evaluations"] = EvaluationResult.objects.filter(version=version).select_related("benchmark")
         context["assessments"] = RiskAssessment.objects.filter(version=version).select_related("threshold__domain__framework")
-        context["datasets"] = version.datasets.select_related("organization")
+        context["datasets"] = version.datasets.select_related("organization").prefetch_related("licenses", "versions")
+        records = list(ComputeRecord.objects.filter(version=version).order_by("created_at"))
+        context["compute"] = records
+        context["compute_total"] = {
+            "flops": sum(r.flops for r in records), "device_hours": sum(r.device_hours for r in records),
+            "energy_kwh": sum(r.energy_kwh for r in records), "emissions_kg": sum(r.emissions_kg for r in records),
+            "cost_usd": sum(r.cost_usd for r in records)} if records else None
     return render(request, "web/model_detail.html", context)
 
 

@@ -112,3 +112,24 @@ def test_scaling_view_fits_a_power_law_and_lineage_shows_the_ancestors(aurora, a
     ModelVersion.objects.filter(pk=versions[2].pk).update(base_version=versions[1])
     lineage = client.get("/aurora/size-2").content.decode().split('class="chart lineage"')[1]
     assert lineage.index("aurora/size-1@") < lineage.index("aurora/size-2@")  # oldest first
+
+
+def test_model_page_shows_compute_dataset_facts_and_licence_restrictions(aurora, alice, register, client,
+                                                                         django_assert_max_num_queries):
+    from gatehouse.registry.models import Dataset, DatasetVersion, License
+    from gatehouse.registry.services.compute import compute_record_create
+
+    dataset = Dataset.objects.create(organization=aurora, name="corpus", provenance="web-scraped")
+    dataset.licenses.set(License.objects.filter(key="mit"))
+    DatasetVersion.objects.create(dataset=dataset, version="v1", documents=1200, tokens=50000,
+                                  exact_duplicate_rate=0.031, personal_data_found={"email": 4})
+    version = register(aurora, "m", alice, tier="open",
+                       metadata={"license": "cc-by-nc-4.0", "datasets": ["aurora/corpus"]})
+    compute_record_create(version=version, actor=alice, hardware="H100-SXM", flops=3e21, device_count=8,
+                          wall_time_seconds=36000)
+    client.get("/aurora/m")
+    with django_assert_max_num_queries(30):
+        html = client.get("/aurora/m").content.decode()
+    assert "3.00e+21" in html and "8× H100-SXM" in html and "kWh" in html and "kg CO₂e" in html
+    assert "1,200 documents" in html and "4 email" in html and "0.031 duplicates removed" in html
+    assert "non-commercial" in html
