@@ -78,6 +78,11 @@ class Dataset(models.Model):
     def datasheet_complete(self) -> bool:
         return all(getattr(self, section).strip() for section in self.DATASHEET_SECTIONS)
 
+    @property
+    def datasheet_items(self) -> list[tuple[str, str]]:
+        """(section title, text) in datasheet order, for pages."""
+        return [(section.replace("_", " ").capitalize(), getattr(self, section)) for section in self.DATASHEET_SECTIONS]
+
 
 class DatasetVersion(models.Model):
     dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="versions")

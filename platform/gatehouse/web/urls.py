@@ -9,5 +9,8 @@ urlpatterns = [
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("accounts/tokens", views.tokens, name="web-tokens"),
     path("", views.model_list, name="web-model-list"),
+    path("datasets", views.dataset_list, name="web-dataset-list"),
+    path("datasets/<seg:org>/<seg:name>", views.dataset_detail, name="web-dataset-detail"),
+    path("licenses", views.license_list, name="web-license-list"),
     path("<seg:org>/<seg:name>", views.model_detail, name="web-model-detail"),
 ]

@@ -1,6 +1,7 @@
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
+from django.db.models import Prefetch
 from django.shortcuts import render
 from django.utils.module_loading import import_string
 
@@ -9,7 +10,7 @@ from gatehouse.accounts.services import api_token_create, api_token_revoke
 from gatehouse.core.errors import ApplicationError, NotFound
 from gatehouse.registry import selectors
 from gatehouse.registry.models import (
-    ComputeRecord, EvaluationResult, License, RiskAssessment, Tier, TrainingMetric, TrainingRun,
+    ComputeRecord, Dataset, DatasetVersion, EvaluationResult, License, RiskAssessment, Tier, TrainingMetric, TrainingRun,
 )
 from gatehouse.web.charts import line_chart, lineage_svg, power_law_fit
 from gatehouse.web.cards import card_html
@@ -123,3 +124,27 @@ def _scaling_chart(model):
                                                    (points[-1][0], a * points[-1][0] ** b)]
     return line_chart(series, x_label="training FLOPs", y_label="final loss", log_x=True, log_y=True,
                       scatter=("runs",)), fit
+
+
+def _datasets():
+    return Dataset.objects.select_related("organization").prefetch_related(
+        "licenses", Prefetch("versions", queryset=DatasetVersion.objects.order_by("-created_at")))
+
+
+def dataset_list(request):
+    datasets = _datasets().order_by("organization__slug", "name")
+    return render(request, "web/dataset_list.html", {"datasets": datasets})
+
+
+def dataset_detail(request, org, name):
+    dataset = _datasets().filter(organization__slug=org, name=name).first()
+    if dataset is None:
+        return render(request, "web/404.html", {"path": request.path}, status=404)
+    # Only the models this visitor may know exist.
+    models = selectors.model_visible_queryset(request.user).filter(versions__datasets=dataset).select_related(
+        "organization").distinct().order_by("organization__slug", "name")
+    return render(request, "web/dataset_detail.html", {"dataset": dataset, "models": models})
+
+
+def license_list(request):
+    return render(request, "web/license_list.html", {"licenses": License.objects.order_by("key")})

@@ -133,3 +133,22 @@ def test_model_page_shows_compute_dataset_facts_and_licence_restrictions(aurora,
     assert "3.00e+21" in html and "8× H100-SXM" in html and "kWh" in html and "kg CO₂e" in html
     assert "1,200 documents" in html and "4 email" in html and "0.031 duplicates removed" in html
     assert "non-commercial" in html
+
+
+def test_dataset_and_licence_pages(aurora, alice, register, client):
+    from gatehouse.registry.models import Dataset, DatasetVersion, License
+
+    dataset = Dataset.objects.create(organization=aurora, name="corpus", provenance="licensed",
+                                     motivation="<b>Teaching</b>")
+    dataset.licenses.set(License.objects.filter(key="mit"))
+    DatasetVersion.objects.create(dataset=dataset, version="v2", documents=77, personal_data_found={"phone": 2})
+    register(aurora, "open-one", alice, tier="open", metadata={"datasets": ["aurora/corpus"]})
+    register(aurora, "secret-one", alice, tier="closed", metadata={"datasets": ["aurora/corpus"]})
+    listing = client.get("/datasets").content.decode()
+    assert "aurora/corpus" in listing and "77 docs" in listing and "incomplete" in listing
+    page = client.get("/datasets/aurora/corpus").content.decode()
+    assert "&lt;b&gt;Teaching&lt;/b&gt;" in page and "2 phone" in page and "not documented" in page
+    assert "aurora/open-one" in page and "aurora/secret-one" not in page  # closed models stay hidden
+    assert client.get("/datasets/aurora/nope").status_code == 404
+    licences = client.get("/licenses").content.decode()
+    assert 'id="apache-2.0"' in licences and ("not allowed" in licences or "needs review" in licences)
