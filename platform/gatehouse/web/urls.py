@@ -8,6 +8,8 @@ urlpatterns = [
     path("accounts/login/", auth_views.LoginView.as_view(template_name="web/login.html"), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("accounts/tokens", views.tokens, name="web-tokens"),
+    path("accounts/profile", views.profile, name="web-profile"),
+    path("orgs/<seg:org>", views.organization_detail, name="web-organization"),
     path("", views.model_list, name="web-model-list"),
     path("datasets", views.dataset_list, name="web-dataset-list"),
     path("datasets/<seg:org>/<seg:name>", views.dataset_detail, name="web-dataset-detail"),

@@ -5,7 +5,7 @@ from django.db.models import Prefetch
 from django.shortcuts import render
 from django.utils.module_loading import import_string
 
-from gatehouse.accounts.models import ApiToken
+from gatehouse.accounts.models import ApiToken, Organization
 from gatehouse.accounts.services import api_token_create, api_token_revoke
 from gatehouse.core.errors import ApplicationError, NotFound
 from gatehouse.registry import selectors
@@ -148,3 +148,20 @@ def dataset_detail(request, org, name):
 
 def license_list(request):
     return render(request, "web/license_list.html", {"licenses": License.objects.order_by("key")})
+
+
+@login_required
+def profile(request):
+    memberships = request.user.memberships.select_related("organization").order_by("organization__slug")
+    return render(request, "web/profile.html", {"memberships": memberships})
+
+
+def organization_detail(request, org):
+    organization = Organization.objects.filter(slug=org).first()
+    if organization is None:
+        return render(request, "web/404.html", {"path": request.path}, status=404)
+    models = selectors.model_list(user=request.user, organization=org).order_by("name")
+    members = (organization.memberships.select_related("user").order_by("user__username")
+               if selectors.is_member(request.user, organization) else None)  # the roster is the members' business
+    return render(request, "web/organization.html", {"organization": organization, "models": models,
+                                                     "members": members})

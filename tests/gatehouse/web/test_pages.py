@@ -152,3 +152,17 @@ def test_dataset_and_licence_pages(aurora, alice, register, client):
     assert client.get("/datasets/aurora/nope").status_code == 404
     licences = client.get("/licenses").content.decode()
     assert 'id="apache-2.0"' in licences and ("not allowed" in licences or "needs review" in licences)
+
+
+def test_profile_and_organization_pages_keep_rosters_and_closed_models_to_members(aurora, alice, bob, carol, register,
+                                                                                   client):
+    register(aurora, "open-one", alice, tier="open")
+    register(aurora, "secret-one", alice, tier="closed")
+    client.force_login(carol)
+    outsider = client.get("/orgs/aurora").content.decode()
+    assert "aurora/open-one" in outsider and "secret-one" not in outsider and "Members" not in outsider
+    client.force_login(bob)
+    member = client.get("/orgs/aurora").content.decode()
+    assert "aurora/secret-one" in member and "alice" in member
+    assert "Aurora" in client.get("/accounts/profile").content.decode()
+    assert client.get("/orgs/nope").status_code == 404
