@@ -67,6 +67,16 @@ def test_visitor_browses_the_catalog_and_opens_a_card(site, chromium, screenshot
     assert page.get_by_role("link", name="aurora/tiny-open").is_visible()
     assert page.get_by_text("aurora/tiny-secret").count() == 0  # closed: not there for visitors
     page.screenshot(path=str(screenshots / "catalog.png"), full_page=True)
+    page.get_by_label("Search models").fill("gated")
+    page.get_by_role("button", name="Search").click()
+    assert page.get_by_role("link", name="aurora/tiny-gated").is_visible()
+    assert page.get_by_role("link", name="aurora/tiny-open").count() == 0
+    page.get_by_label("Search models").fill("")
+    page.get_by_label("Sort").select_option("name")
+    page.get_by_role("button", name="Search").click()
+    links = page.locator("ul.models a").all_inner_texts()
+    assert links == sorted(links) and "aurora/tiny-open" in links
+    page.screenshot(path=str(screenshots / "catalog-filtered.png"), full_page=True)
     page.get_by_role("link", name="aurora/tiny-open").click()
     page.wait_for_url(site + "/aurora/tiny-open")
     assert page.get_by_role("heading", name="Access").is_visible()

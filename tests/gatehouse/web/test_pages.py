@@ -166,3 +166,18 @@ def test_profile_and_organization_pages_keep_rosters_and_closed_models_to_member
     assert "aurora/secret-one" in member and "alice" in member
     assert "Aurora" in client.get("/accounts/profile").content.decode()
     assert client.get("/orgs/nope").status_code == 404
+
+
+def test_a_running_training_run_refreshes_its_loss_chart_and_a_finished_one_does_not(aurora, alice, register, client):
+    from gatehouse.registry.models import TrainingMetric, TrainingRun
+
+    version = register(aurora, "growing", alice, tier="open")
+    run = TrainingRun.objects.create(organization=aurora, model_name="growing", created_by=alice, status="running",
+                                     step=3, total_steps=100)
+    TrainingMetric.objects.bulk_create([TrainingMetric(run=run, kind="step", step=s, loss=4.0 - s / 10)
+                                        for s in (1, 2, 3)])
+    html = client.get("/aurora/growing").content.decode()
+    assert 'id="loss-chart" data-live' in html and "web/live.js" in html
+    TrainingRun.objects.filter(pk=run.pk).update(status="succeeded", result_version=version)
+    html = client.get("/aurora/growing").content.decode()
+    assert "data-live" not in html and "live.js" not in html and '<svg class="chart"' in html
