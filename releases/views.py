@@ -184,6 +184,7 @@ def model_page_panel(request, model) -> str:
         "approver": request.user.is_authenticated and approves_for(request.user, model.organization),
         "history": Release.objects.filter(model=model).exclude(status=Release.Status.CANCELLED)
         .select_related("version").order_by("-effective_at", "-id")[:10],
+        "since": Release.objects.filter(model=model, status=Release.Status.EFFECTIVE).order_by("-effective_at").first(),
         "audience": access_policy.get_audience_display()}, request=request)
 
 

@@ -197,4 +197,6 @@ def test_a_release_request_is_approved_in_the_queue_and_the_badge_changes(deploy
     assert erin.get_by_text("approve recorded").is_visible()
     erin.goto(site + "/aurora/coder")
     assert erin.locator("h1 .badge").inner_text() == "API only"
+    panel = erin.inner_text("div.access-panel")
+    assert "Released API only · Public · since " in panel and "Release history" in panel
     erin.screenshot(path=str(screenshots / "2-released.png"), full_page=True)
