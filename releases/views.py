@@ -155,6 +155,14 @@ def playground(request, org, name):
     return render(request, "releases/playground.html", context, status=status)
 
 
+def sort_by_downloads(models):
+    """The catalog's "downloads" sort (GATEHOUSE_MODEL_LIST_SORTS): whole-file downloads, most first."""
+    from django.db.models import Count, Q
+
+    return models.annotate(download_count=Count("downloads", filter=Q(downloads__range_start__isnull=True))
+                           ).order_by("-download_count", "-updated_at", "-id")
+
+
 def model_page_panel(request, model) -> str:
     """The model page's "Access" panel (wired in by settings.GATEHOUSE_MODEL_PAGE_PANELS, since gatehouse's
     pages know nothing of releases): what the caller may do, and how — files with sizes and hashes and the

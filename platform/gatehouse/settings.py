@@ -179,6 +179,8 @@ GATEHOUSE_HUB_PAGE_SIZE = int(os.environ.get("GATEHOUSE_HUB_PAGE_SIZE", "1000"))
 # Extra panels on the model page, each `f(request, model) -> html`: how apps built on gatehouse add to it
 # without gatehouse importing them.
 GATEHOUSE_MODEL_PAGE_PANELS = ["releases.views.model_page_panel"]
+# Extra catalog sorts, name -> `f(queryset) -> queryset` (downloads are counted by the releases app).
+GATEHOUSE_MODEL_LIST_SORTS = {"downloads": "releases.views.sort_by_downloads"}
 
 # Inference quotas (0: unlimited), counted from the metered calls, so they hold across web processes.
 INFERENCE_RPM_PER_TOKEN = int(os.environ.get("GATEHOUSE_INFERENCE_RPM_PER_TOKEN", "60"))

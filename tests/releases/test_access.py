@@ -285,3 +285,14 @@ def test_my_page_lists_my_requests_downloads_and_inference_only(gated, alice, ca
         html = browser.get("/releases/mine").content.decode()
     assert "Say who you are" in html and "2.0\xa0KB" in html and ">7<" in html
     assert "999" not in html  # alice's download is hers
+
+
+def test_catalog_sorts_by_downloads(gated, register, aurora, alice, carol):
+    other = register(aurora, "popular", alice, tier="open").model
+    version = other.latest_version
+    for _ in range(3):
+        Download.objects.create(user=carol, model=other, version=version, path="model.safetensors", bytes=1,
+                                via="stream")
+    html = Client().get("/?sort=downloads").content.decode()
+    assert html.index("aurora/popular") < html.index("aurora/gated")
+    assert '<option value="downloads" selected>' in html

@@ -25,8 +25,10 @@ def model_list(request):
                                                                "designation")}
     if filters["tier"] not in Tier.values:
         filters["tier"] = ""
-    sort = request.GET.get("sort") if request.GET.get("sort") in SORTS else "recent"
-    models = selectors.model_list(user=request.user, **filters).order_by(*SORTS[sort])
+    extra_sorts = settings.GATEHOUSE_MODEL_LIST_SORTS
+    sort = request.GET.get("sort") if request.GET.get("sort") in {*SORTS, *extra_sorts} else "recent"
+    models = selectors.model_list(user=request.user, **filters)
+    models = import_string(extra_sorts[sort])(models) if sort in extra_sorts else models.order_by(*SORTS[sort])
     page = Paginator(models, 30).get_page(request.GET.get("page"))
     thresholds = selectors.designation_thresholds()
     rows = [(m, selectors.designations_for(m.latest_version, thresholds)) for m in page]
@@ -34,6 +36,7 @@ def model_list(request):
     query.pop("page", None)
     return render(request, "web/model_list.html", {
         "page": page, "rows": rows, "filters": filters, "sort": sort, "tiers": Tier.choices,
+        "sorts": [("recent", "Recently updated"), ("name", "Name")] + [(k, k.capitalize()) for k in extra_sorts],
         "licenses": License.objects.order_by("key").values_list("key", flat=True), "thresholds": thresholds,
         "query": query.urlencode()})
 
