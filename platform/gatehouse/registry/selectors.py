@@ -25,7 +25,7 @@ def model_visible_queryset(user) -> QuerySet[Model]:
 
 
 def model_list(*, user, q: str = "", license: str = "", tier: str = "", task: str = "", designation: str = "",
-               organization: str = "") -> QuerySet[Model]:
+               organization: str = "", risk: str = "") -> QuerySet[Model]:
     models = model_visible_queryset(user).select_related("organization", "license", "latest_version")
     if q:
         for word in q.split()[:8]:
@@ -39,6 +39,13 @@ def model_list(*, user, q: str = "", license: str = "", tier: str = "", task: st
         models = models.filter(task=task)
     if organization:
         models = models.filter(organization__slug=organization)
+    if risk:  # the worst outcome assessed for the latest version
+        order = ["below", "cannot_rule_out", "above"]
+        if risk not in order:
+            return models.none()
+        worse = order[order.index(risk) + 1:]
+        models = models.filter(latest_version__risk_assessments__outcome=risk).exclude(
+            latest_version__risk_assessments__outcome__in=worse).distinct()
     if designation:
         threshold = DesignationThreshold.objects.filter(key=designation).first()
         if threshold is None or not threshold.in_force:

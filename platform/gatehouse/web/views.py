@@ -22,7 +22,7 @@ SORTS = {"recent": ("-updated_at", "-id"), "name": ("organization__slug", "name"
 def model_list(request):
     """The catalog: search, filters (tier, licence, task, organization, designation), sort, pages."""
     filters = {key: request.GET.get(key, "")[:200] for key in ("q", "tier", "license", "task", "organization",
-                                                               "designation")}
+                                                               "designation", "risk")}
     if filters["tier"] not in Tier.values:
         filters["tier"] = ""
     extra_sorts = settings.GATEHOUSE_MODEL_LIST_SORTS
@@ -38,6 +38,7 @@ def model_list(request):
         "page": page, "rows": rows, "filters": filters, "sort": sort, "tiers": Tier.choices,
         "sorts": [("recent", "Recently updated"), ("name", "Name")] + [(k, k.capitalize()) for k in extra_sorts],
         "licenses": License.objects.order_by("key").values_list("key", flat=True), "thresholds": thresholds,
+        "risks": RiskAssessment.Outcome.choices,
         "query": query.urlencode()})
 
 

@@ -181,3 +181,24 @@ def test_a_running_training_run_refreshes_its_loss_chart_and_a_finished_one_does
     TrainingRun.objects.filter(pk=run.pk).update(status="succeeded", result_version=version)
     html = client.get("/aurora/growing").content.decode()
     assert "data-live" not in html and "live.js" not in html and '<svg class="chart"' in html
+
+
+def test_catalog_filters_by_worst_risk_outcome(aurora, alice, register, client):
+    from gatehouse.registry.models import RiskThreshold
+    from gatehouse.registry.services.records import risk_assessment_record
+
+    thresholds = list(RiskThreshold.objects.filter(domain__framework__key="openai-preparedness", key="high")[:2])
+    calm = register(aurora, "calm", alice, tier="open", seed=1)
+    edgy = register(aurora, "edgy", alice, tier="open", seed=2)
+    for threshold in thresholds:
+        risk_assessment_record(version=calm, actor=alice, threshold=threshold, outcome="below", mitigation="pre",
+                               evaluator="red team")
+    risk_assessment_record(version=edgy, actor=alice, threshold=thresholds[0], outcome="below", mitigation="pre",
+                               evaluator="red team")
+    risk_assessment_record(version=edgy, actor=alice, threshold=thresholds[1], outcome="cannot_rule_out",
+                           mitigation="pre", evaluator="red team")
+    below = client.get("/?risk=below").content.decode()
+    assert "aurora/calm" in below and "aurora/edgy" not in below
+    unsure = client.get("/?risk=cannot_rule_out").content.decode()
+    assert "aurora/edgy" in unsure and "aurora/calm" not in unsure
+    assert "No models match" in client.get("/?risk=nonsense").content.decode()
