@@ -194,7 +194,7 @@ def test_catalog_filters_by_worst_risk_outcome(aurora, alice, register, client):
         risk_assessment_record(version=calm, actor=alice, threshold=threshold, outcome="below", mitigation="pre",
                                evaluator="red team")
     risk_assessment_record(version=edgy, actor=alice, threshold=thresholds[0], outcome="below", mitigation="pre",
-                               evaluator="red team")
+                           evaluator="red team")
     risk_assessment_record(version=edgy, actor=alice, threshold=thresholds[1], outcome="cannot_rule_out",
                            mitigation="pre", evaluator="red team")
     below = client.get("/?risk=below").content.decode()
