@@ -81,6 +81,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "gatehouse.core.ops.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -181,6 +182,10 @@ GATEHOUSE_HUB_PAGE_SIZE = int(os.environ.get("GATEHOUSE_HUB_PAGE_SIZE", "1000"))
 GATEHOUSE_MODEL_PAGE_PANELS = ["releases.views.model_page_panel"]
 # Extra catalog sorts, name -> `f(queryset) -> queryset` (downloads are counted by the releases app).
 GATEHOUSE_MODEL_LIST_SORTS = {"downloads": "releases.views.sort_by_downloads"}
+# Operations (gatehouse.core.ops): extra readiness checks and Prometheus gauges from the apps.
+GATEHOUSE_READINESS_CHECKS = ["releases.ops.readiness_checks"]
+GATEHOUSE_METRICS_COLLECTORS = ["gatehouse.core.ops.broker_metrics", "gatehouse.registry.ops.metrics",
+                                "releases.ops.metrics"]
 
 # Inference quotas (0: unlimited), counted from the metered calls, so they hold across web processes.
 INFERENCE_RPM_PER_TOKEN = int(os.environ.get("GATEHOUSE_INFERENCE_RPM_PER_TOKEN", "60"))
@@ -296,9 +301,14 @@ TRAINING_QUEUE = os.environ.get("GATEHOUSE_TRAINING_QUEUE", "gpu")
 TRAINING_HEARTBEAT_STALE_SECONDS = int(os.environ.get("TRAINING_HEARTBEAT_STALE_SECONDS", "30"))
 TRAINING_PYTHON = os.environ.get("GATEHOUSE_TRAINING_PYTHON", "")  # default: the worker's own interpreter
 
+# GATEHOUSE_LOG_FORMAT=json: one JSON object per line (production), with a line per request carrying its
+# X-Request-Id; the default is plain text, and runserver prints its own request lines.
+LOG_JSON = os.environ.get("GATEHOUSE_LOG_FORMAT", "text") == "json"
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "formatters": {"json": {"()": "gatehouse.core.ops.JsonFormatter"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", **({"formatter": "json"} if LOG_JSON else {})}},
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "WARNING")},
+    "loggers": {"gatehouse.requests": {"level": "INFO" if LOG_JSON else "WARNING"}},
 }

@@ -1,0 +1,150 @@
+"""Operations: a request id on every request and response, one structured log line per request, liveness
+(/healthz), readiness (/readyz: database, broker, storage, plus the checks apps register) and Prometheus
+metrics (/metrics: request latency here, plus the collectors apps register). Apps built on gatehouse add
+checks and metrics through settings (GATEHOUSE_READINESS_CHECKS, GATEHOUSE_METRICS_COLLECTORS), so this
+module never imports them."""
+import json
+import logging
+import re
+import time
+import uuid
+from pathlib import Path
+
+from django.conf import settings
+from django.core.files.base import ContentFile
+from django.core.files.storage import storages
+from django.db import connection
+from django.http import HttpResponse, JsonResponse
+from django.utils.module_loading import import_string
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+log = logging.getLogger("gatehouse.requests")
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+REGISTRY = CollectorRegistry()
+LATENCY = Histogram("gatehouse_http_request_seconds", "HTTP request latency", ["method", "route", "status"],
+                    registry=REGISTRY, buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+
+
+class RequestIdMiddleware:
+    """X-Request-Id from the client (or nginx) when sane, else a new one; echoed back, and in the log line.
+    Tokens never reach the log: only the path, not the query string, and never headers."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        given = request.headers.get("X-Request-Id", "")
+        request.id = given if REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+        start = time.perf_counter()
+        response = self.get_response(request)
+        elapsed = time.perf_counter() - start
+        response["X-Request-Id"] = request.id
+        match = getattr(request, "resolver_match", None)
+        route = match.route if match else "unmatched"
+        LATENCY.labels(request.method, route, str(response.status_code)).observe(elapsed)
+        log.info("request", extra={"request_id": request.id, "method": request.method, "path": request.path,
+                                   "route": route, "status": response.status_code, "ms": round(elapsed * 1000, 2),
+                                   "user": getattr(getattr(request, "user", None), "pk", None)})
+        return response
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the record's extra fields."""
+
+    STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname,
+                "logger": record.name, "message": record.getMessage()}
+        line.update({k: v for k, v in vars(record).items() if k not in self.STANDARD})
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def healthz(request):
+    """Liveness: the process answers. Nothing else is checked (a database outage must not restart the web)."""
+    return JsonResponse({"status": "ok"})
+
+
+def _check_database() -> str:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+    return "ok"
+
+
+def _check_broker() -> str:
+    from gatehouse.celery import app
+
+    with app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1, timeout=2)
+    return "ok"
+
+
+def _check_storage() -> str:
+    storage = storages["weights"]
+    name = storage.save(f"readiness/{uuid.uuid4().hex}", ContentFile(b"ok"))
+    storage.delete(name)
+    return "ok"
+
+
+# name -> (check, required): a failing required check makes the instance unready (503); others degrade it.
+CORE_CHECKS = {"database": (_check_database, True), "broker": (_check_broker, False),
+               "storage": (_check_storage, True)}
+
+
+def readyz(request):
+    """Readiness: 200 ready or degraded (reads still work, e.g. the broker is down), 503 when a required part
+    (database, storage) fails. Each part reports ok or its error."""
+    checks = dict(CORE_CHECKS)
+    for dotted in settings.GATEHOUSE_READINESS_CHECKS:
+        checks.update(import_string(dotted)())
+    results, status = {}, "ready"
+    for name, (check, required) in checks.items():
+        try:
+            results[name] = check()
+        except Exception as exc:  # any failure of a dependency is the answer, not a crash
+            results[name] = f"error: {exc.__class__.__name__}: {str(exc)[:200]}"
+            status = "unready" if required else ("degraded" if status == "ready" else status)
+    return JsonResponse({"status": status, "checks": results}, status=503 if status == "unready" else 200)
+
+
+class _AppMetrics:
+    """Gauges computed at scrape time by the collectors apps register: each yields (name, help, value, labels)."""
+
+    def collect(self):
+        for dotted in settings.GATEHOUSE_METRICS_COLLECTORS:
+            families = {}
+            for name, help_text, value, labels in import_string(dotted)():
+                family = families.setdefault(name, GaugeMetricFamily(name, help_text, labels=sorted(labels)))
+                family.add_metric([str(labels[k]) for k in sorted(labels)], value)
+            yield from families.values()
+
+
+REGISTRY.register(_AppMetrics())
+
+
+def metrics(request):
+    return HttpResponse(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
+
+
+def broker_metrics():
+    """Tasks waiting in the broker's queues (Redis lists or the filesystem transport's files)."""
+    from gatehouse.celery import app
+
+    queues = {settings.CELERY_TASK_DEFAULT_QUEUE, settings.TRAINING_QUEUE}
+    url = settings.CELERY_BROKER_URL
+    for queue in sorted(queues):
+        try:
+            if url.startswith("redis"):
+                with app.connection_for_read() as conn:
+                    depth = conn.default_channel.client.llen(queue)
+            elif url.startswith("filesystem"):
+                folder = settings.CELERY_BROKER_TRANSPORT_OPTIONS["data_folder_in"]
+                depth = sum(1 for _ in Path(folder).glob(f"*.{queue}.msg"))  # kombu's file naming
+            else:
+                continue
+        except Exception:  # an unreachable broker is readiness' news; metrics stay up
+            continue
+        yield "gatehouse_queue_depth", "Tasks waiting in a queue", depth, {"queue": queue}

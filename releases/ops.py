@@ -1,0 +1,36 @@
+"""The releases app's contributions to /metrics and /readyz (wired in by settings): downloads and tokens
+served, in aggregate, and whether the local inference engines answer."""
+import httpx
+from django.db.models import Count, Sum
+
+from releases.models import Download, InferenceBackend, InferenceCall
+
+
+def metrics():
+    downloads = Download.objects.aggregate(n=Count("id"), bytes=Sum("bytes"))
+    yield "gatehouse_downloads", "Metered file downloads", downloads["n"] or 0, {}
+    yield "gatehouse_download_bytes", "Bytes of metered downloads", downloads["bytes"] or 0, {}
+    tokens = InferenceCall.objects.aggregate(n=Count("id"), prompt=Sum("prompt_tokens"),
+                                             completion=Sum("completion_tokens"))
+    yield "gatehouse_inference_calls", "Metered inference calls", tokens["n"] or 0, {}
+    yield "gatehouse_tokens_served", "Tokens through the inference API", tokens["prompt"] or 0, {"kind": "prompt"}
+    yield "gatehouse_tokens_served", "Tokens through the inference API", tokens["completion"] or 0, {"kind": "completion"}
+
+
+def readiness_checks():
+    """Engines are not required: without one, only inference answers 503 (with Retry-After)."""
+    def engines() -> str:
+        urls = list(InferenceBackend.objects.filter(enabled=True, kind=InferenceBackend.Kind.LOCAL)
+                    .values_list("url", flat=True))
+        down = sum(1 for url in urls if not url or not _healthy(url))
+        if down:
+            raise RuntimeError(f"{down} of {len(urls)} local engines not answering")
+        return f"ok ({len(urls)} local)"
+    return {"engines": (engines, False)}
+
+
+def _healthy(base_url: str) -> bool:
+    try:
+        return httpx.get(base_url.rstrip("/").removesuffix("/v1") + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -1,0 +1,56 @@
+"""Operations endpoints and logs: request ids, liveness, readiness (ready, degraded, unready), Prometheus
+metrics without model names, JSON log lines without secrets."""
+import json
+import logging
+
+from django.test import Client
+
+from releases.models import InferenceBackend
+
+
+def test_request_ids_are_echoed_when_sane_and_made_otherwise(db):
+    client = Client()
+    given = client.get("/healthz", HTTP_X_REQUEST_ID="abc-123")
+    assert given.status_code == 200 and given["X-Request-Id"] == "abc-123"
+    hostile = client.get("/healthz", HTTP_X_REQUEST_ID="x\" onload=1 " * 10)
+    assert len(hostile["X-Request-Id"]) == 32 and '"' not in hostile["X-Request-Id"]
+
+
+def test_readiness_reports_each_part_and_degrades_or_fails(register, aurora, alice, settings, tmp_path):
+    ready = Client().get("/readyz").json()
+    assert ready["status"] == "ready" and ready["checks"]["database"] == "ok" and ready["checks"]["storage"] == "ok"
+    assert ready["checks"]["broker"] == "ok" and ready["checks"]["engines"].startswith("ok")
+    model = register(aurora, "m", alice, tier="api").model
+    InferenceBackend.objects.create(model=model, kind="local", url="")  # its engine is not up
+    degraded = Client().get("/readyz")
+    assert degraded.status_code == 200 and degraded.json()["status"] == "degraded"
+    assert degraded.json()["checks"]["engines"].startswith("error: RuntimeError: 1 of 1 local engines")
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("storage cannot live under a file, whoever runs the test")
+    settings.STORAGES = {**settings.STORAGES, "weights": {"BACKEND": "django.core.files.storage.FileSystemStorage",
+                                                          "OPTIONS": {"location": str(not_a_folder)}}}
+    unready = Client().get("/readyz")
+    assert unready.status_code == 503 and unready.json()["status"] == "unready"
+    assert unready.json()["checks"]["storage"].startswith("error:") and unready.json()["checks"]["database"] == "ok"
+
+
+def test_metrics_are_prometheus_text_with_aggregates_only(register, aurora, alice, client):
+    register(aurora, "very-secret-name", alice, tier="closed")
+    client.get("/")
+    text = client.get("/metrics").content.decode()
+    assert "gatehouse_http_request_seconds_bucket" in text and 'gatehouse_models{tier="closed"} 1.0' in text
+    assert "gatehouse_downloads 0.0" in text and "gatehouse_tokens_served" in text
+    assert "very-secret-name" not in text
+
+
+def test_json_request_log_carries_the_request_id_and_never_a_token(db, caplog, token_for, alice):
+    from gatehouse.core.ops import JsonFormatter
+
+    secret = token_for(alice)
+    with caplog.at_level(logging.INFO, logger="gatehouse.requests"):
+        Client().get(f"/api/v1/me?token={secret}", HTTP_AUTHORIZATION=f"Bearer {secret}", HTTP_X_REQUEST_ID="req-42")
+    record = next(r for r in caplog.records if r.name == "gatehouse.requests")
+    line = json.loads(JsonFormatter().format(record))
+    assert line["request_id"] == "req-42" and line["path"] == "/api/v1/me" and line["status"] == 200
+    assert line["route"] == "api/v1/me" and line["user"] == alice.pk
+    assert secret not in json.dumps(line) and "Bearer" not in json.dumps(line)
