@@ -60,6 +60,21 @@ DEBUG = envbool("DEBUG")
 ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", "127.0.0.1,localhost,[::1],testserver")
 CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS", "")
 
+# Behind a TLS-terminating proxy (infra/nginx.conf): GATEHOUSE_TLS=1 makes cookies secure, redirects plain
+# HTTP, sends HSTS, and trusts the proxy's X-Forwarded-Proto. `manage.py check --deploy` is clean with it.
+if envbool("GATEHOUSE_TLS"):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]  # probes come over plain HTTP inside
+    SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = int(os.environ.get("GATEHOUSE_HSTS_SECONDS", str(365 * 24 * 3600)))
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = envbool("GATEHOUSE_HSTS_INCLUDE_SUBDOMAINS")
+    SECURE_HSTS_PRELOAD = envbool("GATEHOUSE_HSTS_PRELOAD")
+SILENCED_SYSTEM_CHECKS = []
+if envbool("GATEHOUSE_TLS") and not envbool("GATEHOUSE_HSTS_INCLUDE_SUBDOMAINS"):
+    # HSTS for subdomains and preload lists bind every host of the domain for a year: the operator's call.
+    SILENCED_SYSTEM_CHECKS += ["security.W005", "security.W021"]
+
 INSTALLED_APPS = [
     "gatehouse.core",  # first, so its `runserver` (TCP_NODELAY) wins over staticfiles'
     "django.contrib.admin",

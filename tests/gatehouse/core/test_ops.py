@@ -54,3 +54,22 @@ def test_json_request_log_carries_the_request_id_and_never_a_token(db, caplog, t
     assert line["request_id"] == "req-42" and line["path"] == "/api/v1/me" and line["status"] == 200
     assert line["route"] == "api/v1/me" and line["user"] == alice.pk
     assert secret not in json.dumps(line) and "Bearer" not in json.dumps(line)
+
+
+def test_deploy_checks_are_clean_with_production_settings(tmp_path):
+    import os
+    import secrets
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    env = dict(os.environ, GATEHOUSE_TLS="1", SECRET_KEY=secrets.token_urlsafe(60), DEBUG="0",
+               GATEHOUSE_VAR_DIR=str(tmp_path / "var"), ALLOWED_HOSTS="models.example.org")
+    result = subprocess.run([sys.executable, str(root / "manage.py"), "check", "--deploy", "--fail-level", "WARNING"],
+                            env=env, capture_output=True, text=True, cwd=root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
+    bare = subprocess.run([sys.executable, str(root / "manage.py"), "check", "--deploy", "--fail-level", "WARNING"],
+                          env=env | {"GATEHOUSE_TLS": "0"}, capture_output=True, text=True, cwd=root)
+    assert bare.returncode != 0 and "SESSION_COOKIE_SECURE" in bare.stderr + bare.stdout  # the check can fail
