@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""A production-like Gatehouse on one machine, without Docker: PostgreSQL (a fresh database), Redis, an
+S3-compatible server (moto), gunicorn workers behind nginx, a Celery worker per queue and beat as separate
+processes, and the engine supervisor. CI's smoke suite (infra/smoke.py) drives it; run it yourself with
+
+    python infra/stack.py            # prints the URL; Ctrl-C stops everything and drops the database
+
+Needs PostgreSQL and Redis running (as .ci/run starts them) and nginx installed.
+"""
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_ADMIN = os.environ.get("STACK_POSTGRES_URL", "postgres://postgres:postgres@127.0.0.1:5432/postgres")
+REDIS = os.environ.get("STACK_REDIS_URL", "redis://127.0.0.1:6379/14")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Stack:
+    def __init__(self, work: Path):
+        self.work = Path(work)
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.database = f"gatehouse_stack_{uuid.uuid4().hex[:8]}"
+        self.port, self.web_port, self.s3_port = free_port(), free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        queue = f"stack-{uuid.uuid4().hex[:6]}"
+        self.env = dict(
+            os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "platform"), str(ROOT)]), PYTHONUNBUFFERED="1",
+            DATABASE_URL=PG_ADMIN.rsplit("/", 1)[0] + "/" + self.database, CELERY_BROKER_URL=REDIS,
+            GATEHOUSE_VAR_DIR=str(self.work / "var"), SECRET_KEY=secrets.token_urlsafe(50), DEBUG="0",
+            ALLOWED_HOSTS="127.0.0.1,localhost", GATEHOUSE_LOG_FORMAT="json", LOG_LEVEL="WARNING",
+            GATEHOUSE_STORAGE="s3", AWS_STORAGE_BUCKET_NAME="weights", AWS_ACCESS_KEY_ID="stack",
+            AWS_SECRET_ACCESS_KEY="stack-secret", AWS_S3_REGION_NAME="us-east-1", AWS_DEFAULT_REGION="us-east-1",
+            AWS_S3_ENDPOINT_URL=f"http://127.0.0.1:{self.s3_port}", GATEHOUSE_DEFAULT_QUEUE=queue,
+            GATEHOUSE_TRAINING_QUEUE=f"{queue}-gpu")
+        self.manage = [sys.executable, str(ROOT / "manage.py")]
+
+    # --- lifecycle ------------------------------------------------------------------------------------------
+    def start(self) -> "Stack":
+        self.work.mkdir(parents=True, exist_ok=True)
+        self._sql(f'CREATE DATABASE "{self.database}"')
+        self._spawn("s3", [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(self.s3_port)])
+        self._wait(f"http://127.0.0.1:{self.s3_port}/", "the S3 server")
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.env["AWS_S3_ENDPOINT_URL"], aws_access_key_id="stack",
+                     aws_secret_access_key="stack-secret", region_name="us-east-1").create_bucket(Bucket="weights")
+        subprocess.run([*self.manage, "migrate", "--noinput", "-v0"], env=self.env, cwd=ROOT, check=True)
+        self._spawn("web", [sys.executable, "-m", "gunicorn", "gatehouse.wsgi:application", "--bind",
+                            f"127.0.0.1:{self.web_port}", "--workers", "2", "--worker-class", "gthread",
+                            "--threads", "8", "--timeout", "600", "--graceful-timeout", "10"])
+        self._spawn("nginx", ["nginx", "-c", str(self._nginx_conf()), "-p", str(self.work / "nginx"),
+                              "-g", "daemon off;"])
+        celery = [sys.executable, "-m", "celery", "-A", "gatehouse"]
+        worker = [*celery, "worker", "--pool", "solo", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+        self._spawn("worker", [*worker, "-Q", self.env["GATEHOUSE_DEFAULT_QUEUE"], "-n", "default@stack"])
+        self._spawn("gpu-worker", [*worker, "-Q", self.env["GATEHOUSE_TRAINING_QUEUE"], "-n", "gpu@stack"])
+        self._spawn("beat", [*celery, "beat", "-s", str(self.work / "beat-schedule")])
+        self._spawn("engines", [*self.manage, "serve_engines"])
+        self._wait(self.url + "/readyz", "the stack to be ready", ok=lambda r: r.status_code == 200)
+        return self
+
+    def stop(self) -> None:
+        for name, proc in reversed(list(self.processes.items())):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        try:
+            self._sql(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+        except Exception as exc:  # never hide the real outcome behind a cleanup error
+            print(f"could not drop {self.database}: {exc}", file=sys.stderr)
+
+    # --- helpers --------------------------------------------------------------------------------------------
+    def manage_shell(self, code: str, **env) -> str:
+        out = subprocess.run([*self.manage, "shell", "-c", code], env=self.env | env, cwd=ROOT, capture_output=True,
+                             text=True)
+        if out.returncode:
+            raise RuntimeError(out.stderr[-2000:])
+        return out.stdout
+
+    def _spawn(self, name: str, command: list[str]) -> None:
+        log = open(self.work / f"{name}.log", "a")
+        self.processes[name] = subprocess.Popen(command, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+    def _wait(self, url: str, what: str, ok=lambda r: r.status_code < 500, timeout: float = 90) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for name, proc in self.processes.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with status {proc.returncode} (see {self.work / name}.log)")
+            try:
+                if ok(httpx.get(url, timeout=3)):
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"timed out waiting for {what} at {url}")
+
+    def _sql(self, statement: str) -> None:
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(statement)
+
+    def _nginx_conf(self) -> Path:
+        prefix = self.work / "nginx"
+        prefix.mkdir(parents=True, exist_ok=True)
+        text = (ROOT / "infra" / "nginx.conf.template").read_text()
+        for key, value in {"PREFIX": prefix, "LISTEN": f"127.0.0.1:{self.port}",
+                           "UPSTREAM": f"127.0.0.1:{self.web_port}", "WEIGHTS": self.work / "var" / "weights"}.items():
+            text = text.replace(f"@@{key}@@", str(value))
+        text = text.replace("worker_processes auto;", "worker_processes 2;\nuser root;" if os.geteuid() == 0 else
+                            "worker_processes 2;")
+        path = prefix / "nginx.conf"
+        path.write_text(text)
+        return path
+
+
+def main() -> int:
+    if not shutil.which("nginx"):
+        print("error: nginx is not installed (apt-get install -y nginx)", file=sys.stderr)
+        return 2
+    stack = Stack(ROOT / "var" / "stack")
+    try:
+        stack.start()
+        print(f"Gatehouse (production-like) at {stack.url}/ — logs in {stack.work}; Ctrl-C stops it.", flush=True)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stack.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
