@@ -223,6 +223,13 @@ def test_the_platform_runs_a_local_engine_and_restarts_it_after_a_crash(deployme
     again, seen = answer_within(120)
     assert 503 in seen  # the gateway said so while the engine was down
     assert again.choices[0].text == first.choices[0].text  # the restarted engine serves the same weights
+    supervisor = deployment["processes"][-1]
+    supervisor.kill()  # even killed outright, the supervisor leaves no engine behind
+    supervisor.wait(timeout=10)
+    deadline = time.time() + 10
+    while time.time() < deadline and subprocess.run(["pgrep", "-f", "--", "--model-id aurora/tiny-local"]).returncode == 0:
+        time.sleep(0.2)
+    assert subprocess.run(["pgrep", "-f", "--", "--model-id aurora/tiny-local"]).returncode != 0
 
 
 def test_playground_answers_signed_in_users_with_access_and_shows_the_snippet(gateway):

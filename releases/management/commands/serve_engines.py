@@ -53,6 +53,16 @@ def materialize(version) -> Path:
     return target
 
 
+def _die_with_parent() -> None:
+    """Linux: the engine gets SIGTERM if the supervisor dies, even by SIGKILL, so no engine is orphaned."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 class Engine:
     def __init__(self, backend_id: int):
         self.backend_id, self.process, self.port, self.failures, self.next_start = backend_id, None, 0, 0, 0.0
@@ -121,7 +131,8 @@ class Command(BaseCommand):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "platform"), str(ROOT)]))
         engine.process = subprocess.Popen(
             [sys.executable, "-m", "training", "serve", "--model", str(folder), "--model-id", backend.model.repo_id,
-             "--port", str(engine.port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+             "--port", str(engine.port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent)
         InferenceBackend.objects.filter(pk=backend.pk).update(url="", upstream_model=backend.model.repo_id)
         self.stdout.write(f"starting the engine for {backend.model.repo_id}@{version.commit[:12]} on port {engine.port}")
 
