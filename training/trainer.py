@@ -282,11 +282,26 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
         for s, handler in previous.items():
             signal.signal(s, handler)
 
+    if env.world > 1:
+        # Every rank's weights must be the same model at the end; rank 0 records their checksums to show it.
+        digests = [None] * env.world
+        dist.all_gather_object(digests, _weights_digest(model))
+        events.emit("replicas", world_size=env.world, weights_sha256=digests, in_sync=len(set(digests)) == 1)
     if env.is_main:
         _finish(cfg, out, model, run_id, data_manifest, base, trainable, metrics, clock.last_loss,
                 clock.tokens, clock.flops, clock.device_seconds, events, env)
     events.close()
     return 0
+
+
+def _weights_digest(model) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _finish(cfg, out, model, run_id, data_manifest, base, trainable, metrics, last_loss, tokens, flops,

@@ -315,6 +315,11 @@ TRAINING_QUEUE = os.environ.get("GATEHOUSE_TRAINING_QUEUE", "gpu")
 # last checkpoint). Worker heartbeats come every couple of seconds.
 TRAINING_HEARTBEAT_STALE_SECONDS = int(os.environ.get("TRAINING_HEARTBEAT_STALE_SECONDS", "30"))
 TRAINING_PYTHON = os.environ.get("GATEHOUSE_TRAINING_PYTHON", "")  # default: the worker's own interpreter
+# Multi-node: each node's gpu worker joins torchrun's rendezvous at node 0 (see README, Deploying).
+TRAINING_NNODES = int(os.environ.get("GATEHOUSE_TRAINING_NNODES", "1"))
+TRAINING_NODE_RANK = int(os.environ.get("GATEHOUSE_TRAINING_NODE_RANK", "0"))
+TRAINING_RDZV_ENDPOINT = os.environ.get("GATEHOUSE_TRAINING_RDZV_ENDPOINT", "")
+TRAINING_RDZV_ID = os.environ.get("GATEHOUSE_TRAINING_RDZV_ID", "gatehouse")
 
 # GATEHOUSE_LOG_FORMAT=json: one JSON object per line (production), with a line per request carrying its
 # X-Request-Id; the default is plain text, and runserver prints its own request lines.

@@ -21,3 +21,19 @@ timeout 300 python3 tests/bench/train_throughput.py --device cuda --preset 124m 
 echo "=== generate: our engine vs transformers.generate, 124M shape, bf16, batch 1 and 64 concurrent ==="
 timeout 240 python3 tests/bench/generate.py --device cuda --preset 124m --concurrency 1,64 --new-tokens 128 \
   --gateway-requests 0 2>&1 | grep -v -i "warn\|Loading weights" | tee "$OUT/generate.log"
+
+echo "=== torchrun (nccl): the launcher the gpu worker uses, one process per GPU here ==="
+timeout 120 python3 -c "
+import sys, tempfile, subprocess
+from pathlib import Path
+sys.path.insert(0, '.')
+from training.data import prepare
+tmp = Path(tempfile.mkdtemp())
+import sysconfig
+prepare([Path(sysconfig.get_paths()['stdlib']) / 'json'], tmp / 'data', vocab_size=400, license='PSF-2.0')
+n = __import__('torch').cuda.device_count()
+rc = subprocess.call([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', str(n), '-m',
+                      'training', 'train', '--data', str(tmp / 'data'), '--out', str(tmp / 'run'), '--preset', 'debug',
+                      '--device', 'cuda', '--seq-len', '64', '--max-steps', '20', '--compile', 'no'])
+print('torchrun processes', n, 'exit', rc)
+" 2>&1 | grep -v -i warn | tail -3 | tee "$OUT/torchrun.log"

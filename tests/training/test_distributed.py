@@ -35,3 +35,6 @@ def test_ddp_on_two_processes_matches_one_process(tmp_path, data_dir):
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), abs=1e-4)
     assert events(tmp_path / "two", "step")[-1]["tokens"] == 6 * 8 * 64
     assert (tmp_path / "two" / "export" / "model.safetensors").exists()
+    replicas = events(tmp_path / "two", "replicas")[0]  # two processes, one model: identical weights at the end
+    assert replicas["in_sync"] and len(replicas["weights_sha256"]) == 2
+    assert replicas["weights_sha256"][0] == replicas["weights_sha256"][1]

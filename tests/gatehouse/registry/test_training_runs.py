@@ -201,3 +201,22 @@ def test_stale_running_runs_are_requeued_once(aurora, alice, corpus, django_capt
     assert (run.status, run.attempt) == ("queued", 1)
     assert training_run_execute(run_id=run.pk, attempt=0).status == "queued"  # the old attempt's message: no-op
     assert training_run_execute(run_id=run.pk, attempt=1).status == "succeeded"
+
+
+def test_the_gpu_worker_launches_torchrun_for_several_processes_and_nodes(settings):
+    import pytest
+
+    from gatehouse.core.errors import InvalidInput
+    from gatehouse.registry.services.training import launcher
+
+    assert launcher(1)[1:] == ["-m", "training", "train"]
+    two = launcher(2)
+    assert two[1:4] == ["-m", "torch.distributed.run", "--standalone"] and two[4:6] == ["--nproc-per-node", "2"]
+    settings.TRAINING_NNODES, settings.TRAINING_NODE_RANK = 4, 3
+    with pytest.raises(InvalidInput, match="RDZV_ENDPOINT"):
+        launcher(8)
+    settings.TRAINING_RDZV_ENDPOINT = "node0.cluster:29400"
+    multi = launcher(8)
+    assert multi[multi.index("--nnodes") + 1] == "4" and multi[multi.index("--node-rank") + 1] == "3"
+    assert multi[multi.index("--rdzv-endpoint") + 1] == "node0.cluster:29400" and "--standalone" not in multi
+    assert multi[multi.index("--nproc-per-node") + 1] == "8"

@@ -320,11 +320,25 @@ def _last_error(log_path: Path) -> str:
     return (lines[-1] if lines else "no output") [:500]
 
 
+def launcher(processes: int) -> list[str]:
+    """How the gpu worker starts the trainer: plainly for one process, with torchrun for several — on this
+    node alone, or as one node of TRAINING_NNODES meeting at TRAINING_RDZV_ENDPOINT (multi-node)."""
+    if processes <= 1 and settings.TRAINING_NNODES <= 1:
+        return [_python(), "-m", "training", "train"]
+    if settings.TRAINING_NNODES > 1:
+        if not settings.TRAINING_RDZV_ENDPOINT:
+            raise InvalidInput("Multi-node training needs GATEHOUSE_TRAINING_RDZV_ENDPOINT (host:port of node 0).")
+        where = ["--nnodes", str(settings.TRAINING_NNODES), "--node-rank", str(settings.TRAINING_NODE_RANK),
+                 "--rdzv-backend", "c10d", "--rdzv-endpoint", settings.TRAINING_RDZV_ENDPOINT,
+                 "--rdzv-id", settings.TRAINING_RDZV_ID]
+    else:
+        where = ["--standalone"]
+    return [_python(), "-m", "torch.distributed.run", *where, "--nproc-per-node", str(max(1, processes)),
+            "-m", "training", "train"]
+
+
 def _train_command(run: TrainingRun, work: Path, data: Path) -> list[str]:
-    base = [_python(), "-m", "training", "train"]
-    if run.processes > 1:
-        base = [_python(), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(run.processes),
-                "-m", "training", "train"]
+    base = launcher(run.processes)
     cmd = base + ["--data", str(data), "--out", str(work / "train"), "--preset", run.preset or "debug",
                   "--method", run.method, "--max-steps", str(run.total_steps), "--run-id", f"gatehouse-run-{run.pk}",
                   "--datasets", ",".join(str(rd.dataset_version.dataset) for rd in
