@@ -26,3 +26,14 @@ def test_dependencies_point_one_way():
     assert not {"django", "gatehouse", "releases", "rest_framework"} & _imports(ROOT / "training")
     assert "releases" not in _imports(ROOT / "platform" / "gatehouse")
     assert "torch" not in _imports(ROOT / "platform" / "gatehouse") | _imports(ROOT / "releases")
+
+
+def test_every_environment_variable_the_settings_read_is_documented():
+    import re
+
+    settings_text = (ROOT / "platform" / "gatehouse" / "settings.py").read_text()
+    read = set(re.findall(r'(?:environ(?:\.get)?\(|environ\[|env(?:bool|list|float|int)\()"([A-Z][A-Z0-9_]+)"',
+                          settings_text))
+    documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", (ROOT / "infra" / "ENVIRONMENT.md").read_text()))
+    assert read, "the pattern no longer finds the settings' variables"
+    assert sorted(read - documented) == []
