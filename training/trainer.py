@@ -290,6 +290,8 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
     if env.is_main:
         _finish(cfg, out, model, run_id, data_manifest, base, trainable, metrics, clock.last_loss,
                 clock.tokens, clock.flops, clock.device_seconds, events, env)
+    if env.world > 1:
+        dist.barrier()  # the other ranks wait for rank 0's export, so all leave the process group together
     events.close()
     return 0
 

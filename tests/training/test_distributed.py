@@ -29,7 +29,7 @@ def test_ddp_on_two_processes_matches_one_process(tmp_path, data_dir):
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "training", "train", "--out", str(tmp_path / "two"), "--batch-size", "4", *args],
                          capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[:3000] + "\n…\n" + two.stderr[-3000:]
     start = events(tmp_path / "two", "start")
     assert len(start) == 1 and start[0]["world_size"] == 2  # only rank 0 writes events
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), abs=1e-4)
