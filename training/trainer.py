@@ -283,10 +283,16 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
             signal.signal(s, handler)
 
     if env.world > 1:
-        # Every rank's weights must be the same model at the end; rank 0 records their checksums to show it.
-        digests = [None] * env.world
-        dist.all_gather_object(digests, _weights_digest(model))
-        events.emit("replicas", world_size=env.world, weights_sha256=digests, in_sync=len(set(digests)) == 1)
+        # Every rank's weights must be the same model at the end: each rank leaves a checksum of its weights,
+        # and rank 0 records them all (where the ranks share a filesystem, as on one node).
+        replicas = out / "replicas"
+        replicas.mkdir(parents=True, exist_ok=True)
+        (replicas / f"rank-{env.rank}.sha256").write_text(_weights_digest(model))
+        dist.barrier()
+        digests = [(replicas / f"rank-{r}.sha256").read_text() if (replicas / f"rank-{r}.sha256").exists() else None
+                   for r in range(env.world)] if env.is_main else []
+        if env.is_main and all(digests):
+            events.emit("replicas", world_size=env.world, weights_sha256=digests, in_sync=len(set(digests)) == 1)
     if env.is_main:
         _finish(cfg, out, model, run_id, data_manifest, base, trainable, metrics, clock.last_loss,
                 clock.tokens, clock.flops, clock.device_seconds, events, env)

@@ -97,6 +97,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "gatehouse.core.ops.RequestIdMiddleware",
+    "gatehouse.core.ops.ContentSecurityPolicyMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -201,6 +202,15 @@ GATEHOUSE_MODEL_LIST_SORTS = {"downloads": "releases.views.sort_by_downloads"}
 GATEHOUSE_READINESS_CHECKS = ["releases.ops.readiness_checks"]
 GATEHOUSE_METRICS_COLLECTORS = ["gatehouse.core.ops.broker_metrics", "gatehouse.registry.ops.metrics",
                                 "releases.ops.metrics"]
+
+# Credential guessing: this many bad tokens or failed logins from one address (or for one username) within
+# the window, and further attempts are refused with 429 until it passes. Counted in the cache: set
+# GATEHOUSE_CACHE_URL (redis://…) so all web processes share the counts.
+AUTH_FAILURES_PER_WINDOW = int(os.environ.get("GATEHOUSE_AUTH_FAILURES_PER_WINDOW", "20"))
+AUTH_FAILURE_WINDOW_SECONDS = int(os.environ.get("GATEHOUSE_AUTH_FAILURE_WINDOW_SECONDS", "900"))
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                      "LOCATION": os.environ["GATEHOUSE_CACHE_URL"]}
+          if os.environ.get("GATEHOUSE_CACHE_URL") else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
 # Inference quotas (0: unlimited), counted from the metered calls, so they hold across web processes.
 INFERENCE_RPM_PER_TOKEN = int(os.environ.get("GATEHOUSE_INFERENCE_RPM_PER_TOKEN", "60"))

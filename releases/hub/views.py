@@ -14,7 +14,7 @@ from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods
 
-from gatehouse.accounts.authentication import token_from_header
+from gatehouse.accounts.authentication import client_address, token_from_header
 from gatehouse.accounts.models import User
 from gatehouse.core.errors import ApplicationError, NotAuthenticated, NotFound
 from gatehouse.registry.models import Model, ModelFile, ModelRef, ModelVersion
@@ -60,7 +60,10 @@ def hub_view(methods=("GET",)):
                 # The client shows "Invalid user token" for a 401 with this message; ours follows it.
                 return hub_error_response(401, "", f"Invalid credentials in Authorization header: {exc.message}")
             except ApplicationError as exc:
-                return hub_error_response(exc.status, "", exc.message)
+                response = hub_error_response(exc.status, "", exc.message)
+                if getattr(exc, "retry_after", None):
+                    response["Retry-After"] = str(exc.retry_after)
+                return response
         return wrapper
     return decorate
 
@@ -68,7 +71,7 @@ def hub_view(methods=("GET",)):
 class Caller:
     def __init__(self, request):
         header = request.headers.get("Authorization", "").encode("latin-1", "replace")
-        self.token = token_from_header(header)
+        self.token = token_from_header(header, client=client_address(request))
         self.user = self.token.user if self.token else request.user
         self.organization_ids = access.user_organization_ids(self.user)
 

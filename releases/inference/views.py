@@ -13,8 +13,8 @@ from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods
 
-from gatehouse.accounts.authentication import token_from_header
-from gatehouse.core.errors import NotAuthenticated
+from gatehouse.accounts.authentication import client_address, token_from_header
+from gatehouse.core.errors import NotAuthenticated, Throttled
 from gatehouse.registry.models import Model
 from gatehouse.registry.selectors import model_visible_queryset
 from releases import access, policy
@@ -67,9 +67,13 @@ def openai_view(methods):
 def _caller(request):
     """Bearer token only: the openai client always sends one, and browser sessions get no CSRF-free writes."""
     try:
-        token = token_from_header(request.headers.get("Authorization", "").encode("latin-1", "replace"))
+        token = token_from_header(request.headers.get("Authorization", "").encode("latin-1", "replace"),
+                                  client=client_address(request))
     except NotAuthenticated as exc:
         raise OpenAIError(401, exc.message, "invalid_api_key") from None
+    except Throttled as exc:
+        raise OpenAIError(429, exc.message, "rate_limit_exceeded",
+                          headers={"Retry-After": str(exc.retry_after), "x-should-retry": "false"}) from None
     if token is None:
         raise OpenAIError(401, "Pass a Gatehouse token as the API key (Authorization: Bearer <token>).",
                           "invalid_api_key")

@@ -1,13 +1,40 @@
 from django.conf import settings
+from django.core.cache import cache
 from django.utils import timezone
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 
 from gatehouse.accounts.models import ApiToken
 from gatehouse.accounts.services import api_token_touch, token_hash
-from gatehouse.core.errors import NotAuthenticated
+from gatehouse.core.errors import NotAuthenticated, Throttled
 
 
-def token_from_header(header: bytes) -> ApiToken | None:
+def client_address(request) -> str:
+    """The caller's address as seen by us (behind nginx, REMOTE_ADDR is the proxy unless it sets it right)."""
+    return request.META.get("REMOTE_ADDR", "") or "unknown"
+
+
+def _failures_key(client: str) -> str:
+    return f"gatehouse:bad-credentials:{client}"
+
+
+def check_credential_failures(client: str) -> None:
+    """Refuse every credential from an address that sent too many bad ones lately (token guessing)."""
+    if cache.get(_failures_key(client), 0) >= settings.AUTH_FAILURES_PER_WINDOW:
+        raise Throttled(f"Too many invalid credentials from your address; try again in "
+                        f"{settings.AUTH_FAILURE_WINDOW_SECONDS // 60} minutes.",
+                        retry_after=settings.AUTH_FAILURE_WINDOW_SECONDS)
+
+
+def record_credential_failure(client: str) -> None:
+    key = _failures_key(client)
+    cache.add(key, 0, timeout=settings.AUTH_FAILURE_WINDOW_SECONDS)
+    try:
+        cache.incr(key)
+    except ValueError:  # expired between add and incr
+        cache.set(key, 1, timeout=settings.AUTH_FAILURE_WINDOW_SECONDS)
+
+
+def token_from_header(header: bytes, *, client: str | None = None) -> ApiToken | None:
     """The active token named by an `Authorization: Bearer …` header, None when there is no header.
 
     A header that names a bad token fails loudly: a typo must not silently become an anonymous call.
@@ -17,9 +44,13 @@ def token_from_header(header: bytes) -> ApiToken | None:
         return None
     if len(parts) != 2:
         raise NotAuthenticated("Malformed Authorization header; send 'Authorization: Bearer <token>'.")
+    if client is not None:
+        check_credential_failures(client)
     raw = parts[1].decode("latin-1")
     token = ApiToken.objects.select_related("user").filter(key_hash=token_hash(raw)).first()
     if token is None:
+        if client is not None:
+            record_credential_failure(client)
         raise NotAuthenticated("Invalid token. Create one with `manage.py create_token` or in your settings.")
     now = timezone.now()
     if token.revoked_at is not None:
@@ -34,7 +65,7 @@ def token_from_header(header: bytes) -> ApiToken | None:
 
 class BearerTokenAuthentication(BaseAuthentication):
     def authenticate(self, request):
-        token = token_from_header(get_authorization_header(request))
+        token = token_from_header(get_authorization_header(request), client=client_address(request))
         return (token.user, token) if token else None
 
     def authenticate_header(self, request):

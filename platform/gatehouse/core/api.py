@@ -29,6 +29,8 @@ def exception_handler(exc, context):
         response = Response(error_body(exc.status, exc.code, exc.message, exc.fields), status=exc.status)
         if exc.status == 401:
             response["WWW-Authenticate"] = 'Bearer realm="gatehouse"'
+        if getattr(exc, "retry_after", None):
+            response["Retry-After"] = str(exc.retry_after)
         return response
     if isinstance(exc, DjangoValidationError):  # a service that forgot clean_or_invalid: still a 400
         fields = exc.message_dict if hasattr(exc, "error_dict") else {"non_field_errors": exc.messages}

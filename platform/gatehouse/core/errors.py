@@ -48,3 +48,12 @@ def clean_or_invalid(instance, **kwargs) -> None:
         fields = exc.message_dict if hasattr(exc, "error_dict") else {"non_field_errors": exc.messages}
         message = "; ".join(f"{name}: {' '.join(messages)}" for name, messages in fields.items())
         raise InvalidInput(message, fields=fields) from None
+
+
+class Throttled(ApplicationError):
+    status = 429
+    code = "throttled"
+
+    def __init__(self, message: str, *, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -5,7 +5,7 @@ from gatehouse.registry.api.urls import SegmentConverter  # noqa: F401  (registe
 from gatehouse.web import views
 
 urlpatterns = [
-    path("accounts/login/", auth_views.LoginView.as_view(template_name="web/login.html"), name="login"),
+    path("accounts/login/", views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("accounts/tokens", views.tokens, name="web-tokens"),
     path("accounts/profile", views.profile, name="web-profile"),

@@ -5,9 +5,12 @@ from django.db.models import Prefetch
 from django.shortcuts import render
 from django.utils.module_loading import import_string
 
+from django.contrib.auth import views as auth_views
+
+from gatehouse.accounts.authentication import check_credential_failures, client_address, record_credential_failure
 from gatehouse.accounts.models import ApiToken, Organization
 from gatehouse.accounts.services import api_token_create, api_token_revoke
-from gatehouse.core.errors import ApplicationError, NotFound
+from gatehouse.core.errors import ApplicationError, NotFound, Throttled
 from gatehouse.registry import selectors
 from gatehouse.registry.models import (
     ComputeRecord, Dataset, DatasetVersion, EvaluationResult, License, RiskAssessment, Tier, TrainingMetric, TrainingRun,
@@ -169,3 +172,23 @@ def organization_detail(request, org):
                if selectors.is_member(request.user, organization) else None)  # the roster is the members' business
     return render(request, "web/organization.html", {"organization": organization, "models": models,
                                                      "members": members})
+
+
+class LoginView(auth_views.LoginView):
+    """Django's login, refusing (429) an address or a username after too many failed attempts."""
+
+    template_name = "web/login.html"
+
+    def post(self, request, *args, **kwargs):
+        keys = [client_address(request), "user:" + request.POST.get("username", "")[:150].lower()]
+        try:
+            for key in keys:
+                check_credential_failures(key)
+        except Throttled as exc:
+            form = self.get_form()
+            return self.render_to_response(self.get_context_data(form=form, throttled=exc.message), status=429)
+        response = super().post(request, *args, **kwargs)
+        if response.status_code != 302:  # the form was refused: a failed attempt
+            for key in keys:
+                record_credential_failure(key)
+        return response

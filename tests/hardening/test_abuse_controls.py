@@ -1,0 +1,42 @@
+"""Credential guessing is refused: after too many bad tokens from one address, every credential from it gets a
+429 with Retry-After on the REST API, the Hub endpoints and the OpenAI gateway; after too many failed logins, the
+login form refuses even the right password until the window passes. Nothing is granted meanwhile."""
+from django.test import Client
+
+
+def test_bad_tokens_from_one_address_are_throttled_on_every_api(alice, token_for, settings):
+    settings.AUTH_FAILURES_PER_WINDOW = 5
+    good = token_for(alice, ("read", "inference"))
+    client = Client()
+    for _ in range(5):
+        assert client.get("/api/v1/me", HTTP_AUTHORIZATION="Bearer gh_guess").status_code == 401
+    for url, status_field in [("/api/v1/me", None), ("/api/whoami-v2", None), ("/v1/models", None)]:
+        refused = client.get(url, HTTP_AUTHORIZATION=f"Bearer {good}")
+        assert refused.status_code == 429 and int(refused["Retry-After"]) == settings.AUTH_FAILURE_WINDOW_SECONDS, url
+    assert "Too many invalid credentials" in client.get("/api/v1/me", HTTP_AUTHORIZATION=f"Bearer {good}").json()[
+        "error"]["message"]
+    other = Client(REMOTE_ADDR="10.0.0.9")  # another address is not affected
+    assert other.get("/api/v1/me", HTTP_AUTHORIZATION=f"Bearer {good}").status_code == 200
+
+
+def test_failed_logins_lock_the_form_for_that_user_and_address(alice, settings):
+    settings.AUTH_FAILURES_PER_WINDOW = 3
+    browser = Client()
+    for _ in range(3):
+        wrong = browser.post("/accounts/login/", {"username": "alice", "password": "nope"})
+        assert wrong.status_code == 200 and "did not match" in wrong.content.decode()
+    right = browser.post("/accounts/login/", {"username": "alice", "password": "pw-alice"})
+    assert right.status_code == 429 and "Too many invalid credentials" in right.content.decode()
+    assert "_auth_user_id" not in browser.session
+    elsewhere = Client(REMOTE_ADDR="10.0.0.7")  # the username is locked too, from any address
+    assert elsewhere.post("/accounts/login/", {"username": "ALICE", "password": "pw-alice"}).status_code == 429
+    fresh = Client(REMOTE_ADDR="10.0.0.8")
+    assert fresh.post("/accounts/login/", {"username": "carol", "password": "x"}).status_code == 200
+
+
+def test_pages_carry_a_content_security_policy_and_refuse_framing(db, client):
+    page = client.get("/")
+    csp = page["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+    assert page["X-Frame-Options"] == "DENY" and page["X-Content-Type-Options"] == "nosniff"
+    assert "Content-Security-Policy" not in client.get("/api/v1/licenses")  # JSON needs none
