@@ -47,7 +47,7 @@ class Stack:
             GATEHOUSE_STORAGE="s3", AWS_STORAGE_BUCKET_NAME="weights", AWS_ACCESS_KEY_ID="stack",
             AWS_SECRET_ACCESS_KEY="stack-secret", AWS_S3_REGION_NAME="us-east-1", AWS_DEFAULT_REGION="us-east-1",
             AWS_S3_ENDPOINT_URL=f"http://127.0.0.1:{self.s3_port}", GATEHOUSE_DEFAULT_QUEUE=queue,
-            GATEHOUSE_TRAINING_QUEUE=f"{queue}-gpu")
+            GATEHOUSE_TRAINING_QUEUE=f"{queue}-gpu", GATEHOUSE_TRUSTED_PROXY_HOPS="1")
         self.manage = [sys.executable, str(ROOT / "manage.py")]
 
     # --- lifecycle ------------------------------------------------------------------------------------------

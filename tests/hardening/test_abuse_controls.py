@@ -40,3 +40,25 @@ def test_pages_carry_a_content_security_policy_and_refuse_framing(db, client):
     assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
     assert page["X-Frame-Options"] == "DENY" and page["X-Content-Type-Options"] == "nosniff"
     assert "Content-Security-Policy" not in client.get("/api/v1/licenses")  # JSON needs none
+
+
+def test_behind_a_trusted_proxy_each_client_is_counted_apart_and_the_header_cannot_be_forged(alice, token_for,
+                                                                                              settings):
+    settings.AUTH_FAILURES_PER_WINDOW = 3
+    good = token_for(alice)
+    proxy = Client(REMOTE_ADDR="127.0.0.1")  # nginx in front: every request comes from it
+
+    def me(token, forwarded):
+        return proxy.get("/api/v1/me", HTTP_AUTHORIZATION=f"Bearer {token}", HTTP_X_FORWARDED_FOR=forwarded)
+
+    settings.TRUSTED_PROXY_HOPS = 1
+    for _ in range(3):
+        assert me("gh_guess", "203.0.113.5").status_code == 401
+    assert me(good, "203.0.113.5").status_code == 429
+    assert me(good, "198.51.100.7").status_code == 200  # other clients behind the same proxy are unaffected
+    assert me(good, "10.9.9.9, 203.0.113.5").status_code == 429  # a forged first entry does not escape
+    settings.TRUSTED_PROXY_HOPS = 0  # not behind a proxy: the header is the client's own words, ignored
+    assert me(good, "198.51.100.7").status_code == 200  # 127.0.0.1 itself has no failures
+    for _ in range(3):
+        me("gh_guess", "198.51.100.99")
+    assert me(good, "203.0.113.77").status_code == 429  # rotating the header does not help an attacker

@@ -9,7 +9,13 @@ from gatehouse.core.errors import NotAuthenticated, Throttled
 
 
 def client_address(request) -> str:
-    """The caller's address as seen by us (behind nginx, REMOTE_ADDR is the proxy unless it sets it right)."""
+    """The caller's address. Behind GATEHOUSE_TRUSTED_PROXY_HOPS proxies (nginx: 1) it is the address the
+    nearest trusted proxy saw, from X-Forwarded-For; otherwise REMOTE_ADDR, and X-Forwarded-For is ignored —
+    a client could write anything there."""
+    hops = settings.TRUSTED_PROXY_HOPS
+    forwarded = [a.strip() for a in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",") if a.strip()]
+    if hops and forwarded:
+        return forwarded[-hops] if len(forwarded) >= hops else forwarded[0]
     return request.META.get("REMOTE_ADDR", "") or "unknown"
 
 
