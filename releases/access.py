@@ -8,6 +8,7 @@ from django.conf import settings
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
 from django.db.models import Q
+from django.urls import reverse
 from django.utils import timezone
 
 from gatehouse.accounts.models import Membership, Organization, User
@@ -57,12 +58,11 @@ def caller_facts(*, user, token, model: Model, organization_ids: list[int] | Non
     if not policy.needs_grant(access_policy.audience, bool(access_policy.acceptable_use)):
         return policy.CallerFacts(authenticated=True, scopes=scopes)
     now = timezone.now()
-    grants = AccessGrant.objects.filter(Q(user=user) | Q(organization_id__in=organization_ids), model=model)
-    active = grants.filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now), revoked_at__isnull=True).exists()
-    if active:
+    mine = Q(user=user) | Q(organization_id__in=organization_ids)
+    if _active_grants(model).filter(mine).exists():
         return policy.CallerFacts(authenticated=True, scopes=scopes, grant="active")
     grant_state = grant_at = grant_reason = ""
-    latest = grants.order_by("-created_at", "-id").first()
+    latest = AccessGrant.objects.filter(mine, model=model).order_by("-created_at", "-id").first()
     if latest is not None:
         if latest.revoked_at is not None:
             grant_state, grant_at, grant_reason = "revoked", _day(latest.revoked_at), latest.revoke_reason
@@ -75,11 +75,24 @@ def caller_facts(*, user, token, model: Model, organization_ids: list[int] | Non
         request_at = _day(request.created_at if request.status == AccessRequest.Status.PENDING else request.decided_at)
         if request.status == AccessRequest.Status.REJECTED:
             rejection = request.rejection_reason
-            again = _retry_after(request, access_policy_of(model))
+            again = _retry_after(request, access_policy)
             retry = _day(again) if again and again > now else ""
     return policy.CallerFacts(authenticated=True, scopes=scopes, grant=grant_state, grant_at=grant_at,
                               grant_reason=grant_reason, request=request_state, request_at=request_at,
                               rejection_reason=rejection, retry_after=retry)
+
+
+def _license_facts(model: Model) -> dict:
+    """Which licence text a request or grant accepted: its key and the sha256 of its text."""
+    license = model.license
+    if license is None:
+        return {"license_key": "", "license_sha256": ""}
+    return {"license_key": license.key, "license_sha256": license.text_sha256 or sha256_text(license.text)}
+
+
+def access_request_url(request, model: Model) -> str:
+    """Where a refusal sends people to ask for access: the model's request form."""
+    return request.build_absolute_uri(reverse("web-access-request", args=[model.organization.slug, model.name]))
 
 
 def _retry_after(request: AccessRequest, access_policy: AccessPolicy):
@@ -159,12 +172,10 @@ def access_request_create(*, model: Model, user: User, fields: dict | None, acce
                     .order_by("-created_at", "-id").first())
         if previous is not None:
             _check_can_ask_again(previous, access_policy, model, user, now)
-        license = model.license
         try:
             with transaction.atomic():
                 request = AccessRequest.objects.create(
-                    model=model, user=user, fields=fields, license_key=license.key if license else "",
-                    license_sha256=(license.text_sha256 or sha256_text(license.text)) if license else "",
+                    model=model, user=user, fields=fields, **_license_facts(model),
                     acceptable_use_sha256=sha256_text(access_policy.acceptable_use), created_at=now)
         except IntegrityError:
             raise Conflict(f"You already have a request for {model.repo_id}.") from None
@@ -303,9 +314,7 @@ def access_grant_create(*, model: Model, actor: User, user: User | None = None,
     now = timezone.now()
     if expires_at is not None and expires_at <= now:
         raise InvalidInput("expires_at must be in the future.")
-    license = model.license
-    license_facts = {"license_key": license.key if license else "",
-                     "license_sha256": (license.text_sha256 or sha256_text(license.text)) if license else ""}
+    license_facts = _license_facts(model)
     with transaction.atomic():
         if organization is not None:
             grant = AccessGrant.objects.create(model=model, organization=organization, granted_by=actor,

@@ -177,12 +177,13 @@ def model_page_panel(request, model) -> str:
     access_policy = access.access_policy_of(model)
     facts = access.caller_facts(user=request.user, token=None, model=model)
     base = request.build_absolute_uri("/").rstrip("/")
+    request_url = access.access_request_url(request, model)
     downloads = policy.file_access(repo_id=model.repo_id, tier=model.tier, audience=access_policy.audience,
-                                   path="model.safetensors", caller=facts, request_url=f"{base}/{model.repo_id}/access",
+                                   path="model.safetensors", caller=facts, request_url=request_url,
                                    inference_url=f"{base}/v1", acceptable_use=bool(access_policy.acceptable_use))
     inference = policy.inference_access(repo_id=model.repo_id, tier=model.tier, audience=access_policy.audience,
                                         acceptable_use=bool(access_policy.acceptable_use), caller=facts,
-                                        request_url=f"{base}/{model.repo_id}/access")
+                                        request_url=request_url)
     needs_request = model.tier != "closed" and not facts.is_member and policy.needs_grant(
         access_policy.audience, bool(access_policy.acceptable_use))
     return render_to_string("releases/model_panel.html", {

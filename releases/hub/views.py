@@ -10,7 +10,6 @@ import json
 from django.conf import settings
 from django.db.models import Count
 from django.http import HttpResponse, JsonResponse
-from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods
 
@@ -106,9 +105,11 @@ def _version(model: Model, revision: str) -> ModelVersion:
                                              f"(status: {waiting.status}); it can be downloaded once it is.")
 
 
-def _urls(request, model: Model) -> tuple[str, str]:
-    request_url = request.build_absolute_uri(reverse("web-access-request", args=[model.organization.slug, model.name]))
-    return request_url, request.build_absolute_uri("/v1")
+def _next_link(request, key: str, value: int) -> str:
+    """The Link header the client follows verbatim for the next page."""
+    params = request.GET.copy()
+    params[key] = str(value)
+    return f'<{request.build_absolute_uri(request.path)}?{params.urlencode()}>; rel="next"'
 
 
 def _iso(moment) -> str:
@@ -126,7 +127,7 @@ def resolve(request, org: str, name: str, revision: str, path: str):
     caller = Caller(request)
     model, facts = _visible_model(caller, org, name)
     version = _version(model, revision)
-    request_url, inference_url = _urls(request, model)
+    request_url, inference_url = access.access_request_url(request, model), request.build_absolute_uri("/v1")
     access_policy = access.access_policy_of(model)
     decision = policy.file_access(repo_id=model.repo_id, tier=model.tier, audience=access_policy.audience, path=path,
                                   caller=facts, request_url=request_url, inference_url=inference_url,
@@ -178,9 +179,7 @@ def model_index(request):
     page = list(models[offset:offset + limit + 1])
     response = JsonResponse([_model_summary(m) for m in page[:limit]], safe=False)
     if len(page) > limit:  # the client follows Link and stops by itself once it has `limit` models
-        params = request.GET.copy()
-        params["offset"] = str(offset + limit)
-        response["Link"] = f'<{request.build_absolute_uri(request.path)}?{params.urlencode()}>; rel="next"'
+        response["Link"] = _next_link(request, "offset", offset + limit)
     return response
 
 
@@ -248,9 +247,7 @@ def tree(request, org: str, name: str, revision: str, path: str = ""):
     size = settings.GATEHOUSE_HUB_PAGE_SIZE
     response = JsonResponse(entries[offset:offset + size], safe=False)
     if offset + size < len(entries):
-        params = request.GET.copy()
-        params["cursor"] = str(offset + size)
-        response["Link"] = f'<{request.build_absolute_uri(request.path)}?{params.urlencode()}>; rel="next"'
+        response["Link"] = _next_link(request, "cursor", offset + size)
     return response
 
 

@@ -9,7 +9,6 @@ import json
 import httpx
 from django.conf import settings
 from django.http import JsonResponse, StreamingHttpResponse
-from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods
 
@@ -83,10 +82,9 @@ def _caller(request):
 def _decide(request, model: Model, user, token, organization_ids) -> policy.AccessDecision:
     facts = access.caller_facts(user=user, token=token, model=model, organization_ids=organization_ids)
     access_policy = access.access_policy_of(model)
-    request_url = request.build_absolute_uri(reverse("web-access-request", args=[model.organization.slug, model.name]))
     return policy.inference_access(repo_id=model.repo_id, tier=model.tier, audience=access_policy.audience,
                                    acceptable_use=bool(access_policy.acceptable_use), caller=facts,
-                                   request_url=request_url)
+                                   request_url=access.access_request_url(request, model))
 
 
 def _served_models(user):
