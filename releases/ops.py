@@ -22,15 +22,16 @@ def readiness_checks():
     def engines() -> str:
         urls = list(InferenceBackend.objects.filter(enabled=True, kind=InferenceBackend.Kind.LOCAL)
                     .values_list("url", flat=True))
-        down = sum(1 for url in urls if not url or not _healthy(url))
+        down = sum(1 for url in urls if not url or not engine_healthy(url))
         if down:
             raise RuntimeError(f"{down} of {len(urls)} local engines not answering")
         return f"ok ({len(urls)} local)"
     return {"engines": (engines, False)}
 
 
-def _healthy(base_url: str) -> bool:
+def engine_healthy(base_url: str, timeout: float = 2) -> bool:
+    """Whether an engine (its OpenAI base URL, …/v1) answers its /health."""
     try:
-        return httpx.get(base_url.rstrip("/").removesuffix("/v1") + "/health", timeout=2).status_code == 200
+        return httpx.get(base_url.rstrip("/").removesuffix("/v1") + "/health", timeout=timeout).status_code == 200
     except httpx.HTTPError:
         return False

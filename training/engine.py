@@ -92,7 +92,7 @@ class Engine:
         self.device = torch.device("cuda" if use_cuda else "cpu")
         self.dtype = torch.bfloat16 if (dtype == "bfloat16" or (dtype == "auto" and use_cuda)) else torch.float32
         model, hf_config = load_exported(model_dir, device=self.device)
-        self.model = model.to(self.dtype).eval()
+        self.model = model.to(self.dtype).eval()  # the RoPE tables (buffers) are in this dtype too
         self.config = model.config
         self.layers = [_LayerWeights.of(block) for block in self.model.model.layers]
         self.model_dir = model_dir
@@ -273,12 +273,12 @@ class Engine:
         total = max(lengths) + seq
         same_length = min(lengths) == max(lengths)
         if same_length:  # slicing the tables is a view; no per-step tensors to build
-            cos = model.rope_cos[lengths[0]:lengths[0] + seq].to(self.dtype)[None, None]
-            sin = model.rope_sin[lengths[0]:lengths[0] + seq].to(self.dtype)[None, None]
+            cos = model.rope_cos[lengths[0]:lengths[0] + seq][None, None]
+            sin = model.rope_sin[lengths[0]:lengths[0] + seq][None, None]
         else:
             positions = torch.tensor(lengths, device=self.device)[:, None] + torch.arange(seq, device=self.device)
-            cos = model.rope_cos[positions].to(self.dtype)[:, None]  # (batch, 1, seq, head_dim)
-            sin = model.rope_sin[positions].to(self.dtype)[:, None]
+            cos = model.rope_cos[positions][:, None]  # (batch, 1, seq, head_dim)
+            sin = model.rope_sin[positions][:, None]
         # Key j is visible to the query at position p when j <= p (causal, and never past the row's length).
         # Rows of one length need no explicit mask: a fresh prompt is plain causal, a decode sees every key.
         if same_length and seq > 1 and lengths[0] == 0:

@@ -16,13 +16,13 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 from django.conf import settings
 from django.core.files.storage import storages
 from django.core.management.base import BaseCommand
 from django.utils import timezone
 
 from releases.models import InferenceBackend
+from releases.ops import engine_healthy
 
 ROOT = Path(__file__).resolve().parents[3]
 POLL_SECONDS = 2.0
@@ -137,10 +137,7 @@ class Command(BaseCommand):
         self.stdout.write(f"starting the engine for {backend.model.repo_id}@{version.commit[:12]} on port {engine.port}")
 
     def ready(self, engine: Engine) -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{engine.port}/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return engine_healthy(f"http://127.0.0.1:{engine.port}/v1", timeout=1)
 
     def stop_engine(self, engine: Engine) -> None:
         engine.mark("")
