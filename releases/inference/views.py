@@ -114,9 +114,7 @@ def _model_for(request, model_id: str, user, token, organization_ids) -> Model:
     org, _, name = (model_id or "").partition("/")
     model = (Model.objects.filter(organization__slug=org, name=name, inference_backend__enabled=True)
              .select_related("organization", "access_policy", "inference_backend").first() if org and name else None)
-    if model is not None and model.tier == "closed" and not (user.is_superuser or model.organization_id in organization_ids):
-        model = None  # a closed model does not exist for outsiders
-    if model is None:
+    if model is None:  # a closed model is judged below, by the policy, and answers exactly like this
         raise OpenAIError(404, f"The model {model_id!r} does not exist or you do not have access to it.",
                           "model_not_found", param="model")
     decision = _decide(request, model, user, token, organization_ids)
