@@ -1,11 +1,13 @@
 """Reads. Visibility lives here: a closed model does not exist for anyone outside its organization."""
 import re
 
-from django.db.models import Q, QuerySet
+from django.db.models import Prefetch, Q, QuerySet
 
 from gatehouse.accounts.models import Membership, Organization, User
 from gatehouse.core.errors import NotFound, PermissionDenied
-from gatehouse.registry.models import DesignationThreshold, Model, ModelRef, ModelVersion, Tier
+from gatehouse.registry.models import (
+    Dataset, DatasetVersion, DesignationThreshold, Model, ModelRef, ModelVersion, Tier,
+)
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 
@@ -53,6 +55,12 @@ def model_list(*, user, q: str = "", license: str = "", tier: str = "", task: st
         field = "cumulative_flops" if threshold.basis == DesignationThreshold.Basis.CUMULATIVE else "own_flops"
         models = models.filter(**{f"latest_version__{field}__gt": threshold.min_flops})
     return models.order_by("-updated_at", "-id")
+
+
+def dataset_queryset() -> QuerySet[Dataset]:
+    """Datasets with their organization, licences and versions (newest first), for lists and pages."""
+    return Dataset.objects.select_related("organization").prefetch_related(
+        "licenses", Prefetch("versions", queryset=DatasetVersion.objects.order_by("-created_at")))
 
 
 def model_get(*, user, org: str, name: str) -> Model:

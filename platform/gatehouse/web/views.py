@@ -1,7 +1,6 @@
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
-from django.db.models import Prefetch
 from django.shortcuts import render
 from django.utils.module_loading import import_string
 
@@ -13,7 +12,7 @@ from gatehouse.accounts.services import api_token_create, api_token_revoke
 from gatehouse.core.errors import ApplicationError, NotFound, Throttled
 from gatehouse.registry import selectors
 from gatehouse.registry.models import (
-    ComputeRecord, Dataset, DatasetVersion, EvaluationResult, License, RiskAssessment, Tier, TrainingMetric, TrainingRun,
+    ComputeRecord, EvaluationResult, License, RiskAssessment, Tier, TrainingMetric, TrainingRun,
 )
 from gatehouse.web.charts import line_chart, lineage_svg, power_law_fit
 from gatehouse.web.cards import card_html
@@ -133,18 +132,13 @@ def _scaling_chart(model):
                       scatter=("runs",)), fit
 
 
-def _datasets():
-    return Dataset.objects.select_related("organization").prefetch_related(
-        "licenses", Prefetch("versions", queryset=DatasetVersion.objects.order_by("-created_at")))
-
-
 def dataset_list(request):
-    datasets = _datasets().order_by("organization__slug", "name")
+    datasets = selectors.dataset_queryset().order_by("organization__slug", "name")
     return render(request, "web/dataset_list.html", {"datasets": datasets})
 
 
 def dataset_detail(request, org, name):
-    dataset = _datasets().filter(organization__slug=org, name=name).first()
+    dataset = selectors.dataset_queryset().filter(organization__slug=org, name=name).first()
     if dataset is None:
         return render(request, "web/404.html", {"path": request.path}, status=404)
     # Only the models this visitor may know exist.

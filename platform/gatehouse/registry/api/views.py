@@ -13,8 +13,7 @@ from gatehouse.core.errors import InvalidInput, NotFound
 from gatehouse.registry import selectors
 from gatehouse.registry.api import serializers as s
 from gatehouse.registry.models import (
-    Benchmark, ComputeRecord, Dataset, DatasetVersion, DesignationThreshold, EvaluationResult, EvaluatorKind, License,
-    ModelRef,
+    Benchmark, ComputeRecord, Dataset, DesignationThreshold, EvaluationResult, EvaluatorKind, License, ModelRef,
     ModelVersion, RiskAssessment, RiskFramework, RiskThreshold, Tier,
 )
 from gatehouse.registry.services.compute import compute_record_create
@@ -231,7 +230,7 @@ class ModelDatasetsApi(_VersionScopedApi):
     @extend_schema(parameters=[REVISION])
     def get(self, request, org, name):
         version = self.version(request, org, name)
-        datasets = _dataset_queryset().filter(model_versions=version)
+        datasets = selectors.dataset_queryset().filter(model_versions=version)
         return Response(s.DatasetSerializer(datasets, many=True).data)
 
 
@@ -260,18 +259,13 @@ class LineageApi(_VersionScopedApi):
         })
 
 
-def _dataset_queryset():
-    return Dataset.objects.select_related("organization").prefetch_related(
-        "licenses", Prefetch("versions", queryset=DatasetVersion.objects.order_by("-created_at")))
-
-
 class DatasetListApi(GenericAPIView):
     serializer_class = s.DatasetSerializer
 
     @extend_schema(operation_id="datasets_list",
                    parameters=[OpenApiParameter("organization", str), OpenApiParameter("provenance", str)])
     def get(self, request):
-        datasets = _dataset_queryset().order_by("organization__slug", "name")
+        datasets = selectors.dataset_queryset().order_by("organization__slug", "name")
         if request.query_params.get("organization"):
             datasets = datasets.filter(organization__slug=request.query_params["organization"])
         if request.query_params.get("provenance"):
@@ -291,11 +285,11 @@ class DatasetListApi(GenericAPIView):
         if missing:
             raise InvalidInput(f"Unknown licence(s): {', '.join(missing)}; see /api/v1/licenses.")
         dataset = dataset_create(organization=organization, actor=request.user, licenses=licenses, **data)
-        return Response(s.DatasetSerializer(_dataset_queryset().get(pk=dataset.pk)).data, status=status.HTTP_201_CREATED)
+        return Response(s.DatasetSerializer(selectors.dataset_queryset().get(pk=dataset.pk)).data, status=status.HTTP_201_CREATED)
 
 
 def _dataset_get(org, name) -> Dataset:
-    dataset = _dataset_queryset().filter(organization__slug=org, name=name).first()
+    dataset = selectors.dataset_queryset().filter(organization__slug=org, name=name).first()
     if dataset is None:
         raise NotFound(f"Dataset {org}/{name} does not exist.")
     return dataset
