@@ -1,20 +1,39 @@
-"""Server-rendered pages of the releases app: the approver queue for people who decide on releases, and the
-access-request form of a gated model."""
+"""Server-rendered pages of the releases app: the release and access-request queues, a model's access form,
+downgrade page and playground, the model page's access panel, and the caller's own requests and usage."""
+import functools
+import json
+
 from django.contrib import messages
-from django.db.models import Q
 from django.contrib.auth.decorators import login_required
+from django.db.models import Count, Q, Sum
 from django.shortcuts import get_object_or_404, redirect, render
+from django.template.loader import render_to_string
 from django.urls import path
 from django.views.decorators.http import require_POST
 
 from gatehouse.accounts.models import Membership
 from gatehouse.core.errors import ApplicationError
 from gatehouse.registry.models import ComputeRecord, RiskAssessment
-from gatehouse.registry.selectors import designation_thresholds, designations_for
+from gatehouse.registry.selectors import designation_thresholds, designations_for, model_get
 from gatehouse.registry.api.urls import SegmentConverter  # noqa: F401  (registers <seg:>)
 from releases import access, policy
-from releases.models import AccessRequest, Release, ReleaseRequest
-from releases.services import APPROVER_ROLES, DOWNGRADE_WARNING, release_downgrade, release_request_decide
+from releases.inference.views import OpenAIError, backend_served, generate
+from releases.models import AccessRequest, Download, InferenceCall, Release, ReleaseRequest
+from releases.services import (
+    APPROVER_ROLES, DOWNGRADE_WARNING, approves_for, release_downgrade, release_request_decide,
+)
+
+
+def with_visible_model(view):
+    """Pages of one model: the view gets the model the user may see; anyone else gets the 404 page."""
+    @functools.wraps(view)
+    def wrapper(request, org, name):
+        try:
+            model = model_get(user=request.user, org=org, name=name)
+        except ApplicationError as exc:
+            return render(request, "web/404.html", {"message": exc.message}, status=404)
+        return view(request, model)
+    return wrapper
 
 
 def _queue_for(user):
@@ -63,14 +82,9 @@ def decide(request, request_id):
 
 
 @login_required
-def access_request_page(request, org, name):
+@with_visible_model
+def access_request_page(request, model):
     """The form built from the model's request fields, with the license and acceptable-use text to accept."""
-    from gatehouse.registry.selectors import model_get
-
-    try:
-        model = model_get(user=request.user, org=org, name=name)
-    except ApplicationError as exc:
-        return render(request, "web/404.html", {"message": exc.message}, status=404)
     access_policy = access.access_policy_of(model)
     facts = access.caller_facts(user=request.user, token=None, model=model)
     form_errors, values = {}, {}
@@ -84,7 +98,7 @@ def access_request_page(request, org, name):
                 messages.success(request, f"Access to {model.repo_id} granted.")
             else:
                 messages.success(request, f"Your request for {model.repo_id} was sent to its reviewers.")
-            return redirect("web-access-request", org=org, name=name)
+            return redirect("web-access-request", org=model.organization.slug, name=model.name)
         except ApplicationError as exc:
             messages.error(request, exc.message)
             form_errors = exc.fields
@@ -97,40 +111,26 @@ def access_request_page(request, org, name):
 
 
 @login_required
-def downgrade_page(request, org, name):
+@with_visible_model
+def downgrade_page(request, model):
     """Close a model further at once (open → API → closed), with the reason and the warning that copies stay."""
-    from gatehouse.registry.selectors import model_get
-
-    try:
-        model = model_get(user=request.user, org=org, name=name)
-    except ApplicationError as exc:
-        return render(request, "web/404.html", {"message": exc.message}, status=404)
     if request.method == "POST":
         try:
             release_downgrade(model=model, actor=request.user, tier=request.POST.get("tier", ""),
                               reason=request.POST.get("reason", ""))
             messages.success(request, f"{model.repo_id} is now {request.POST.get('tier')}. {DOWNGRADE_WARNING}")
-            return redirect("release-downgrade", org=org, name=name)
+            return redirect("release-downgrade", org=model.organization.slug, name=model.name)
         except ApplicationError as exc:
             messages.error(request, exc.message)
-    tiers = [t for t in ("api", "closed") if ("closed", "api", "open").index(t) < ("closed", "api", "open").index(model.tier)]
+    tiers = [t for t in ("api", "closed") if policy.more_open(model.tier, t)]
     return render(request, "releases/downgrade.html", {"model": model, "tiers": tiers, "warning": DOWNGRADE_WARNING},
                   status=400 if request.method == "POST" else 200)
 
 
 @login_required
-def playground(request, org, name):
+@with_visible_model
+def playground(request, model):
     """Try a model the signed-in user may use, and copy the `openai` snippet that does the same."""
-    import json
-
-    from releases.inference.views import OpenAIError, generate
-
-    from gatehouse.registry.selectors import model_get
-
-    try:
-        model = model_get(user=request.user, org=org, name=name)
-    except ApplicationError as exc:
-        return render(request, "web/404.html", {"message": exc.message}, status=404)
     context = {"model": model, "base_url": request.build_absolute_uri("/v1"), "message": "", "answer": None,
                "error": None, "max_tokens": 64, "temperature": 0.7}
     status = 200
@@ -157,8 +157,6 @@ def playground(request, org, name):
 
 def sort_by_downloads(models):
     """The catalog's "downloads" sort (GATEHOUSE_MODEL_LIST_SORTS): whole-file downloads, most first."""
-    from django.db.models import Count, Q
-
     return models.annotate(download_count=Count("downloads", filter=Q(downloads__range_start__isnull=True))
                            ).order_by("-download_count", "-updated_at", "-id")
 
@@ -168,11 +166,6 @@ def model_page_panel(request, model) -> str:
     pages know nothing of releases): what the caller may do, and how — files with sizes and hashes and the
     huggingface_hub snippet when downloads are allowed, the request-access state when they need approval,
     the openai snippet and playground when the model is served, and the downgrade page for approvers."""
-    from django.template.loader import render_to_string
-
-    from releases.inference.views import backend_served
-    from releases.services import approves_for
-
     version = model.latest_version
     access_policy = access.access_policy_of(model)
     facts = access.caller_facts(user=request.user, token=None, model=model)
@@ -232,10 +225,6 @@ def access_decide(request, request_id):
 @login_required
 def my_access_and_usage(request):
     """My access requests and what I used: downloads (files, bytes) and inference (calls, tokens), per model."""
-    from django.db.models import Count, Sum
-
-    from releases.models import Download, InferenceCall
-
     requests = AccessRequest.objects.filter(user=request.user).select_related("model__organization").order_by(
         "-created_at")
     downloads = (Download.objects.filter(user=request.user).values("model__organization__slug", "model__name")
