@@ -14,7 +14,6 @@ Goals (issue 6): behind nginx >= 0.9x nginx static, embedded >= 0.5x, gate p50 <
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+from e2e.conftest import free_port, wait_for_http  # noqa: E402  (the end-to-end tests' plain helpers)
 SIZE_MIB = int(os.environ.get("BENCH_SIZE_MIB", "1024"))
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 GATE_REQUESTS = int(os.environ.get("BENCH_GATE_REQUESTS", "1000"))
@@ -99,23 +100,6 @@ http {{
   }}
 }}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(url: str, timeout: float = 30) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            httpx.get(url, timeout=2)
-            return
-        except httpx.TransportError:
-            time.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer within {timeout} s")
 
 
 def write_model(folder: Path) -> None:
@@ -197,7 +181,7 @@ def main() -> None:
                                  stderr=subprocess.STDOUT)
         try:
             for port in (embedded_port, accel_port, gated_port, static_port):
-                wait_for(f"http://127.0.0.1:{port}/api/models/{REPO}/revision/main")
+                wait_for_http(f"http://127.0.0.1:{port}/api/models/{REPO}/revision/main")
             results = run(tmp, embedded.pid, embedded_port, gated_port, static_port, token)
         finally:
             for proc in (proxy, embedded, accel):
