@@ -13,6 +13,7 @@ from django.utils import timezone
 
 from gatehouse.accounts.models import Membership, Organization, User
 from gatehouse.audit.services import audit_record
+from gatehouse.core import ratelimit
 from gatehouse.core.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from gatehouse.registry.models import Model, ModelFile, ModelVersion, Tier
 from gatehouse.webhooks.services import webhook_emit
@@ -153,7 +154,16 @@ def access_policy_update(*, model: Model, actor: User, **changes) -> AccessPolic
 
 def access_request_create(*, model: Model, user: User, fields: dict | None, accept_license: bool,
                           accept_acceptable_use: bool) -> AccessRequest:
-    """Ask for access to a gated model. Approved at once when the policy's rules say so."""
+    """Ask for access to a gated model. Approved at once when the policy's rules say so.
+
+    Each person may make ACCESS_REQUESTS_PER_USER_PER_WINDOW requests per window, across all models: reviewers
+    are people, and a script filing requests for every gated model would bury them."""
+    ratelimit.refuse_when_over(
+        f"access-requests:{user.pk}", limit=settings.ACCESS_REQUESTS_PER_USER_PER_WINDOW,
+        window_seconds=settings.ACCESS_REQUEST_WINDOW_SECONDS,
+        message=f"You made {settings.ACCESS_REQUESTS_PER_USER_PER_WINDOW} access requests in the last "
+                f"{settings.ACCESS_REQUEST_WINDOW_SECONDS // 60} minutes, the most allowed; wait for the reviewers' "
+                f"answers, or try again later.")
     access_policy = access_policy_of(model)
     if model.tier == Tier.CLOSED or not policy.needs_grant(access_policy.audience, bool(access_policy.acceptable_use)):
         raise InvalidInput(f"{model.repo_id} needs no approval: there is nothing to request.")
@@ -180,6 +190,8 @@ def access_request_create(*, model: Model, user: User, fields: dict | None, acce
         except IntegrityError:
             raise Conflict(f"You already have a request for {model.repo_id}.") from None
         audit_record(actor=user, action="access_request.create", target=request, data={"model": model.repo_id})
+        transaction.on_commit(lambda: ratelimit.hit(f"access-requests:{user.pk}",
+                                                    window_seconds=settings.ACCESS_REQUEST_WINDOW_SECONDS))
         organizations = list(Organization.objects.filter(memberships__user=user).values_list("slug", flat=True))
         if access_policy.audience == Audience.PUBLIC or policy.auto_approves(audience=access_policy.audience, organizations=access_policy.auto_approve_organizations,
                                 email_domains=access_policy.auto_approve_email_domains,

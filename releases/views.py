@@ -87,7 +87,7 @@ def access_request_page(request, model):
     """The form built from the model's request fields, with the license and acceptable-use text to accept."""
     access_policy = access.access_policy_of(model)
     facts = access.caller_facts(user=request.user, token=None, model=model)
-    form_errors, values = {}, {}
+    form_errors, values, status = {}, {}, 200
     if request.method == "POST":
         values = {f["name"]: request.POST.get(f["name"], "") for f in access_policy.request_fields}
         try:
@@ -101,13 +101,13 @@ def access_request_page(request, model):
             return redirect("web-access-request", org=model.organization.slug, name=model.name)
         except ApplicationError as exc:
             messages.error(request, exc.message)
-            form_errors = exc.fields
+            form_errors, status = exc.fields, exc.status
     latest = AccessRequest.objects.filter(model=model, user=request.user).order_by("-created_at", "-id").first()
     return render(request, "releases/access_request.html", {
         "model": model, "policy": access_policy, "facts": facts, "latest": latest, "errors": form_errors,
         "values": values, "gated": model.tier != "closed" and policy.needs_grant(access_policy.audience,
                                                                bool(access_policy.acceptable_use))},
-        status=400 if form_errors else 200)
+        status=status)
 
 
 @login_required

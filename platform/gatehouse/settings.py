@@ -208,6 +208,9 @@ GATEHOUSE_METRICS_COLLECTORS = ["gatehouse.core.ops.broker_metrics", "gatehouse.
 # GATEHOUSE_CACHE_URL (redis://…) so all web processes share the counts.
 AUTH_FAILURES_PER_WINDOW = int(os.environ.get("GATEHOUSE_AUTH_FAILURES_PER_WINDOW", "20"))
 AUTH_FAILURE_WINDOW_SECONDS = int(os.environ.get("GATEHOUSE_AUTH_FAILURE_WINDOW_SECONDS", "900"))
+# Access requests: at most this many per person per window, across all models (reviewers are people).
+ACCESS_REQUESTS_PER_USER_PER_WINDOW = int(os.environ.get("GATEHOUSE_ACCESS_REQUESTS_PER_USER_PER_WINDOW", "10"))
+ACCESS_REQUEST_WINDOW_SECONDS = int(os.environ.get("GATEHOUSE_ACCESS_REQUEST_WINDOW_SECONDS", "3600"))
 # How many proxies in front append to X-Forwarded-For (nginx as in infra/: 1). 0 trusts none of it.
 TRUSTED_PROXY_HOPS = int(os.environ.get("GATEHOUSE_TRUSTED_PROXY_HOPS", "0"))
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",

@@ -3,6 +3,8 @@
 login form refuses even the right password until the window passes. Nothing is granted meanwhile."""
 from django.test import Client
 
+from gatehouse.accounts.models import User
+
 
 def test_bad_tokens_from_one_address_are_throttled_on_every_api(alice, token_for, settings):
     settings.AUTH_FAILURES_PER_WINDOW = 5
@@ -62,3 +64,32 @@ def test_behind_a_trusted_proxy_each_client_is_counted_apart_and_the_header_cann
     for _ in range(3):
         me("gh_guess", "198.51.100.99")
     assert me(good, "203.0.113.77").status_code == 429  # rotating the header does not help an attacker
+
+
+def test_access_requests_are_limited_per_person_across_models_and_nothing_is_recorded_past_the_limit(
+        register, aurora, alice, carol, client_for, settings, django_capture_on_commit_callbacks):
+    from django.core import mail
+
+    from gatehouse.audit.models import AuditEvent
+    from releases.models import AccessPolicy, AccessRequest
+
+    settings.ACCESS_REQUESTS_PER_USER_PER_WINDOW = 2
+    for name in ("one", "two", "three"):
+        AccessPolicy.objects.create(model=register(aurora, name, alice, tier="open").model, audience="gated-manual")
+    api = client_for(carol, ("read", "gated-read"))
+    for name in ("one", "two"):
+        with django_capture_on_commit_callbacks(execute=True):
+            assert api.post(f"/api/v1/models/aurora/{name}/access-requests", {}, format="json").status_code == 201
+    audit_rows, emails = AuditEvent.objects.count(), len(mail.outbox)
+    refused = api.post("/api/v1/models/aurora/three/access-requests", {}, format="json")
+    assert refused.status_code == 429 and int(refused["Retry-After"]) == settings.ACCESS_REQUEST_WINDOW_SECONDS
+    assert "2 access requests in the last 60 minutes" in refused.json()["error"]["message"]
+    browser = Client()
+    browser.force_login(carol)
+    page = browser.post("/aurora/three/access", {})  # the web form counts against the same limit
+    assert page.status_code == 429 and "the most allowed" in page.content.decode()
+    assert list(AccessRequest.objects.order_by("id").values_list("model__name", flat=True)) == ["one", "two"]
+    assert AuditEvent.objects.count() == audit_rows and len(mail.outbox) == emails
+    dave = User.objects.create_user("dave", "dave@example.org", "pw")  # another person is not affected
+    made = client_for(dave, ("read", "gated-read")).post("/api/v1/models/aurora/three/access-requests", {}, format="json")
+    assert made.status_code == 201

@@ -1,11 +1,11 @@
 from django.conf import settings
-from django.core.cache import cache
 from django.utils import timezone
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 
 from gatehouse.accounts.models import ApiToken
 from gatehouse.accounts.services import api_token_touch, token_hash
-from gatehouse.core.errors import NotAuthenticated, Throttled
+from gatehouse.core import ratelimit
+from gatehouse.core.errors import NotAuthenticated
 
 
 def client_address(request) -> str:
@@ -19,25 +19,16 @@ def client_address(request) -> str:
     return request.META.get("REMOTE_ADDR", "") or "unknown"
 
 
-def _failures_key(client: str) -> str:
-    return f"gatehouse:bad-credentials:{client}"
-
-
 def check_credential_failures(client: str) -> None:
     """Refuse every credential from an address that sent too many bad ones lately (token guessing)."""
-    if cache.get(_failures_key(client), 0) >= settings.AUTH_FAILURES_PER_WINDOW:
-        raise Throttled(f"Too many invalid credentials from your address; try again in "
-                        f"{settings.AUTH_FAILURE_WINDOW_SECONDS // 60} minutes.",
-                        retry_after=settings.AUTH_FAILURE_WINDOW_SECONDS)
+    ratelimit.refuse_when_over(f"bad-credentials:{client}", limit=settings.AUTH_FAILURES_PER_WINDOW,
+                               window_seconds=settings.AUTH_FAILURE_WINDOW_SECONDS,
+                               message=f"Too many invalid credentials from your address; try again in "
+                                       f"{settings.AUTH_FAILURE_WINDOW_SECONDS // 60} minutes.")
 
 
 def record_credential_failure(client: str) -> None:
-    key = _failures_key(client)
-    cache.add(key, 0, timeout=settings.AUTH_FAILURE_WINDOW_SECONDS)
-    try:
-        cache.incr(key)
-    except ValueError:  # expired between add and incr
-        cache.set(key, 1, timeout=settings.AUTH_FAILURE_WINDOW_SECONDS)
+    ratelimit.hit(f"bad-credentials:{client}", window_seconds=settings.AUTH_FAILURE_WINDOW_SECONDS)
 
 
 def token_from_header(header: bytes, *, client: str | None = None) -> ApiToken | None:
