@@ -9,7 +9,7 @@ from django.db.models import Count, Q, Sum
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
 from django.urls import path
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
 from gatehouse.accounts.models import Membership
 from gatehouse.core.errors import ApplicationError
@@ -52,6 +52,7 @@ def _queue_for(user):
 
 
 @login_required
+@require_safe
 def queue(request):
     thresholds = designation_thresholds()
     items = []
@@ -82,6 +83,7 @@ def decide(request, request_id):
 
 
 @login_required
+@require_http_methods(["GET", "HEAD", "POST"])
 @with_visible_model
 def access_request_page(request, model):
     """The form built from the model's request fields, with the license and acceptable-use text to accept."""
@@ -111,9 +113,13 @@ def access_request_page(request, model):
 
 
 @login_required
+@require_http_methods(["GET", "HEAD", "POST"])
 @with_visible_model
 def downgrade_page(request, model):
     """Close a model further at once (open → API → closed), with the reason and the warning that copies stay."""
+    if not approves_for(request.user, model.organization):
+        return render(request, "releases/downgrade.html", {"model": model, "forbidden": True}, status=403)
+    status = 200
     if request.method == "POST":
         try:
             release_downgrade(model=model, actor=request.user, tier=request.POST.get("tier", ""),
@@ -122,12 +128,14 @@ def downgrade_page(request, model):
             return redirect("release-downgrade", org=model.organization.slug, name=model.name)
         except ApplicationError as exc:
             messages.error(request, exc.message)
+            status = exc.status
     tiers = [t for t in ("api", "closed") if policy.more_open(model.tier, t)]
     return render(request, "releases/downgrade.html", {"model": model, "tiers": tiers, "warning": DOWNGRADE_WARNING},
-                  status=400 if request.method == "POST" else 200)
+                  status=status)
 
 
 @login_required
+@require_http_methods(["GET", "HEAD", "POST"])
 @with_visible_model
 def playground(request, model):
     """Try a model the signed-in user may use, and copy the `openai` snippet that does the same."""
@@ -200,6 +208,7 @@ def _reviewable_requests(user):
 
 
 @login_required
+@require_safe
 def access_queue(request):
     """Reviewers' queue of access requests: oldest first, with how long each has waited."""
     return render(request, "releases/access_queue.html", {"items": list(_reviewable_requests(request.user))})
@@ -223,6 +232,7 @@ def access_decide(request, request_id):
 
 
 @login_required
+@require_safe
 def my_access_and_usage(request):
     """My access requests and what I used: downloads (files, bytes) and inference (calls, tokens), per model."""
     requests = AccessRequest.objects.filter(user=request.user).select_related("model__organization").order_by(

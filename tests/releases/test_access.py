@@ -210,11 +210,13 @@ def test_downgrade_page_warns_and_only_approvers_can_use_it(gated, alice, bob):
     browser = Client()
     browser.force_login(bob)
     page = browser.get("/releases/models/aurora/gated/downgrade")
-    assert page.status_code == 200 and "cannot be recalled" in page.content.decode()
+    assert page.status_code == 403 and "Only approvers" in page.content.decode() and 'name="reason"' not in page.content.decode()
     refused = browser.post("/releases/models/aurora/gated/downgrade", {"tier": "api", "reason": "x"})
-    assert refused.status_code == 400 and "Only approvers" in refused.content.decode()
+    assert refused.status_code == 403 and "Only approvers" in refused.content.decode()
     assert type(gated).objects.get(pk=gated.pk).tier == "open"
     browser.force_login(alice)
+    page = browser.get("/releases/models/aurora/gated/downgrade")
+    assert page.status_code == 200 and "cannot be recalled" in page.content.decode()
     done = browser.post("/releases/models/aurora/gated/downgrade", {"tier": "api", "reason": "Misuse"}, follow=True)
     assert "is now api" in done.content.decode() and type(gated).objects.get(pk=gated.pk).tier == "api"
 

@@ -16,7 +16,7 @@ def _is_member(user) -> Q:
     if not getattr(user, "is_authenticated", False):
         return Q(pk__in=[])
     if user.is_superuser:
-        return Q()
+        return Q(pk__isnull=False)  # not Q(): `x | Q()` is just x, which would hide closed models from superusers
     # An uncorrelated IN (subquery): PostgreSQL hashes it once instead of probing per row as EXISTS would.
     return Q(organization_id__in=Membership.objects.filter(user=user).values("organization_id"))
 

@@ -3,6 +3,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.shortcuts import render
 from django.utils.module_loading import import_string
+from django.views.decorators.http import require_http_methods, require_safe
 
 from django.contrib.auth import views as auth_views
 
@@ -21,6 +22,7 @@ from gatehouse.web.cards import card_html
 SORTS = {"recent": ("-updated_at", "-id"), "name": ("organization__slug", "name")}
 
 
+@require_safe
 def model_list(request):
     """The catalog: search, filters (tier, licence, task, organization, designation), sort, pages."""
     filters = {key: request.GET.get(key, "")[:200] for key in ("q", "tier", "license", "task", "organization",
@@ -44,6 +46,7 @@ def model_list(request):
         "query": query.urlencode()})
 
 
+@require_safe
 def model_detail(request, org, name):
     try:
         model = selectors.model_get(user=request.user, org=org, name=name)
@@ -74,6 +77,7 @@ def model_detail(request, org, name):
 
 
 @login_required
+@require_http_methods(["GET", "HEAD", "POST"])
 def tokens(request):
     """Create a token (its secret is shown once, here), see the others, revoke."""
     context, status = {"scopes": ApiToken.Scope.choices, "secret": None, "error": None}, 200
@@ -132,11 +136,13 @@ def _scaling_chart(model):
                       scatter=("runs",)), fit
 
 
+@require_safe
 def dataset_list(request):
     datasets = selectors.dataset_queryset().order_by("organization__slug", "name")
     return render(request, "web/dataset_list.html", {"datasets": datasets})
 
 
+@require_safe
 def dataset_detail(request, org, name):
     dataset = selectors.dataset_queryset().filter(organization__slug=org, name=name).first()
     if dataset is None:
@@ -147,16 +153,19 @@ def dataset_detail(request, org, name):
     return render(request, "web/dataset_detail.html", {"dataset": dataset, "models": models})
 
 
+@require_safe
 def license_list(request):
     return render(request, "web/license_list.html", {"licenses": License.objects.order_by("key")})
 
 
 @login_required
+@require_safe
 def profile(request):
     memberships = request.user.memberships.select_related("organization").order_by("organization__slug")
     return render(request, "web/profile.html", {"memberships": memberships})
 
 
+@require_safe
 def organization_detail(request, org):
     organization = Organization.objects.filter(slug=org).first()
     if organization is None:
