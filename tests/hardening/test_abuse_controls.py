@@ -93,3 +93,33 @@ def test_access_requests_are_limited_per_person_across_models_and_nothing_is_rec
     dave = User.objects.create_user("dave", "dave@example.org", "pw")  # another person is not affected
     made = client_for(dave, ("read", "gated-read")).post("/api/v1/models/aurora/three/access-requests", {}, format="json")
     assert made.status_code == 201
+
+
+def test_a_signed_in_browser_cannot_be_made_to_post_without_the_csrf_token(register, aurora, alice, carol, token_for):
+    """Every state-changing form and the session-authenticated REST API refuse a cross-site POST (no CSRF token):
+    403, and nothing changes."""
+    from gatehouse.accounts.models import ApiToken
+    from releases.models import AccessPolicy, AccessRequest
+
+    model = register(aurora, "gated", alice, tier="open").model
+    AccessPolicy.objects.create(model=model, audience="gated-manual")
+    tokens_before = ApiToken.objects.count()
+    victim = Client(enforce_csrf_checks=True)
+    victim.force_login(carol)
+    forged = [
+        victim.post("/aurora/gated/access", {}),
+        victim.post("/accounts/tokens", {"name": "attacker", "scopes": ["read", "write"]}),
+        victim.post("/api/v1/models/aurora/gated/access-requests", {}, content_type="application/json"),
+        victim.post("/api/v1/tokens", {"name": "attacker", "scopes": ["read"]}, content_type="application/json"),
+    ]
+    assert [r.status_code for r in forged] == [403, 403, 403, 403]
+    assert all("CSRF" in r.json()["error"]["message"] for r in forged[2:])
+    assert all("CSRF" in r.content.decode() for r in forged[:2])
+    admin = Client(enforce_csrf_checks=True)
+    admin.force_login(alice)
+    assert admin.post("/releases/models/aurora/gated/downgrade", {"tier": "closed", "reason": "x"}).status_code == 403
+    assert type(model).objects.get(pk=model.pk).tier == "open"
+    assert AccessRequest.objects.count() == 0 and ApiToken.objects.count() == tokens_before
+    # With a token instead of the session cookie there is no ambient authority to forge: no CSRF token needed.
+    api = Client(enforce_csrf_checks=True, HTTP_AUTHORIZATION=f"Bearer {token_for(carol, ('read', 'gated-read'))}")
+    assert api.post("/api/v1/models/aurora/gated/access-requests", {}, content_type="application/json").status_code == 201
