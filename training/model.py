@@ -131,7 +131,9 @@ class Transformer(nn.Module):
                 nn.init.ones_(module.weight)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits (batch, seq, vocab); with targets, also the mean cross-entropy (-100 is ignored)."""
+        """Without targets: (logits (batch, seq, vocab), None). With targets: (None, the mean cross-entropy; -100 is
+        ignored). Training never reads the logits, and not returning them lets torch.compile fuse the fp32 upcast
+        into the loss instead of writing the whole (batch·seq × vocab) tensor out as a graph output."""
         seq = idx.shape[1]
         if seq > self.config.max_seq_len:
             raise ValueError(f"sequence of {seq} tokens is longer than max_seq_len {self.config.max_seq_len}")
@@ -143,7 +145,7 @@ class Transformer(nn.Module):
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return None, loss
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # shared (tied) tensors count once
