@@ -312,6 +312,10 @@ COMPUTE_PRICE_TABLE = {
     "CPU": {"usd_per_hour": envfloat("PRICE_CPU", 0.05), "watts": 65, "peak_flops": 2.07e11},
 }
 API_TOKEN_LAST_USED_RESOLUTION_SECONDS = 60
+# Webhooks go only to public addresses, or they would let admins make our servers call internal services (SSRF).
+# On-premises receivers on loopback or private networks (and tests' local receivers) need this on; link-local
+# (cloud metadata), multicast, reserved and unspecified addresses stay refused regardless.
+WEBHOOK_ALLOW_PRIVATE_URLS = envbool("GATEHOUSE_WEBHOOK_ALLOW_PRIVATE_URLS")
 
 # --- Release governance --------------------------------------------------------------------
 # The framework whose tracked domains every release must have fresh assessments for.

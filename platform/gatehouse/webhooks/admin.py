@@ -1,10 +1,34 @@
+from django import forms
+from django.conf import settings
 from django.contrib import admin
 
+from gatehouse.webhooks.addresses import UrlRefused, UrlUnresolved, webhook_url_check
 from gatehouse.webhooks.models import WebhookDelivery, WebhookEndpoint
+
+
+class WebhookEndpointForm(forms.ModelForm):
+    """The admin site is another way to set a URL: it gets the same SSRF checks as the API."""
+
+    url = forms.CharField(max_length=500)  # webhook_url_check validates the whole URL, with reasons
+
+    class Meta:
+        model = WebhookEndpoint
+        fields = "__all__"
+
+    def clean_url(self):
+        url = self.cleaned_data["url"]
+        try:
+            webhook_url_check(url, allow_private=settings.WEBHOOK_ALLOW_PRIVATE_URLS)
+        except UrlRefused as exc:
+            raise forms.ValidationError(f"Refused: {exc.reason}. {exc.advice}") from None
+        except UrlUnresolved as exc:
+            raise forms.ValidationError(f"Refused: {exc}. Check the host name or create its DNS record.") from None
+        return url
 
 
 @admin.register(WebhookEndpoint)
 class WebhookEndpointAdmin(admin.ModelAdmin):
+    form = WebhookEndpointForm
     list_display = ["organization", "url", "events", "is_active", "created_at"]
 
 

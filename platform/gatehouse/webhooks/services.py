@@ -1,18 +1,25 @@
-"""Signed webhooks: `webhook_emit` records one delivery per subscribed endpoint (on the caller's transaction)
-and queues it after commit; `webhook_attempt` makes one attempt and schedules the next with backoff."""
+"""Signed webhooks: `webhook_endpoint_create` registers a receiver whose URL passed the SSRF checks;
+`webhook_emit` records one delivery per subscribed endpoint (on the caller's transaction) and queues it after
+commit; `webhook_attempt` makes one attempt, to the address it has just checked, and schedules the next with
+backoff."""
 import hashlib
 import hmac
 import json
+import secrets
 import time
 import uuid
 from datetime import timedelta
 
 import httpx
+from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
+from gatehouse.audit.services import audit_record
+from gatehouse.core.errors import InvalidInput
+from gatehouse.webhooks.addresses import Target, UrlRefused, UrlUnresolved, delivery_targets, webhook_url_check
 from gatehouse.webhooks.models import WebhookDelivery, WebhookEndpoint
 
 MAX_ATTEMPTS = 6
@@ -22,6 +29,23 @@ BASE_DELAY_SECONDS = 10
 def signature(secret: str, timestamp: str, body: str) -> str:
     """What receivers recompute: HMAC-SHA256 over "<timestamp>.<body>" (the timestamp defeats replays)."""
     return "sha256=" + hmac.new(secret.encode(), f"{timestamp}.{body}".encode(), hashlib.sha256).hexdigest()
+
+
+def webhook_endpoint_create(*, actor, organization, url: str, events: list[str]) -> WebhookEndpoint:
+    """Register a receiver. The URL is checked before anything is written: a refused one is a 400 and leaves no row."""
+    try:
+        webhook_url_check(url, allow_private=settings.WEBHOOK_ALLOW_PRIVATE_URLS)
+    except UrlRefused as exc:
+        message = f"url is refused: {exc.reason}. {exc.advice}"
+        raise InvalidInput(message, fields={"url": [message]}) from None
+    except UrlUnresolved as exc:
+        message = f"url is refused: {exc}. Check the host name, or create its DNS record first, then try again."
+        raise InvalidInput(message, fields={"url": [message]}) from None
+    with transaction.atomic():
+        endpoint = WebhookEndpoint.objects.create(organization=organization, url=url, events=list(events),
+                                                  secret=secrets.token_urlsafe(32))
+        audit_record(actor=actor, action="webhook.create", target=endpoint, data={"url": endpoint.url})
+    return endpoint
 
 
 def webhook_emit(*, organization, event: str, data: dict) -> list[WebhookDelivery]:
@@ -36,7 +60,10 @@ def webhook_emit(*, organization, event: str, data: dict) -> list[WebhookDeliver
         from gatehouse.webhooks.tasks import deliver_webhook_task
 
         ids = [d.pk for d in deliveries]
-        transaction.on_commit(lambda: [deliver_webhook_task.delay(pk) for pk in ids])
+        # robust: with the broker down the change itself is saved and must not answer 503; the pending deliveries
+        # are queued again by the stranded-work sweep (gatehouse.core.redelivery).
+        for pk in ids:
+            transaction.on_commit(lambda pk=pk: deliver_webhook_task.delay(pk), robust=True)
     return deliveries
 
 
@@ -50,14 +77,22 @@ def webhook_attempt(*, delivery_id: int, client: httpx.Client | None = None) -> 
                "X-Gatehouse-Event": delivery.event, "X-Gatehouse-Delivery": str(delivery.pk),
                "X-Gatehouse-Timestamp": timestamp,
                "X-Gatehouse-Signature": signature(delivery.endpoint.secret, timestamp, delivery.body)}
-    code, error = None, ""
+    code, error, give_up = None, "", False
     try:
-        response = (client or httpx).post(delivery.endpoint.url, content=delivery.body, headers=headers, timeout=10)
-        code = response.status_code
-        if not 200 <= code < 300:
-            error = f"HTTP {code}: {response.text[:200]}"
-    except httpx.HTTPError as exc:
-        error = f"{exc.__class__.__name__}: {exc}"[:500]
+        # Resolved and checked again now, not trusted from creation time: the name may point elsewhere since.
+        targets = delivery_targets(delivery.endpoint.url, allow_private=settings.WEBHOOK_ALLOW_PRIVATE_URLS)
+    except UrlRefused as exc:
+        error, give_up = f"refused: {exc.reason}", True  # the same answer every time: retrying won't help
+    except UrlUnresolved as exc:
+        error = f"DNS lookup failed: {exc}"  # DNS outages pass: retried with backoff like a refused connection
+    else:
+        try:
+            response = _post(client, targets, body=delivery.body, headers=headers)
+            code = response.status_code
+            if not 200 <= code < 300:
+                error = f"HTTP {code}: {response.text[:200]}"
+        except httpx.HTTPError as exc:
+            error = f"{exc.__class__.__name__}: {exc}"[:500]
     now = timezone.now()
     WebhookDelivery.objects.filter(pk=delivery.pk).update(attempts=F("attempts") + 1, last_status_code=code,
                                                           last_error=error)
@@ -67,7 +102,7 @@ def webhook_attempt(*, delivery_id: int, client: httpx.Client | None = None) -> 
                                                               next_attempt_at=None)
         delivery.refresh_from_db()
         return delivery, None
-    if delivery.attempts >= MAX_ATTEMPTS:
+    if give_up or delivery.attempts >= MAX_ATTEMPTS:
         WebhookDelivery.objects.filter(pk=delivery.pk).update(status=WebhookDelivery.Status.FAILED, next_attempt_at=None)
         delivery.refresh_from_db()
         return delivery, None
@@ -75,3 +110,30 @@ def webhook_attempt(*, delivery_id: int, client: httpx.Client | None = None) -> 
     WebhookDelivery.objects.filter(pk=delivery.pk).update(next_attempt_at=now + timedelta(seconds=delay))
     delivery.refresh_from_db()
     return delivery, delay
+
+
+def _post(client: httpx.Client | None, targets: list[Target], *, body: str, headers: dict) -> httpx.Response:
+    """POST to the first checked address that accepts a connection, presenting the original name as Host and,
+    for https, as the TLS server name."""
+
+    def send(target: Target) -> httpx.Response:
+        extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else None
+        # Never follow redirects (httpx's default, stated here on purpose): a public receiver could otherwise
+        # send the POST on to a private address that was never checked.
+        return client.post(target.url, content=body, headers=headers | {"Host": target.host}, timeout=10,
+                           follow_redirects=False, extensions=extensions)
+
+    # Our own client ignores proxy variables (trust_env=False): a proxy would resolve the name itself, and its
+    # https tunnel would verify the certificate against the pinned IP instead of the name.
+    own = client is None
+    client = client or httpx.Client(trust_env=False)
+    try:
+        for target in targets[:-1]:
+            try:
+                return send(target)
+            except httpx.ConnectError:
+                continue  # refused or unreachable: the next checked address (a timeout is not: attempts stay short)
+        return send(targets[-1])
+    finally:
+        if own:
+            client.close()

@@ -11,6 +11,13 @@ from gatehouse.webhooks.models import WebhookDelivery, WebhookEndpoint
 from gatehouse.webhooks.services import MAX_ATTEMPTS, webhook_attempt, webhook_emit
 
 
+@pytest.fixture(autouse=True)
+def _local_receivers_allowed(settings):
+    """These tests deliver to a receiver on 127.0.0.1, which the SSRF checks refuse unless an operator allows
+    private addresses (tests/hardening/test_webhook_urls.py covers the refusals)."""
+    settings.WEBHOOK_ALLOW_PRIVATE_URLS = True
+
+
 @pytest.fixture
 def receiver():
     """A local HTTP server that records requests and answers with the queued status codes (default 200)."""
@@ -49,6 +56,15 @@ def test_delivery_is_signed_and_logged(aurora, receiver):
     assert request["headers"]["X-Gatehouse-Event"] == "release.downgraded"
     assert json.loads(request["body"])["data"] == {"model": "aurora/m"}
     assert webhook_attempt(delivery_id=delivery.pk)[0].attempts == 1  # a duplicate task sends nothing more
+
+
+def test_a_named_receiver_is_reached_at_its_checked_address_with_its_name_as_host(aurora, receiver):
+    """A real connection by name ("localhost" resolves from the hosts file, never the network): the delivery
+    connects to the address it checked and still tells the receiver which host it asked for."""
+    port = receiver["url"].split(":")[2].split("/")[0]
+    _endpoint(aurora, f"http://localhost:{port}/hook")
+    delivery, _ = webhook_attempt(delivery_id=webhook_emit(organization=aurora, event="x", data={})[0].pk)
+    assert delivery.status == "delivered" and receiver["received"][0]["headers"]["Host"] == f"localhost:{port}"
 
 
 def test_failures_retry_with_backoff_then_give_up(aurora, receiver):
