@@ -48,6 +48,7 @@ def sampling_from(body: dict, *, chat: bool) -> SamplingParams:
 
 class EngineServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # the default listen backlog of 5 reset connections when 50 clients arrived at once
 
     def __init__(self, address, engine: Engine, model_id: str):
         super().__init__(address, Handler)

@@ -11,6 +11,26 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+# Secrets come from the environment or from files (Docker and Kubernetes secrets): NAME_FILE=/run/secrets/x sets
+# NAME to that file's content, before anything reads it (boto3 reads the AWS_* names itself). Never from code.
+SECRET_NAMES = ("SECRET_KEY", "DATABASE_URL", "CELERY_BROKER_URL", "GATEHOUSE_CACHE_URL", "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY")
+
+
+def _secrets_from_files() -> None:
+    for name in SECRET_NAMES:
+        path = os.environ.get(f"{name}_FILE")
+        if not path:
+            continue
+        if os.environ.get(name):
+            raise ImproperlyConfigured(f"Both {name} and {name}_FILE are set; keep one.")
+        try:
+            os.environ[name] = Path(path).read_text().strip()
+        except OSError as exc:
+            raise ImproperlyConfigured(f"{name}_FILE={path} cannot be read: {exc.strerror}.") from None
+
+
+_secrets_from_files()
 REPO_DIR = Path(__file__).resolve().parents[2]
 VAR_DIR = Path(os.environ.get("GATEHOUSE_VAR_DIR", REPO_DIR / "var")).resolve()
 VAR_DIR.mkdir(parents=True, exist_ok=True)
@@ -97,6 +117,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "gatehouse.core.ops.RequestIdMiddleware",
+    "gatehouse.core.unavailable.UnavailableMiddleware",  # database/broker/storage down: 503 + Retry-After
     "gatehouse.core.ops.ContentSecurityPolicyMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -134,6 +155,10 @@ DATABASES = {
         conn_health_checks=True,
     )
 }
+if DATABASES["default"]["ENGINE"].startswith("django.db.backends.postgresql"):
+    # An unreachable or restarting database must fail a request within seconds (a 503), never hang it.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
+        "connect_timeout", int(os.environ.get("GATEHOUSE_DB_CONNECT_TIMEOUT", "5")))
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # The web process and the worker write to one file: WAL lets readers run beside a writer,
     # IMMEDIATE takes the write lock up front so two writers queue instead of deadlocking.
@@ -250,6 +275,15 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "store_processed": False,
         "control_folder": str(_control_dir),
     }
+elif CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+    # A task taken by a worker that dies (kill -9, lost node) goes back to the queue once it has been unacked
+    # this long. It must exceed the longest countdown (webhook retries: 160 s) and the usual task run time; a
+    # longer task is redelivered meanwhile, which is harmless since every task claims its work first.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": int(os.environ.get("GATEHOUSE_BROKER_VISIBILITY_TIMEOUT", "900")),
+        "socket_connect_timeout": 5,
+        "socket_timeout": 30,
+    }
 CELERY_TASK_ALWAYS_EAGER = envbool("CELERY_TASK_ALWAYS_EAGER")
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
@@ -257,13 +291,20 @@ CELERY_TASK_DEFAULT_QUEUE = os.environ.get("GATEHOUSE_DEFAULT_QUEUE", "default")
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_REJECT_ON_WORKER_LOST = True  # a pool child killed mid-task: requeue the message, do not ack it
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE = {
     "apply-due-releases": {"task": "releases.tasks.apply_due_releases_task",
                            "schedule": float(os.environ.get("RELEASE_SCHEDULER_INTERVAL_SECONDS", "60"))},
     "requeue-stale-training-runs": {"task": "gatehouse.registry.tasks.requeue_stale_training_runs_task",
                                     "schedule": float(os.environ.get("TRAINING_REAPER_INTERVAL_SECONDS", "10"))},
+    # Work whose task was lost (the filesystem broker forgets a message its worker took and died with; a broker
+    # that was down when the work was committed) is queued again: pending verifications, webhook deliveries.
+    "redeliver-stranded-work": {"task": "gatehouse.core.tasks.redeliver_stranded_work_task",
+                                "schedule": float(os.environ.get("GATEHOUSE_REDELIVERY_INTERVAL_SECONDS", "60"))},
 }
+# Pending work untouched for this long counts as stranded (well above a normal queue wait and task run).
+GATEHOUSE_STRANDED_WORK_SECONDS = int(os.environ.get("GATEHOUSE_STRANDED_WORK_SECONDS", "600"))
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celery" / "beat-schedule")
 
 # --- REST API -------------------------------------------------------------------------------
@@ -275,7 +316,10 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["gatehouse.accounts.permissions.HasScope"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PAGINATION_CLASS": "gatehouse.core.api.Pagination",
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # JSON bodies are held to DATA_UPLOAD_MAX_MEMORY_SIZE (a 413) and their nesting depth (a 400), unlike DRF's own.
+    "DEFAULT_PARSER_CLASSES": ["gatehouse.core.parsers.JSONParser", "rest_framework.parsers.FormParser",
+                               "rest_framework.parsers.MultiPartParser"],
+    "DEFAULT_SCHEMA_CLASS": "gatehouse.core.openapi.AutoSchema",  # knows paginated GenericAPIView lists
     "EXCEPTION_HANDLER": "gatehouse.core.api.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
@@ -289,6 +333,9 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    # Every operation documents its error responses in the one error shape (gatehouse.core.openapi).
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums",
+                             "gatehouse.core.openapi.document_error_responses"],
     "ENUM_NAME_OVERRIDES": {
         "TierEnum": "gatehouse.registry.models.Tier",
         "VersionStatusEnum": "gatehouse.registry.models.ModelVersion.Status",

@@ -8,6 +8,7 @@ import json
 
 import httpx
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods
@@ -18,6 +19,7 @@ from gatehouse.registry.models import Model
 from gatehouse.registry.selectors import model_visible_queryset
 from releases import access, policy
 from releases.inference.metering import inference_call_finish, inference_call_start, quota_check
+from releases.inference.params import InvalidParameter, check_generation_parameters
 from releases.models import InferenceBackend
 
 TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
@@ -141,12 +143,23 @@ def chat_completions(request):
 
 def _generate(request, endpoint: str):
     user, token = _caller(request)
-    if len(request.body) > MAX_BODY_BYTES:
-        raise OpenAIError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.", "request_too_large")
+    limit = min(MAX_BODY_BYTES, settings.DATA_UPLOAD_MAX_MEMORY_SIZE or MAX_BODY_BYTES)
+    too_large = OpenAIError(413, f"The request body is larger than {limit} bytes; shorten the "
+                                 f"{'prompt' if endpoint == 'completions' else 'messages'}.", "request_too_large",
+                            param="prompt" if endpoint == "completions" else "messages")
+    declared = request.META.get("CONTENT_LENGTH") or ""
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large  # refused before reading a byte of it
     try:
-        body = json.loads(request.body or b"{}")
-    except ValueError:
-        raise OpenAIError(400, "The body must be JSON.", "invalid_json") from None
+        raw = request.body
+    except RequestDataTooBig:
+        raise too_large from None
+    if len(raw) > limit:
+        raise too_large
+    try:
+        body = json.loads(raw or b"{}")  # NaN and Infinity parse here and are refused by parameter below
+    except (ValueError, RecursionError):
+        raise OpenAIError(400, "The body must be a JSON object (not nested without bound).", "invalid_json") from None
     return generate(request, endpoint, user=user, token=token, body=body)
 
 
@@ -156,6 +169,11 @@ def generate(request, endpoint: str, *, user, token, body):
         raise OpenAIError(400, "Name the model: {\"model\": \"org/name\", …}.", "invalid_value", param="model")
     organization_ids = access.user_organization_ids(user)
     model = _model_for(request, body["model"], user, token, organization_ids)
+    latest = model.latest_version
+    try:
+        check_generation_parameters(endpoint, body, context_length=latest.context_length if latest else None)
+    except InvalidParameter as exc:
+        raise OpenAIError(400, exc.message, exc.code, param=exc.param) from None
     organization_id = organization_ids[0] if organization_ids else None
     refusal = quota_check(user=user, token=token, organization_id=organization_id)
     if refusal:

@@ -123,3 +123,18 @@ def test_a_signed_in_browser_cannot_be_made_to_post_without_the_csrf_token(regis
     # With a token instead of the session cookie there is no ambient authority to forge: no CSRF token needed.
     api = Client(enforce_csrf_checks=True, HTTP_AUTHORIZATION=f"Bearer {token_for(carol, ('read', 'gated-read'))}")
     assert api.post("/api/v1/models/aurora/gated/access-requests", {}, content_type="application/json").status_code == 201
+
+
+def test_a_shared_cache_that_is_down_does_not_take_logins_and_tokens_down(alice, token_for, caplog):
+    """Throttling fails open (logged): an unreachable cache must not turn every call into a 500."""
+    from django.test import override_settings
+
+    good = token_for(alice)
+    down = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                        "LOCATION": "redis://127.0.0.1:1/0"}}  # nothing listens on port 1
+    with override_settings(CACHES=down):
+        client = Client()
+        assert client.get("/api/v1/me", HTTP_AUTHORIZATION=f"Bearer {good}").status_code == 200
+        assert client.get("/api/v1/me", HTTP_AUTHORIZATION="Bearer gh_guess").status_code == 401
+        assert Client().post("/accounts/login/", {"username": "alice", "password": "pw-alice"}).status_code == 302
+    assert "the cache is unavailable" in caplog.text

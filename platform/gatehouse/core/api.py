@@ -1,5 +1,7 @@
 """Shared REST plumbing: one error shape, pagination."""
+from django.conf import settings
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404
 from rest_framework import exceptions, status
@@ -36,6 +38,10 @@ def exception_handler(exc, context):
         fields = exc.message_dict if hasattr(exc, "error_dict") else {"non_field_errors": exc.messages}
         return Response(error_body(400, "invalid", "; ".join(f"{k}: {' '.join(v)}" for k, v in fields.items()), fields),
                         status=400)
+    if isinstance(exc, RequestDataTooBig):  # a JSON or form body over DATA_UPLOAD_MAX_MEMORY_SIZE
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        return Response(error_body(413, "request_too_large", f"The request body is larger than {limit} bytes, the "
+                                   "most accepted outside file uploads; send less."), status=413)
     if isinstance(exc, Http404):
         exc = exceptions.NotFound("Not found.")
     elif isinstance(exc, DjangoPermissionDenied):

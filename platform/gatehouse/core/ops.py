@@ -15,6 +15,7 @@ from django.core.files.base import ContentFile
 from django.core.files.storage import storages
 from django.db import connection
 from django.http import HttpResponse, JsonResponse
+from django.utils.functional import SimpleLazyObject, empty
 from django.utils.module_loading import import_string
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -45,8 +46,17 @@ class RequestIdMiddleware:
         LATENCY.labels(request.method, route, str(response.status_code)).observe(elapsed)
         log.info("request", extra={"request_id": request.id, "method": request.method, "path": request.path,
                                    "route": route, "status": response.status_code, "ms": round(elapsed * 1000, 2),
-                                   "user": getattr(getattr(request, "user", None), "pk", None)})
+                                   "user": _user_id(request)})
         return response
+
+
+def _user_id(request):
+    """The user's id when something already looked the user up; never a database query of its own (this runs
+    for every response, 503s during a database outage included)."""
+    user = getattr(request, "user", None)
+    if isinstance(user, SimpleLazyObject):
+        user = user._wrapped  # `empty` until something evaluated it
+    return None if user is empty else getattr(user, "pk", None)
 
 
 class JsonFormatter(logging.Formatter):
@@ -74,11 +84,16 @@ def _check_database() -> str:
     return "ok"
 
 
+# A probe of the broker gives up within about two seconds: a broker that is down must not stall /readyz or /metrics
+# (kombu's defaults retry for much longer).
+BROKER_PROBE = {"max_retries": 1, "interval_start": 0.2, "interval_step": 0.2, "timeout": 2}
+
+
 def _check_broker() -> str:
     from gatehouse.celery import app
 
     with app.connection_for_write() as conn:
-        conn.ensure_connection(max_retries=1, timeout=2)
+        conn.ensure_connection(**BROKER_PROBE)
     return "ok"
 
 
@@ -96,18 +111,25 @@ CORE_CHECKS = {"database": (_check_database, True), "broker": (_check_broker, Fa
 
 def readyz(request):
     """Readiness: 200 ready or degraded (reads still work, e.g. the broker is down), 503 when a required part
-    (database, storage) fails. Each part reports ok or its error."""
+    (database, storage) fails. Each part reports ok or its error; `unavailable` lists the failing parts."""
     checks = dict(CORE_CHECKS)
     for dotted in settings.GATEHOUSE_READINESS_CHECKS:
         checks.update(import_string(dotted)())
-    results, status = {}, "ready"
+    results, failed = {}, {"required": [], "optional": []}
     for name, (check, required) in checks.items():
         try:
             results[name] = check()
         except Exception as exc:  # any failure of a dependency is the answer, not a crash
             results[name] = f"error: {exc.__class__.__name__}: {str(exc)[:200]}"
-            status = "unready" if required else ("degraded" if status == "ready" else status)
-    return JsonResponse({"status": status, "checks": results}, status=503 if status == "unready" else 200)
+            failed["required" if required else "optional"].append(name)
+    status = "unready" if failed["required"] else "degraded" if failed["optional"] else "ready"
+    body = {"status": status, "checks": results}
+    if status != "ready":
+        body["unavailable"] = failed["required"] + failed["optional"]  # which parts, at a glance
+    response = JsonResponse(body, status=503 if status == "unready" else 200)
+    if status == "unready":
+        response["Retry-After"] = "5"
+    return response
 
 
 class _AppMetrics:
@@ -135,17 +157,23 @@ def broker_metrics():
 
     queues = {settings.CELERY_TASK_DEFAULT_QUEUE, settings.TRAINING_QUEUE}
     url = settings.CELERY_BROKER_URL
+    if url.startswith("redis"):
+        try:
+            with app.connection_for_read() as conn:
+                conn.ensure_connection(**BROKER_PROBE)  # once, and briefly: Redis down must not stall the scrape
+                depths = {queue: conn.default_channel.client.llen(queue) for queue in sorted(queues)}
+        except Exception:  # an unreachable broker is readiness' news; metrics stay up
+            return
+        for queue, depth in depths.items():
+            yield "gatehouse_queue_depth", "Tasks waiting in a queue", depth, {"queue": queue}
+        return
+    if not url.startswith("filesystem"):
+        return
+    folder = settings.CELERY_BROKER_TRANSPORT_OPTIONS["data_folder_in"]
     for queue in sorted(queues):
         try:
-            if url.startswith("redis"):
-                with app.connection_for_read() as conn:
-                    depth = conn.default_channel.client.llen(queue)
-            elif url.startswith("filesystem"):
-                folder = settings.CELERY_BROKER_TRANSPORT_OPTIONS["data_folder_in"]
-                depth = sum(1 for _ in Path(folder).glob(f"*.{queue}.msg"))  # kombu's file naming
-            else:
-                continue
-        except Exception:  # an unreachable broker is readiness' news; metrics stay up
+            depth = sum(1 for _ in Path(folder).glob(f"*.{queue}.msg"))  # kombu's file naming
+        except OSError:
             continue
         yield "gatehouse_queue_depth", "Tasks waiting in a queue", depth, {"queue": queue}
 

@@ -3,12 +3,23 @@ import json
 import math
 import posixpath
 import struct
+import unicodedata
 from typing import BinaryIO
 
 from gatehouse.core.errors import InvalidInput
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".7z", ".rar", ".gz",
+                    ".bz2", ".xz", ".zst")
 MAX_PATH_LENGTH = 500
+MAX_NAME_BYTES = 255  # one path component, in UTF-8: what ext4, XFS, APFS and S3 tooling accept
+# Characters that look like '/', '\' or '.' without being them (and that NFKC leaves alone): a path shown with
+# them reads as another path.
+LOOKALIKE_SEPARATORS = {"\u2215": "division slash", "\u2044": "fraction slash", "\u29f8": "big solidus",
+                        "\u2571": "box-drawing diagonal", "\u29f5": "reverse solidus operator",
+                        "\u29f9": "big reverse solidus", "\u2024": "one dot leader", "\u2216": "set minus"}
+PICKLE_MAGIC = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
 
 # Bytes per element for every dtype the safetensors format defines.
 SAFETENSORS_DTYPES = {
@@ -31,6 +42,18 @@ def normalize_path(raw: str) -> str:
         raise InvalidInput(f"File path {raw!r} uses backslashes; use '/' as the separator.")
     if raw.startswith("/") or (len(raw) > 1 and raw[1] == ":"):
         raise InvalidInput(f"File path {raw!r} is absolute; paths must be relative to the model folder.")
+    for ch in raw:
+        if unicodedata.category(ch) in ("Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+            raise InvalidInput(f"File path {raw!r} contains the invisible or direction-changing character "
+                               f"U+{ord(ch):04X} ({unicodedata.name(ch, 'unnamed')}), which makes a name display "
+                               "as another; rename the file using visible characters only.")
+        if ch in LOOKALIKE_SEPARATORS:
+            raise InvalidInput(f"File path {raw!r} contains U+{ord(ch):04X} ({LOOKALIKE_SEPARATORS[ch]}), a lookalike "
+                               "of '/', '\\' or '.'; rename the file, using '/' only between folders.")
+    compatible = unicodedata.normalize("NFKC", raw)
+    if compatible != raw:
+        raise InvalidInput(f"File path {raw!r} uses compatibility characters (fullwidth or styled forms): it looks like "
+                           f"{compatible!r}; rename it to {compatible!r} (paths must be NFKC-normalized).")
     parts = [part for part in raw.split("/") if part not in ("", ".")]
     if ".." in parts:
         raise InvalidInput(f"File path {raw!r} contains '..'; paths must stay inside the model folder.")
@@ -38,8 +61,39 @@ def normalize_path(raw: str) -> str:
         raise InvalidInput(f"File path {raw!r} names no file.")
     path = posixpath.join(*parts)
     if len(path) > MAX_PATH_LENGTH:
-        raise InvalidInput(f"File path {path[:60]!r}… is longer than {MAX_PATH_LENGTH} characters.")
+        raise InvalidInput(f"File path {path[:60]!r}… is longer than {MAX_PATH_LENGTH} characters; rename it or "
+                           "flatten its folders.")
+    for part in parts:
+        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
+            raise InvalidInput(f"File or folder name {part[:40]!r}… is {len(part.encode('utf-8'))} bytes in UTF-8; "
+                               f"names may be at most {MAX_NAME_BYTES} bytes: rename it.")
     return path
+
+
+def refuse_archive(path: str) -> None:
+    """Archives are refused, never stored or unpacked: their contents would escape every per-file check."""
+    if path.lower().endswith(ARCHIVE_SUFFIXES):
+        raise InvalidInput(
+            f"{path} is an archive. Gatehouse stores model folders file by file (each hashed and checked) and never "
+            "unpacks archives: extract it locally and upload its files, one field per file named by its path.",
+            code="archive_refused",
+        )
+
+
+def refuse_opaque_content(head: bytes, path: str) -> None:
+    """Refuse a file whose first bytes are a pickle or a zip archive, whatever it is called (a renamed
+    pytorch_model.bin, torch.save's zip of pickles, an archive)."""
+    stem = path.rsplit(".", 1)[0]
+    if head.startswith(PICKLE_MAGIC):
+        raise InvalidInput(
+            f"{path} is a pickle, which can run arbitrary code when loaded, whatever its name; convert it to "
+            f"safetensors (safetensors.torch.save_file(state_dict, '{stem}.safetensors')) and upload that instead.",
+            code="pickle_refused")
+    if head.startswith(ZIP_MAGIC):
+        raise InvalidInput(
+            f"{path} is a zip archive (PyTorch's torch.save format is one: a zip of pickles). Archives are never "
+            "unpacked or stored: convert weights to safetensors (safetensors.torch.save_file), and upload other "
+            "files one field per file named by its path.", code="archive_refused")
 
 
 def refuse_pickle(path: str) -> None:
@@ -58,12 +112,15 @@ def inspect_safetensors(fh: BinaryIO, size: int, *, max_header_bytes: int, name:
     Returns {"tensors", "parameters", "dtypes", "metadata"}; raises InvalidInput on anything inconsistent.
     """
     def bad(reason: str) -> InvalidInput:
-        return InvalidInput(f"{name} is not a valid safetensors file: {reason}.", code="invalid_safetensors")
+        return InvalidInput(f"{name} is not a valid safetensors file: {reason}. Re-export it with the safetensors "
+                            "library (safetensors.torch.save_file) and upload it again.", code="invalid_safetensors")
 
     if size < 8:
         raise bad(f"it is {size} bytes, shorter than the 8-byte header length")
     fh.seek(0)
-    (header_len,) = struct.unpack("<Q", fh.read(8))
+    head = fh.read(8)
+    refuse_opaque_content(head, name)
+    (header_len,) = struct.unpack("<Q", head)
     if header_len > max_header_bytes:
         raise bad(f"its header claims {header_len} bytes, more than the {max_header_bytes}-byte limit")
     if 8 + header_len > size:

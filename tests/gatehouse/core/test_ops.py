@@ -73,3 +73,25 @@ def test_deploy_checks_are_clean_with_production_settings(tmp_path):
     bare = subprocess.run([sys.executable, str(root / "manage.py"), "check", "--deploy", "--fail-level", "WARNING"],
                           env=env | {"GATEHOUSE_TLS": "0"}, capture_output=True, text=True, cwd=root)
     assert bare.returncode != 0 and "SESSION_COOKIE_SECURE" in bare.stderr + bare.stdout  # the check can fail
+
+
+def test_secrets_can_come_from_files_and_a_name_set_twice_is_refused(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    key_file = tmp_path / "secret_key"
+    key_file.write_text("from-a-file-" + "k" * 50 + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "SECRET_KEY"} | {
+        "GATEHOUSE_VAR_DIR": str(tmp_path / "var"), "SECRET_KEY_FILE": str(key_file),
+        "DJANGO_SETTINGS_MODULE": "gatehouse.settings", "PYTHONPATH": f"{root / 'platform'}:{root}"}
+    show = [sys.executable, "-c", "from django.conf import settings; print(settings.SECRET_KEY)"]
+    read = subprocess.run(show, env=env, capture_output=True, text=True, cwd=root)
+    assert read.returncode == 0 and read.stdout.strip() == "from-a-file-" + "k" * 50, read.stderr
+    both = subprocess.run(show, env=env | {"SECRET_KEY": "x"}, capture_output=True, text=True, cwd=root)
+    assert both.returncode != 0 and "Both SECRET_KEY and SECRET_KEY_FILE are set; keep one." in both.stderr
+    missing = subprocess.run(show, env=env | {"SECRET_KEY_FILE": str(tmp_path / "nope")}, capture_output=True,
+                             text=True, cwd=root)
+    assert missing.returncode != 0 and "SECRET_KEY_FILE=" in missing.stderr and "cannot be read" in missing.stderr

@@ -272,11 +272,37 @@ class DesignationThresholdSerializer(serializers.ModelSerializer):
 
 
 class LineageEntrySerializer(serializers.Serializer):
-    model = serializers.CharField()
-    commit = serializers.CharField()
+    model = serializers.CharField(allow_null=True, help_text="null when the caller may not see that model")
+    commit = serializers.CharField(allow_null=True, help_text="null when the caller may not see that model")
     relation = serializers.CharField()
     own_flops = serializers.FloatField()
     cumulative_flops = serializers.FloatField()
+
+
+class DerivativeSerializer(serializers.Serializer):
+    model = serializers.CharField()
+    relation = serializers.CharField()
+
+
+class LineageSerializer(serializers.Serializer):
+    """GET …/lineage: the version, the chain of its bases (nearest first) and the visible derived models."""
+
+    model = serializers.CharField()
+    commit = serializers.CharField()
+    own_flops = serializers.FloatField()
+    cumulative_flops = serializers.FloatField()
+    ancestors = LineageEntrySerializer(many=True)
+    derivatives = DerivativeSerializer(many=True)
+
+
+class ComputeSummarySerializer(serializers.Serializer):
+    """GET …/compute: the version's compute totals, the designations they trigger and every record."""
+
+    commit = serializers.CharField()
+    own_flops = serializers.FloatField()
+    cumulative_flops = serializers.FloatField()
+    designations = serializers.ListField(child=serializers.CharField())
+    records = ComputeRecordSerializer(many=True)
 
 
 LIST_FIELDS = ("organization__slug", "name", "summary", "tier", "task", "tags", "license__key", "created_at",

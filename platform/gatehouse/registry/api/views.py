@@ -161,7 +161,7 @@ class FileListApi(_VersionScopedApi):
 class ComputeApi(_VersionScopedApi):
     serializer_class = s.ComputeRecordSerializer
 
-    @extend_schema(parameters=[REVISION])
+    @extend_schema(parameters=[REVISION], responses=s.ComputeSummarySerializer)
     def get(self, request, org, name):
         version = self.version(request, org, name)
         records = ComputeRecord.objects.filter(version=version)
@@ -226,8 +226,9 @@ class RiskAssessmentApi(_VersionScopedApi):
 
 class ModelDatasetsApi(_VersionScopedApi):
     serializer_class = s.DatasetSerializer
+    pagination_class = None  # a version lists few datasets: one plain array
 
-    @extend_schema(parameters=[REVISION])
+    @extend_schema(parameters=[REVISION], responses=s.DatasetSerializer(many=True))
     def get(self, request, org, name):
         version = self.version(request, org, name)
         datasets = selectors.dataset_queryset().filter(model_versions=version)
@@ -235,7 +236,7 @@ class ModelDatasetsApi(_VersionScopedApi):
 
 
 class LineageApi(_VersionScopedApi):
-    @extend_schema(parameters=[REVISION], responses=s.LineageEntrySerializer(many=True))
+    @extend_schema(parameters=[REVISION], responses=s.LineageSerializer)
     def get(self, request, org, name):
         version = self.version(request, org, name)
         chain = selectors.version_lineage(version)
@@ -317,7 +318,7 @@ class LicenseListApi(GenericAPIView):
     serializer_class = s.LicenseSerializer
     pagination_class = None
 
-    @extend_schema(operation_id="licenses_list")
+    @extend_schema(operation_id="licenses_list", responses=s.LicenseSerializer(many=True))
     def get(self, request):
         return Response(s.LicenseSerializer(License.objects.order_by("key"), many=True).data)
 
@@ -336,6 +337,7 @@ class RiskFrameworkListApi(GenericAPIView):
     serializer_class = s.RiskFrameworkSerializer
     pagination_class = None
 
+    @extend_schema(responses=s.RiskFrameworkSerializer(many=True))
     def get(self, request):
         frameworks = RiskFramework.objects.prefetch_related("domains__thresholds").order_by("key", "version")
         return Response(s.RiskFrameworkSerializer(frameworks, many=True).data)
@@ -345,6 +347,7 @@ class DesignationThresholdListApi(GenericAPIView):
     serializer_class = s.DesignationThresholdSerializer
     pagination_class = None
 
+    @extend_schema(responses=s.DesignationThresholdSerializer(many=True))
     def get(self, request):
         return Response(s.DesignationThresholdSerializer(DesignationThreshold.objects.all(), many=True).data)
 

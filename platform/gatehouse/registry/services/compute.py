@@ -72,7 +72,7 @@ def model_version_recompute_flops(*, version: ModelVersion) -> None:
         if pk in seen:
             continue
         seen.add(pk)
-        current = ModelVersion.objects.select_for_update(of=("self",)).select_related("base_version").get(pk=pk)
+        current = ModelVersion.objects.select_for_update(of=("self",), no_key=True).select_related("base_version").get(pk=pk)
         own = ComputeRecord.objects.filter(version=current).aggregate(total=Sum("flops"))["total"] or 0.0
         inherited = current.base_version.cumulative_flops if current.base_version_id else 0.0
         ModelVersion.objects.filter(pk=pk).update(own_flops=own, cumulative_flops=own + inherited)

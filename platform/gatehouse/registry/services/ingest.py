@@ -6,7 +6,9 @@ stored removes what was stored: a failed ingest leaves no version and no orphan 
 """
 import hashlib
 import json
+import logging
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,10 @@ from huggingface_hub import ModelCard
 from gatehouse.accounts.models import Organization, User
 from gatehouse.audit.services import audit_record
 from gatehouse.core.errors import Conflict, InvalidInput, clean_or_invalid
-from gatehouse.registry.files import inspect_safetensors, normalize_path, refuse_pickle
+from gatehouse.core.unavailable import ServiceUnavailable
+from gatehouse.registry.files import (
+    inspect_safetensors, normalize_path, refuse_archive, refuse_opaque_content, refuse_pickle,
+)
 from gatehouse.registry.models import BaseRelation, Dataset, EvaluationResult, License, Model, ModelFile, ModelVersion
 from gatehouse.registry.services.evaluations import evaluation_rows_record, parse_model_index
 from gatehouse.registry.selectors import organization_for_writer, model_visible_queryset
@@ -117,16 +122,21 @@ def _check_paths(files: list[IncomingFile]) -> list[IncomingFile]:
     for item in files:
         path = normalize_path(item.path)
         refuse_pickle(path)
-        if path.lower() in seen:
-            raise InvalidInput(f"File path {item.path!r} duplicates {seen[path.lower()]!r}.")
-        seen[path.lower()] = item.path
+        refuse_archive(path)
+        key = path.casefold()  # case-insensitive filesystems (macOS, Windows) would merge these on download
+        if key in seen:
+            raise InvalidInput(f"File path {item.path!r} duplicates {seen[key]!r} (paths differing only in case or "
+                               "'.' segments name one file on many systems); rename or drop one.")
+        seen[key] = item.path
         checked.append(IncomingFile(path=path, size=item.size, open=item.open))
     return checked
 
 
 def _read_small(item: IncomingFile, limit: int = 4 * 1024 * 1024) -> str:
     if item.size > limit:
-        raise InvalidInput(f"{item.path} is {item.size} bytes; text metadata files may be at most {limit}.")
+        raise InvalidInput(f"{item.path} is {item.size} bytes; text metadata files may be at most {limit} bytes. "
+                           f"Keep {item.path} to metadata (architecture, card): weights and data belong in "
+                           "safetensors files.")
     with item.open() as fh:
         data = fh.read(limit + 1)
     try:
@@ -138,10 +148,13 @@ def _read_small(item: IncomingFile, limit: int = 4 * 1024 * 1024) -> str:
 def parse_card(text: str, *, user: User) -> CardFacts:
     """Read the card's YAML metadata into records; unknown references are refused with what to do."""
     facts = CardFacts(text=text)
+    _refuse_yaml_aliases(text)
     try:
         card = ModelCard(text, ignore_metadata_errors=False)
     except (ValueError, yaml.YAMLError) as exc:
         raise InvalidInput(f"README.md's YAML metadata is invalid: {exc}".strip()) from None
+    except RecursionError:
+        raise InvalidInput("README.md's YAML metadata is nested too deeply; flatten it.") from None
     metadata = card.data.to_dict()
     facts.metadata = json.loads(json.dumps(metadata, default=str))
 
@@ -193,13 +206,35 @@ def parse_card(text: str, *, user: User) -> CardFacts:
     return facts
 
 
+def _refuse_yaml_aliases(text: str) -> None:
+    """Aliases (*name) let a few lines of YAML expand into billions of values once the metadata is copied or
+    serialized ("billion laughs"); cards never need them."""
+    match = _FRONT_MATTER.match(text or "")
+    if not match:
+        return
+    try:
+        for token in yaml.scan(match.group(1)):
+            if isinstance(token, yaml.AliasToken):
+                raise InvalidInput("README.md's YAML metadata uses aliases (*name), which are not accepted in cards "
+                                   "(they can expand without bound); write the values out instead.")
+    except yaml.YAMLError:
+        return  # reported with its line by the parser proper
+
+
+_FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", re.DOTALL)
+
+
 def _architecture_facts(config_text: str | None) -> dict:
     if config_text is None:
         return {"config": {}, "architecture": "", "context_length": None}
     try:
-        config = json.loads(config_text)
+        config = json.loads(config_text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"config.json is not valid JSON: {exc}.") from None
+    except ValueError as exc:
+        raise InvalidInput(f"config.json is not valid JSON: {exc}; write numbers as numbers.") from None
+    except RecursionError:
+        raise InvalidInput("config.json is nested too deeply to be a model configuration; flatten it.") from None
     if not isinstance(config, dict):
         raise InvalidInput("config.json must be a JSON object.")
     architectures = config.get("architectures") or []
@@ -209,6 +244,18 @@ def _architecture_facts(config_text: str | None) -> dict:
         "architecture": architectures[0] if architectures and isinstance(architectures[0], str) else config.get("model_type", ""),
         "context_length": context if isinstance(context, int) and context > 0 else None,
     }
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _sniff(files: list[IncomingFile]) -> None:
+    """Look at each file's first bytes before anything is stored: pickles and archives are refused by content."""
+    for item in files:
+        with item.open() as fh:
+            head = fh.read(8)
+        refuse_opaque_content(head, item.path)
 
 
 def _store(files: list[IncomingFile], *, prefix: str, stored: list[_Stored]) -> None:
@@ -221,7 +268,16 @@ def _store(files: list[IncomingFile], *, prefix: str, stored: list[_Stored]) -> 
                 facts = inspect_safetensors(fh, item.size, max_header_bytes=max_header, name=item.path)
                 fh.seek(0)
             hashing = _HashingFile(fh, name=item.path)
-            key = storage.save(f"{prefix}/{item.path}", hashing)
+            try:
+                key = storage.save(f"{prefix}/{item.path}", hashing)
+            except Exception as exc:
+                # The backend may leave the half-written object behind (FileSystemStorage does): remove it too.
+                # The prefix is this upload's own, so the name cannot be anyone else's file.
+                _delete_quietly(storage, f"{prefix}/{item.path}")
+                if isinstance(exc, OSError) or exc.__class__.__module__.startswith(("botocore", "boto3")):
+                    raise ServiceUnavailable(f"Weight storage failed while writing {item.path}; nothing was "
+                                             "registered. Retry the upload shortly.", component="storage") from exc
+                raise
             stored.append(_Stored(path=item.path, size=hashing.bytes_read, sha256=hashing.sha256.hexdigest(),
                                   storage_key=key, safetensors=facts))
             if hashing.bytes_read != item.size:
@@ -229,10 +285,17 @@ def _store(files: list[IncomingFile], *, prefix: str, stored: list[_Stored]) -> 
                                    f"{hashing.bytes_read} read); upload it again.")
 
 
+def _delete_quietly(storage, key: str) -> None:
+    try:
+        storage.delete(key)
+    except Exception:  # storage still failing: log and go on with the rest (the original error matters more)
+        logging.getLogger(__name__).exception("could not delete %s after a failed ingest", key)
+
+
 def _delete_stored(stored: list[_Stored]) -> None:
     storage = storages["weights"]
     for item in stored:
-        storage.delete(item.storage_key)
+        _delete_quietly(storage, item.storage_key)
 
 
 def model_version_ingest(*, organization: Organization, name: str, files: list[IncomingFile], user: User,
@@ -252,6 +315,7 @@ def model_version_ingest(*, organization: Organization, name: str, files: list[I
     clean_or_invalid(model_probe, exclude=["organization", "tier", "license", "base_model", "latest_version"],
                            validate_unique=False, validate_constraints=False)
 
+    _sniff(files)
     stored: list[_Stored] = []
     prefix = f"models/{organization.slug}/{name}/{uuid.uuid4().hex}"
     try:
@@ -259,7 +323,7 @@ def model_version_ingest(*, organization: Organization, name: str, files: list[I
         repo_id = f"{organization.slug}/{name}"
         commit = commit_id(repo_id, [(s.path, s.size, s.sha256) for s in stored])
         with transaction.atomic():
-            model, created = Model.objects.select_for_update().get_or_create(
+            model, created = Model.objects.select_for_update(of=("self",), no_key=True).get_or_create(
                 organization=organization, name=name, defaults={"tier": tier or Model._meta.get_field("tier").default})
             if ModelVersion.objects.filter(model=model, commit=commit).exists():
                 raise Conflict(f"{repo_id} already has a version with exactly these files (commit {commit}).",
@@ -290,7 +354,9 @@ def model_version_ingest(*, organization: Organization, name: str, files: list[I
                                "bytes": version.total_bytes})
             from gatehouse.registry.tasks import verify_model_version_task
 
-            transaction.on_commit(lambda: verify_model_version_task.delay(version.pk))
+            # robust: the version is committed even if the broker is down now; the stranded-work sweep queues
+            # its verification later (gatehouse.core.redelivery). Never delete committed files over a publish.
+            transaction.on_commit(lambda: verify_model_version_task.delay(version.pk), robust=True)
     except IntegrityError:
         _delete_stored(stored)
         raise Conflict(f"{organization.slug}/{name} was changed by another upload at the same time; retry.",
