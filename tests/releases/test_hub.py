@@ -187,8 +187,8 @@ def test_the_gate_decision_costs_a_constant_number_of_queries(register, aurora, 
     client, token = Client(), token_for(carol, ("read", "gated-read"))
     url = f"/aurora/gated/resolve/main/{WEIGHTS}"
     client.head(url, HTTP_AUTHORIZATION=f"Bearer {token}")  # the first use records last_used_at
-    # token, memberships, model (with policy and licence), active grant, ref, version, file
-    with django_assert_num_queries(7):
+    # token, memberships, model (with policy and licence), active grant, version by its ref, file
+    with django_assert_num_queries(6):
         assert client.head(url, HTTP_AUTHORIZATION=f"Bearer {token}").status_code == 200
 
 

@@ -6,7 +6,7 @@ from django.db.models import Prefetch, Q, QuerySet
 from gatehouse.accounts.models import Membership, Organization, User
 from gatehouse.core.errors import NotFound, PermissionDenied
 from gatehouse.registry.models import (
-    Dataset, DatasetVersion, DesignationThreshold, Model, ModelRef, ModelVersion, Tier,
+    Dataset, DatasetVersion, DesignationThreshold, Model, ModelVersion, Tier,
 )
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -79,9 +79,8 @@ def version_resolve(*, model: Model, revision: str = "main", verified_only: bool
         versions = versions.filter(status=ModelVersion.Status.VERIFIED)
     if COMMIT_RE.match(revision):
         version = versions.filter(commit=revision).first()
-    else:
-        ref = ModelRef.objects.filter(model=model, name=revision).values_list("version_id", flat=True).first()
-        version = versions.filter(pk=ref).first() if ref else None
+    else:  # one query: the ref's version through the join (the gate runs this on every download)
+        version = versions.filter(refs__model=model, refs__name=revision).first()
     if version is None:
         raise NotFound(f"Revision {revision!r} of {model.repo_id} does not exist"
                        + (" or is not verified yet." if verified_only else "."))
