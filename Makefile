@@ -32,6 +32,7 @@ bench: install
 	$(PY) tests/bench/train_throughput.py
 	$(PY) tests/bench/generate.py
 	$(PY) tests/bench/download.py  # needs nginx (apt-get install nginx)
+	$(PY) tests/bench/load.py  # the production-like stack under load: needs PostgreSQL, Redis, nginx
 
 clean:
 	rm -rf var

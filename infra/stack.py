@@ -4,6 +4,7 @@ S3-compatible server (moto), gunicorn workers behind nginx, a Celery worker per 
 processes, and the engine supervisor. CI's smoke suite (infra/smoke.py) drives it; run it yourself with
 
     python infra/stack.py            # prints the URL; Ctrl-C stops everything and drops the database
+    python infra/stack.py --storage local   # weights on local disk, sent by nginx with X-Accel-Redirect
 
 Needs PostgreSQL and Redis running (as .ci/run starts them) and nginx installed.
 """
@@ -32,8 +33,14 @@ def free_port() -> int:
 
 
 class Stack:
-    def __init__(self, work: Path):
+    """`storage="s3"` (the default): weights in the S3 server, downloads 302 to presigned URLs. `storage="local"`:
+    weights on local disk under work/var/weights, Django decides and nginx sends the bytes (X-Accel-Redirect)."""
+
+    def __init__(self, work: Path, storage: str = "s3"):
+        if storage not in ("s3", "local"):
+            raise ValueError(f"storage must be s3 or local, not {storage!r}")
         self.work = Path(work)
+        self.storage = storage
         self.processes: dict[str, subprocess.Popen] = {}
         self.database = f"gatehouse_stack_{uuid.uuid4().hex[:8]}"
         self.port, self.web_port, self.s3_port = free_port(), free_port(), free_port()
@@ -48,22 +55,33 @@ class Stack:
             AWS_SECRET_ACCESS_KEY="stack-secret", AWS_S3_REGION_NAME="us-east-1", AWS_DEFAULT_REGION="us-east-1",
             AWS_S3_ENDPOINT_URL=f"http://127.0.0.1:{self.s3_port}", GATEHOUSE_DEFAULT_QUEUE=queue,
             GATEHOUSE_TRAINING_QUEUE=f"{queue}-gpu", GATEHOUSE_TRUSTED_PROXY_HOPS="1")
+        if storage == "local":  # the folder nginx's internal /_weights/ location serves (infra/nginx.conf.template)
+            for key in [k for k in self.env if k.startswith("AWS_")]:
+                del self.env[key]
+            self.env.update(GATEHOUSE_STORAGE="local", GATEHOUSE_WEIGHTS_DIR=str(self.work / "var" / "weights"),
+                            GATEHOUSE_ACCEL_REDIRECT_PREFIX="/_weights/")
         self.manage = [sys.executable, str(ROOT / "manage.py")]
 
     # --- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> "Stack":
         self.work.mkdir(parents=True, exist_ok=True)
         self._sql(f'CREATE DATABASE "{self.database}"')
-        self._spawn("s3", [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(self.s3_port)])
-        self._wait(f"http://127.0.0.1:{self.s3_port}/", "the S3 server")
-        import boto3
+        if self.storage == "s3":
+            self._spawn("s3", [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p",
+                               str(self.s3_port)])
+            self._wait(f"http://127.0.0.1:{self.s3_port}/", "the S3 server")
+            import boto3
 
-        boto3.client("s3", endpoint_url=self.env["AWS_S3_ENDPOINT_URL"], aws_access_key_id="stack",
-                     aws_secret_access_key="stack-secret", region_name="us-east-1").create_bucket(Bucket="weights")
+            boto3.client("s3", endpoint_url=self.env["AWS_S3_ENDPOINT_URL"], aws_access_key_id="stack",
+                         aws_secret_access_key="stack-secret", region_name="us-east-1").create_bucket(Bucket="weights")
+        else:
+            (self.work / "var" / "weights").mkdir(parents=True, exist_ok=True)
         subprocess.run([*self.manage, "migrate", "--noinput", "-v0"], env=self.env, cwd=ROOT, check=True)
+        # A streaming chat holds its thread for the whole answer: 2 x 32 threads serve 64 streams at once (and may
+        # hold 64 database connections, within PostgreSQL's default 100).
         self._spawn("web", [sys.executable, "-m", "gunicorn", "gatehouse.wsgi:application", "--bind",
                             f"127.0.0.1:{self.web_port}", "--workers", "2", "--worker-class", "gthread",
-                            "--threads", "8", "--timeout", "600", "--graceful-timeout", "10"])
+                            "--threads", "32", "--timeout", "600", "--graceful-timeout", "10"])
         self._spawn("nginx", ["nginx", "-c", str(self._nginx_conf()), "-p", str(self.work / "nginx"),
                               "-g", "daemon off;"])
         celery = [sys.executable, "-m", "celery", "-A", "gatehouse"]
@@ -139,7 +157,8 @@ def main() -> int:
     if not shutil.which("nginx"):
         print("error: nginx is not installed (apt-get install -y nginx)", file=sys.stderr)
         return 2
-    stack = Stack(ROOT / "var" / "stack")
+    storage = sys.argv[sys.argv.index("--storage") + 1] if "--storage" in sys.argv[1:-1] else "s3"
+    stack = Stack(ROOT / "var" / "stack", storage=storage)
     try:
         stack.start()
         print(f"Gatehouse (production-like) at {stack.url}/ — logs in {stack.work}; Ctrl-C stops it.", flush=True)
