@@ -85,12 +85,12 @@ def wait(fn, timeout: float, what: str):
     raise RuntimeError(f"timed out: {what}")
 
 
-def train(mia) -> None:
+def train(mia, *, max_steps: int = 40, batch_size: int = 8, max_bytes: int = 200000) -> None:
     created = mia.post("/api/v1/training-runs", json={
-        "organization": "acme", "model": "smoke-coder", "preset": "debug", "max_steps": 40, "tier": "closed",
+        "organization": "acme", "model": "smoke-coder", "preset": "debug", "max_steps": max_steps, "tier": "closed",
         "datasets": [{"dataset": "acme/stdlib"}],
-        "options": {"seq_len": 64, "batch_size": 8, "eval_interval": 1000, "eval_batches": 1, "max_bytes": 200000,
-                    "tokenizer_vocab_size": 400}})
+        "options": {"seq_len": 64, "batch_size": batch_size, "eval_interval": 1000, "eval_batches": 1,
+                    "max_bytes": max_bytes, "tokenizer_vocab_size": 400}})
     assert created.status_code == 201, created.text
     run_url = f"/api/v1/training-runs/{created.json()['id']}"
     run = wait(lambda: (r := mia.get(run_url).json())["status"] in ("succeeded", "failed") and r, 300, "training")

@@ -38,7 +38,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "infra"))
-from smoke import BOOTSTRAP, release, wait  # noqa: E402  (the smoke suite's setup: users, tokens, open-gated release)
+from smoke import BOOTSTRAP, release, train, wait  # noqa: E402  (the smoke suite's setup; a shorter training run:
+# the load needs a model's files and an engine, not a good model)
 from stack import Stack, free_port  # noqa: E402
 
 REPO = "acme/smoke-coder"
@@ -289,7 +290,8 @@ def main() -> int:
         api = {who: httpx.Client(base_url=stack.url, timeout=60, headers={"Authorization": f"Bearer {tokens[who]}"})
                for who in ("mia", "ada")}
         with api["mia"] as mia, api["ada"] as ada:
-            step("train a tiny model through the API (Celery gpu worker)", lambda: train(mia))
+            step("train a tiny model through the API (Celery gpu worker)",
+                 lambda: train(mia, max_steps=4, batch_size=4, max_bytes=60000))
             step("release it open-gated, manual review (smoke suite)", lambda: release(mia, ada))
             release_ids = step("submit the release requests to decide", lambda: submit_requests(mia, n_release + 1))
         shell = step("users, access requests, tokens, a grant, the inference backend", lambda: stack.manage_shell(
@@ -410,21 +412,6 @@ def main() -> int:
             print(f"logs kept in {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
-
-
-def train(mia: httpx.Client) -> None:
-    """The smoke suite's training run, shorter: the load needs a model's files and an engine, not a good model."""
-    created = mia.post("/api/v1/training-runs", json={
-        "organization": "acme", "model": "smoke-coder", "preset": "debug", "max_steps": 4, "tier": "closed",
-        "datasets": [{"dataset": "acme/stdlib"}],
-        "options": {"seq_len": 64, "batch_size": 4, "eval_interval": 1000, "eval_batches": 1, "max_bytes": 60000,
-                    "tokenizer_vocab_size": 400}})
-    assert created.status_code == 201, created.text
-    run_url = f"/api/v1/training-runs/{created.json()['id']}"
-    run = wait(lambda: (r := mia.get(run_url).json())["status"] in ("succeeded", "failed") and r, 300, "training")
-    assert run["status"] == "succeeded", run.get("error")
-    wait(lambda: mia.get("/api/v1/models/acme/smoke-coder/versions").json()["results"][0]["status"] == "verified",
-         120, "verification")
 
 
 def submit_requests(mia: httpx.Client, n: int) -> list[int]:

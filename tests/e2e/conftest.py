@@ -1,5 +1,7 @@
 """A deployment of our own for each end-to-end test: its own database (a fresh PostgreSQL database when the
-suite runs on PostgreSQL, else a SQLite file), var/ folder and Celery queues, migrated from scratch."""
+suite runs on PostgreSQL, else a SQLite file), var/ folder and Celery queues. The database is a copy of one
+migrated from scratch once per session: `migrate` takes seconds, a copy a fraction of one."""
+import contextlib
 import os
 import socket
 import subprocess
@@ -32,31 +34,74 @@ def wait_for_http(url: str, timeout: float = 30) -> None:
     pytest.fail(f"{url} did not answer within {timeout} s")
 
 
-@pytest.fixture
-def deployment(tmp_path):
+def _admin_url(base: str) -> str:
+    return base.rsplit("/", 1)[0] + "/postgres"
+
+
+@pytest.fixture(scope="session")
+def migrated_template(tmp_path_factory):
+    """The database every scratch database copies: a PostgreSQL database name, or a SQLite file's path."""
+    directory = tmp_path_factory.mktemp("template")
     base = os.environ.get("DATABASE_URL", "")
-    drop = None
     if base.startswith("postgres"):
         import psycopg
 
-        name = f"gatehouse_e2e_{uuid.uuid4().hex[:10]}"
-        admin_url = base.rsplit("/", 1)[0] + "/postgres"
-        with psycopg.connect(admin_url, autocommit=True) as conn:
+        name = f"gatehouse_template_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(_admin_url(base), autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
-        database_url = base.rsplit("/", 1)[0] + "/" + name
-
-        def drop():
-            with psycopg.connect(admin_url, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        url, template = base.rsplit("/", 1)[0] + "/" + name, name
     else:
-        database_url = f"sqlite:///{tmp_path / 'e2e.sqlite3'}"
+        template = directory / "template.sqlite3"
+        url = f"sqlite:///{template}"
+    env = dict(os.environ, DATABASE_URL=url, GATEHOUSE_VAR_DIR=str(directory / "var"),
+               PYTHONPATH=f"{ROOT / 'platform'}{os.pathsep}{ROOT}")
+    subprocess.run([sys.executable, str(ROOT / "manage.py"), "migrate", "--noinput", "-v0"], env=env, check=True,
+                   cwd=ROOT)
+    yield template
+    if base.startswith("postgres"):
+        with psycopg.connect(_admin_url(base), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{template}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def scratch_database(template, directory: Path, prefix: str = "gatehouse_e2e"):
+    """A fresh, migrated database URL for processes under test, copied from `template`: a new PostgreSQL database
+    (dropped afterwards) when the suite runs on PostgreSQL, else a SQLite file in `directory`."""
+    base = os.environ.get("DATABASE_URL", "")
+    if not base.startswith("postgres"):
+        import sqlite3
+
+        target = directory / f"{prefix}.sqlite3"
+        with contextlib.closing(sqlite3.connect(template)) as source, \
+                contextlib.closing(sqlite3.connect(target)) as copy:
+            source.backup(copy)  # consistent even if the template's WAL was not checkpointed
+        yield f"sqlite:///{target}"
+        return
+    import psycopg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(_admin_url(base), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    try:
+        yield base.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(_admin_url(base), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def deployment(tmp_path, migrated_template):
+    with scratch_database(migrated_template, tmp_path) as database_url:
+        yield from _deployment(tmp_path, database_url)
+
+
+def _deployment(tmp_path, database_url):
     queue = f"e2e-{uuid.uuid4().hex[:10]}"
     env = dict(os.environ, GATEHOUSE_VAR_DIR=str(tmp_path / "var"), DATABASE_URL=database_url,
                GATEHOUSE_DEFAULT_QUEUE=queue, GATEHOUSE_TRAINING_QUEUE=f"{queue}-train",
                PYTHONPATH=f"{ROOT / 'platform'}{os.pathsep}{ROOT}", PYTHONUNBUFFERED="1")
     env.pop("CELERY_TASK_ALWAYS_EAGER", None)
     manage = [sys.executable, str(ROOT / "manage.py")]
-    subprocess.run([*manage, "migrate", "--noinput", "-v0"], env=env, check=True, cwd=ROOT)
     processes = []
     try:
         yield {"env": env, "manage": manage, "queue": queue, "var": tmp_path / "var", "processes": processes}
@@ -65,8 +110,6 @@ def deployment(tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=20)
-        if drop:
-            drop()
 
 
 CHROMIUM = os.environ.get("GATEHOUSE_CHROMIUM", "/usr/bin/chromium")

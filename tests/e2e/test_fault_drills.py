@@ -24,7 +24,7 @@ import pytest
 
 from tests.hardening.faults import TcpProxy, WebhookReceiver, sql, wait_until
 
-from .conftest import free_port, wait_for_http
+from .conftest import free_port, scratch_database, wait_for_http
 
 ROOT = Path(__file__).resolve().parents[2]
 FAULTS = ROOT / "tests" / "hardening" / "faults.py"
@@ -67,24 +67,14 @@ with transaction.atomic():
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
+def site(tmp_path_factory, migrated_template):
     """One migrated deployment for the module (each drill starts its own processes against it)."""
     tmp = tmp_path_factory.mktemp("faults")
-    base, drop = os.environ.get("DATABASE_URL", ""), None
-    if ON_POSTGRES:
-        import psycopg
+    with scratch_database(migrated_template, tmp, "gatehouse_faults") as database_url:
+        yield from _site(tmp, database_url)
 
-        name = f"gatehouse_faults_{uuid.uuid4().hex[:10]}"
-        admin_url = base.rsplit("/", 1)[0] + "/postgres"
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        database_url = base.rsplit("/", 1)[0] + "/" + name
 
-        def drop():
-            with psycopg.connect(admin_url, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    else:
-        database_url = f"sqlite:///{tmp / 'faults.sqlite3'}"
+def _site(tmp, database_url):
     env = dict(os.environ, GATEHOUSE_VAR_DIR=str(tmp / "var"), DATABASE_URL=database_url,
                PYTHONPATH=f"{ROOT / 'platform'}{os.pathsep}{ROOT}", PYTHONUNBUFFERED="1",
                GATEHOUSE_DEFAULT_QUEUE=f"faults-{uuid.uuid4().hex[:8]}", GATEHOUSE_WEBHOOK_ALLOW_PRIVATE_URLS="1",
@@ -92,7 +82,6 @@ def site(tmp_path_factory):
                GATEHOUSE_STRANDED_WORK_SECONDS="3", GATEHOUSE_DB_CONNECT_TIMEOUT="2")
     env.pop("CELERY_TASK_ALWAYS_EAGER", None)
     manage = [sys.executable, str(ROOT / "manage.py")]
-    subprocess.run([*manage, "migrate", "--noinput", "-v0"], env=env, check=True, cwd=ROOT)
     out = _shell({"env": env, "manage": manage}, SETUP.format(var=tmp), CELERY_TASK_ALWAYS_EAGER="1")
     processes: list[subprocess.Popen] = []
     try:
@@ -102,8 +91,6 @@ def site(tmp_path_factory):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=20)
-        if drop:
-            drop()
 
 
 def _shell(site, script, **env) -> dict:

@@ -128,9 +128,9 @@ def test_the_database_failing_after_the_bytes_are_stored_leaves_no_file(aurora, 
     assert stored_files() == []
 
 
-@pytest.mark.django_db(transaction=True)
 def test_an_upload_while_the_broker_is_down_is_kept_and_verified_once_it_is_back(alice, client_for, model_folder,
-                                                                               stored_files, monkeypatch, caplog):
+                                                                               stored_files, monkeypatch, caplog,
+                                                                               django_capture_on_commit_callbacks):
     """Before: the failed on-commit publish propagated into ingest's cleanup, which deleted the files of the
     version it had just committed (a 500, and a version that could never verify)."""
     from kombu.exceptions import OperationalError as BrokerDown
@@ -145,10 +145,11 @@ def test_an_upload_while_the_broker_is_down_is_kept_and_verified_once_it_is_back
     def broker_down(*args, **kwargs):
         raise BrokerDown("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
-    with monkeypatch.context() as patch:
+    with monkeypatch.context() as patch, django_capture_on_commit_callbacks(execute=True) as published:
         patch.setattr(verify_model_version_task, "delay", broker_down)
         response = client_for(alice, scopes=["write"]).post("/api/v1/models/aurora/m/versions",
                                                             _payload(model_folder()), format="multipart")
+    assert len(published) == 1  # the publish was attempted after commit, failed, and was only logged
     assert response.status_code == 202, response.content
     version = ModelVersion.objects.get()
     assert version.status == "pending" and len(stored_files()) == version.files.count() > 0
