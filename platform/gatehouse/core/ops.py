@@ -17,6 +17,7 @@ from django.db import connection
 from django.http import HttpResponse, JsonResponse
 from django.utils.functional import SimpleLazyObject, empty
 from django.utils.module_loading import import_string
+from django.views.decorators.http import require_safe
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
@@ -73,6 +74,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+@require_safe
 def healthz(request):
     """Liveness: the process answers. Nothing else is checked (a database outage must not restart the web)."""
     return JsonResponse({"status": "ok"})
@@ -109,6 +111,7 @@ CORE_CHECKS = {"database": (_check_database, True), "broker": (_check_broker, Fa
                "storage": (_check_storage, True)}
 
 
+@require_safe
 def readyz(request):
     """Readiness: 200 ready or degraded (reads still work, e.g. the broker is down), 503 when a required part
     (database, storage) fails. Each part reports ok or its error; `unavailable` lists the failing parts."""
@@ -147,6 +150,7 @@ class _AppMetrics:
 REGISTRY.register(_AppMetrics())
 
 
+@require_safe
 def metrics(request):
     return HttpResponse(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)
 
