@@ -87,10 +87,9 @@ def webhook_attempt(*, delivery_id: int, client: httpx.Client | None = None) -> 
         error = f"DNS lookup failed: {exc}"  # DNS outages pass: retried with backoff like a refused connection
     else:
         try:
-            response = _post(client, targets, body=delivery.body, headers=headers)
-            code = response.status_code
+            code, excerpt = _post(client, targets, body=delivery.body, headers=headers)
             if not 200 <= code < 300:
-                error = f"HTTP {code}: {response.text[:200]}"
+                error = f"HTTP {code}: {excerpt.decode(errors='replace')[:200]}"
         except httpx.HTTPError as exc:
             error = f"{exc.__class__.__name__}: {exc}"[:500]
     now = timezone.now()
@@ -112,16 +111,27 @@ def webhook_attempt(*, delivery_id: int, client: httpx.Client | None = None) -> 
     return delivery, delay
 
 
-def _post(client: httpx.Client | None, targets: list[Target], *, body: str, headers: dict) -> httpx.Response:
+def _post(client: httpx.Client | None, targets: list[Target], *, body: str, headers: dict) -> tuple[int, bytes]:
     """POST to the first checked address that accepts a connection, presenting the original name as Host and,
-    for https, as the TLS server name."""
+    for https, as the TLS server name. Returns the status and at most the first KiB of the answer: a receiver
+    cannot make us read a large body."""
 
-    def send(target: Target) -> httpx.Response:
+    def send(target: Target) -> tuple[int, bytes]:
         extensions = {"sni_hostname": target.sni_hostname} if target.sni_hostname else None
+        request = client.build_request("POST", target.url, content=body, headers=headers | {"Host": target.host},
+                                       timeout=10, extensions=extensions)
         # Never follow redirects (httpx's default, stated here on purpose): a public receiver could otherwise
         # send the POST on to a private address that was never checked.
-        return client.post(target.url, content=body, headers=headers | {"Host": target.host}, timeout=10,
-                           follow_redirects=False, extensions=extensions)
+        response = client.send(request, stream=True, follow_redirects=False)
+        try:
+            excerpt = b""
+            for chunk in response.iter_bytes(1024):
+                excerpt += chunk
+                if len(excerpt) >= 1024:
+                    break
+            return response.status_code, excerpt[:1024]
+        finally:
+            response.close()
 
     # Our own client ignores proxy variables (trust_env=False): a proxy would resolve the name itself, and its
     # https tunnel would verify the certificate against the pinned IP instead of the name.

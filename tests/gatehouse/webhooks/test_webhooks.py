@@ -113,3 +113,24 @@ def test_admins_manage_endpoints_and_read_the_delivery_log(aurora, alice, bob, c
     webhook_attempt(delivery_id=webhook_emit(organization=aurora, event="release.downgraded", data={})[0].pk)
     log = admin.get(f"/api/v1/organizations/aurora/webhooks/{endpoint_id}/deliveries").json()["results"]
     assert [(d["event"], d["status"], d["attempts"]) for d in log] == [("release.downgraded", "delivered", 1)]
+
+
+def test_a_receiver_cannot_make_us_read_a_huge_error_body(aurora, settings):
+    import httpx
+
+    from gatehouse.webhooks.models import WebhookDelivery, WebhookEndpoint
+    from gatehouse.webhooks.services import webhook_attempt
+
+    read = []
+
+    def endless():
+        for _ in range(10_000):  # 640 MB if anyone read it all
+            read.append(1)
+            yield b"x" * 65536
+
+    client = httpx.Client(transport=httpx.MockTransport(lambda request: httpx.Response(500, content=endless())))
+    endpoint = WebhookEndpoint.objects.create(organization=aurora, url="http://127.0.0.1:9/hook", secret="s")
+    delivery = WebhookDelivery.objects.create(endpoint=endpoint, event="x", body="{}")
+    delivered, retry_in = webhook_attempt(delivery_id=delivery.pk, client=client)
+    assert delivered.last_status_code == 500 and delivered.last_error == "HTTP 500: " + "x" * 200
+    assert retry_in is not None and len(read) <= 2
