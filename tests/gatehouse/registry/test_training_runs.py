@@ -203,6 +203,25 @@ def test_stale_running_runs_are_requeued_once(aurora, alice, corpus, django_capt
     assert training_run_execute(run_id=run.pk, attempt=1).status == "succeeded"
 
 
+def test_a_queued_run_whose_message_was_lost_is_sent_again_once_per_period(aurora, alice, corpus, settings,
+                                                                           django_capture_on_commit_callbacks):
+    settings.GATEHOUSE_STRANDED_WORK_SECONDS = 600
+    with django_capture_on_commit_callbacks() as lost:  # never executed: the broker lost the message
+        run = _run(aurora, alice, corpus)
+    assert len(lost) == 1
+    assert training_runs_requeue_stale() == []  # just created: a normal wait for a worker
+    TrainingRun.objects.filter(pk=run.pk).update(created_at=timezone.now() - timezone.timedelta(minutes=11))
+    with django_capture_on_commit_callbacks() as queued:
+        assert training_runs_requeue_stale() == [run.pk]
+        assert training_runs_requeue_stale() == []  # not again within the period
+    assert len(queued) == 1
+    run.refresh_from_db()
+    assert (run.status, run.attempt) == ("queued", 1)
+    assert AuditEvent.objects.filter(action="training_run.requeue").count() == 1
+    assert training_run_execute(run_id=run.pk, attempt=0).status == "queued"  # the lost message, should it come back
+    assert training_run_execute(run_id=run.pk, attempt=1).status == "succeeded"
+
+
 def test_the_gpu_worker_launches_torchrun_for_several_processes_and_nodes(settings):
     import pytest
 

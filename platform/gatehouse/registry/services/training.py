@@ -18,7 +18,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -204,7 +204,9 @@ def _enqueue_on_commit(run: TrainingRun) -> None:
     from gatehouse.registry.tasks import run_training_task
 
     run_id, attempt = run.pk, run.attempt
-    transaction.on_commit(lambda: run_training_task.apply_async((run_id, attempt), queue=settings.TRAINING_QUEUE))
+    # robust: with the broker down the run is saved all the same; the reaper queues it again once it is stranded.
+    transaction.on_commit(lambda: run_training_task.apply_async((run_id, attempt), queue=settings.TRAINING_QUEUE),
+                          robust=True)
 
 
 def training_run_cancel(*, run: TrainingRun, actor: User) -> TrainingRun:
@@ -237,6 +239,29 @@ def training_runs_requeue_stale(*, stale_after_seconds: int | None = None) -> li
                 run.refresh_from_db()
                 audit_record(actor=None, action="training_run.requeue", target=run,
                              data={"attempt": run.attempt, "reason": f"no heartbeat for {stale_after} s"})
+                _enqueue_on_commit(run)
+                requeued.append(run.pk)
+    return requeued + _stranded_queued_runs_requeue()
+
+
+def _stranded_queued_runs_requeue() -> list[int]:
+    """Queued runs no worker took for GATEHOUSE_STRANDED_WORK_SECONDS: their message may be lost (the broker was
+    down at commit, or the filesystem broker forgot a message its worker died with). Each gets a new attempt and a
+    new message; an old message, if it still exists, then finds nothing to claim. heartbeat_at marks the requeue,
+    so a run that merely waits for a busy worker is sent again at most once per period."""
+    stale_after = settings.GATEHOUSE_STRANDED_WORK_SECONDS
+    cutoff = timezone.now() - timezone.timedelta(seconds=stale_after)
+    stranded = TrainingRun.objects.filter(status=TrainingRun.Status.QUEUED).filter(
+        Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, created_at__lt=cutoff))
+    requeued = []
+    for run in stranded[:100]:
+        with transaction.atomic():
+            if TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.QUEUED, attempt=run.attempt).update(
+                    attempt=F("attempt") + 1, heartbeat_at=timezone.now()):
+                run.refresh_from_db()
+                reason = f"queued for over {stale_after} s and no worker took it"
+                audit_record(actor=None, action="training_run.requeue", target=run,
+                             data={"attempt": run.attempt, "reason": reason})
                 _enqueue_on_commit(run)
                 requeued.append(run.pk)
     return requeued
