@@ -81,9 +81,13 @@ def refuse_archive(path: str) -> None:
 
 
 def refuse_opaque_content(head: bytes, path: str) -> None:
-    """Refuse a file whose first bytes are a pickle or a zip archive, whatever it is called (a renamed
+    """Refuse a file whose first (nine) bytes are a pickle or a zip archive, whatever it is called (a renamed
     pytorch_model.bin, torch.save's zip of pickles, an archive)."""
     stem = path.rsplit(".", 1)[0]
+    if head[8:9] == b"{":
+        # A safetensors file: its 8-byte header length is followed by the JSON header. Lengths like 0x280 begin
+        # with the bytes of a pickle's protocol marker, and no pickle or zip has '{' there.
+        return
     if head.startswith(PICKLE_MAGIC):
         raise InvalidInput(
             f"{path} is a pickle, which can run arbitrary code when loaded, whatever its name; convert it to "
@@ -118,9 +122,10 @@ def inspect_safetensors(fh: BinaryIO, size: int, *, max_header_bytes: int, name:
     if size < 8:
         raise bad(f"it is {size} bytes, shorter than the 8-byte header length")
     fh.seek(0)
-    head = fh.read(8)
+    head = fh.read(9)
     refuse_opaque_content(head, name)
-    (header_len,) = struct.unpack("<Q", head)
+    (header_len,) = struct.unpack("<Q", head[:8])
+    fh.seek(8)
     if header_len > max_header_bytes:
         raise bad(f"its header claims {header_len} bytes, more than the {max_header_bytes}-byte limit")
     if 8 + header_len > size:

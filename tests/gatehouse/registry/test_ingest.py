@@ -137,6 +137,18 @@ def test_valid_handmade_safetensors_is_accepted(aurora, alice):
                                                "metadata": {"format": "pt"}}
 
 
+@pytest.mark.parametrize("header_length", [0x280, 0x380, 0x480, 0x580])
+def test_safetensors_whose_header_length_starts_like_a_pickle_are_accepted(aurora, alice, header_length):
+    """A header of 640 bytes is stored as 80 02 00 …: the bytes of a pickle's protocol-2 marker. Not a pickle."""
+    header = {"__metadata__": {"pad": ""}, "w": F32_4}
+    header["__metadata__"]["pad"] = " " * (header_length - len(json.dumps(header).encode()))
+    blob = _safetensors(header, b"\0" * 16)
+    assert blob[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+    version = model_version_ingest(organization=aurora, name="m", files=[_bytes_file("model.safetensors", blob)],
+                                   user=alice)
+    assert version.files.get().safetensors["tensors"] == 1
+
+
 @pytest.mark.parametrize("metadata, message", [
     ({"license": "not-a-licence"}, "which the registry does not know"),
     ({"datasets": ["aurora/unknown"]}, "is not registered"),

@@ -254,7 +254,7 @@ def _sniff(files: list[IncomingFile]) -> None:
     """Look at each file's first bytes before anything is stored: pickles and archives are refused by content."""
     for item in files:
         with item.open() as fh:
-            head = fh.read(8)
+            head = fh.read(9)
         refuse_opaque_content(head, item.path)
 
 
