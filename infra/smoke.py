@@ -41,6 +41,26 @@ CARD = ("\n## Intended use\nSmoke tests.\n\n## Limitations\nA tiny model.\n\n## 
         "library.\n\n## Evaluation\nBuilt-in tasks.\n")
 
 
+def bootstrap(stack: Stack) -> tuple[dict, dict]:
+    """The smoke suite's people (mia maintains acme, ada approves, oz is an outsider): their tokens, and an API
+    client for each."""
+    tokens = json.loads(stack.manage_shell("import json\n" + BOOTSTRAP).split("TOKENS ", 1)[1])
+    clients = {who: httpx.Client(base_url=stack.url, timeout=60, headers={"Authorization": f"Bearer {secret}"})
+               for who, secret in tokens.items()}
+    return tokens, clients
+
+
+def timed(name: str, fn, timings: list | None = None, width: int = 55):
+    """Run one step, print how long it took (and note it in `timings`); returns what the step returned."""
+    start = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - start
+    if timings is not None:
+        timings.append((name, seconds))
+    print(f"  {name:{width}} {seconds:6.1f} s", flush=True)
+    return result
+
+
 def main() -> int:
     if not shutil.which("nginx"):
         print("error: nginx is not installed (apt-get install -y nginx)", file=sys.stderr)
@@ -49,18 +69,12 @@ def main() -> int:
     stack, timings = Stack(work), []
 
     def step(name, fn):
-        start = time.perf_counter()
-        result = fn()
-        timings.append((name, time.perf_counter() - start))
-        print(f"  {name:55} {timings[-1][1]:6.1f} s", flush=True)
-        return result
+        return timed(name, fn, timings)
 
     try:
         print(f"production-like stack in {work}", flush=True)
         step("start PostgreSQL db, S3, gunicorn, nginx, workers, beat, engines", stack.start)
-        tokens = json.loads(stack.manage_shell("import json\n" + BOOTSTRAP).split("TOKENS ", 1)[1])
-        api = {who: httpx.Client(base_url=stack.url, timeout=60, headers={"Authorization": f"Bearer {secret}"})
-               for who, secret in tokens.items()}
+        tokens, api = bootstrap(stack)
         step("train a tiny model through the API (Celery gpu worker)", lambda: train(api["mia"]))
         step("release it open-gated (card, risk, request, approval)", lambda: release(api["mia"], api["ada"]))
         step("request access and approve it (REST + HfApi)", lambda: grant(stack.url, api["oz"], tokens["mia"]))

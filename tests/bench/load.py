@@ -38,7 +38,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "infra"))
-from smoke import BOOTSTRAP, release, train, wait  # noqa: E402  (the smoke suite's setup; a shorter training run:
+from smoke import bootstrap, release, timed, train, wait  # noqa: E402  (the smoke suite's setup; a shorter training run:
 # the load needs a model's files and an engine, not a good model)
 from stack import Stack, free_port  # noqa: E402
 
@@ -279,16 +279,12 @@ def main() -> int:
     began = time.perf_counter()
 
     def step(name, fn):
-        start = time.perf_counter()
-        result = fn()
-        print(f"  {name:60} {time.perf_counter() - start:6.1f} s", flush=True)
-        return result
+        return timed(name, fn, width=60)
     try:
         print(f"production-like stack (local disk + X-Accel-Redirect) in {work}", flush=True)
         step("start PostgreSQL db, gunicorn, nginx, workers, beat, engines", stack.start)
-        tokens = json.loads(stack.manage_shell("import json\n" + BOOTSTRAP).split("TOKENS ", 1)[1])
-        api = {who: httpx.Client(base_url=stack.url, timeout=60, headers={"Authorization": f"Bearer {tokens[who]}"})
-               for who in ("mia", "ada")}
+        _, api = bootstrap(stack)
+        api["oz"].close()  # the load makes its own outsiders
         with api["mia"] as mia, api["ada"] as ada:
             step("train a tiny model through the API (Celery gpu worker)",
                  lambda: train(mia, max_steps=4, batch_size=4, max_bytes=60000))
