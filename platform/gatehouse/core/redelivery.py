@@ -7,7 +7,8 @@ a worker takes it, so `kill -9` of that worker loses it for good; and work commi
 the database and queues it again. Every task it queues claims its work with a conditional update, so a copy that
 turns out not to be lost does nothing.
 
-Training runs have their own heartbeat reaper (gatehouse.registry.services.training).
+Training runs: a running run that stops heart-beating is requeued by its own reaper; a queued run no worker took
+is requeued here, by the service that owns its state (gatehouse.registry.services.training).
 """
 import logging
 from datetime import timedelta
@@ -59,8 +60,11 @@ def stranded_webhooks_requeue(*, stale_after_seconds: int | None = None) -> list
 
 
 def stranded_work_redeliver(*, stale_after_seconds: int | None = None) -> dict[str, list[int]]:
+    from gatehouse.registry.services.training import stranded_training_runs_requeue
+
     requeued = {"verifications": stranded_verifications_requeue(stale_after_seconds=stale_after_seconds),
-                "webhook_deliveries": stranded_webhooks_requeue(stale_after_seconds=stale_after_seconds)}
+                "webhook_deliveries": stranded_webhooks_requeue(stale_after_seconds=stale_after_seconds),
+                "training_runs": stranded_training_runs_requeue(stale_after_seconds=stale_after_seconds)}
     if any(requeued.values()):
         log.warning("requeued stranded work: %s", requeued)
     return requeued

@@ -10,7 +10,8 @@ from gatehouse.registry.models import (
     ComputeRecord, Dataset, DatasetVersion, License, ModelVersion, TrainingMetric, TrainingRun,
 )
 from gatehouse.registry.services.training import (
-    training_run_cancel, training_run_create, training_run_execute, training_run_work_dir, training_runs_requeue_stale,
+    stranded_training_runs_requeue, training_run_cancel, training_run_create, training_run_execute,
+    training_run_work_dir, training_runs_requeue_stale,
 )
 
 FAST = {"seq_len": 32, "batch_size": 4, "eval_interval": 5, "eval_batches": 1, "max_bytes": 120_000,
@@ -205,15 +206,17 @@ def test_stale_running_runs_are_requeued_once(aurora, alice, corpus, django_capt
 
 def test_a_queued_run_whose_message_was_lost_is_sent_again_once_per_period(aurora, alice, corpus, settings,
                                                                            django_capture_on_commit_callbacks):
+    from gatehouse.core.redelivery import stranded_work_redeliver
+
     settings.GATEHOUSE_STRANDED_WORK_SECONDS = 600
     with django_capture_on_commit_callbacks() as lost:  # never executed: the broker lost the message
         run = _run(aurora, alice, corpus)
     assert len(lost) == 1
-    assert training_runs_requeue_stale() == []  # just created: a normal wait for a worker
+    assert stranded_training_runs_requeue() == []  # just created: a normal wait for a worker
     TrainingRun.objects.filter(pk=run.pk).update(created_at=timezone.now() - timezone.timedelta(minutes=11))
     with django_capture_on_commit_callbacks() as queued:
-        assert training_runs_requeue_stale() == [run.pk]
-        assert training_runs_requeue_stale() == []  # not again within the period
+        assert stranded_work_redeliver()["training_runs"] == [run.pk]  # beat's stranded-work sweep
+        assert stranded_training_runs_requeue() == []  # not again within the period
     assert len(queued) == 1
     run.refresh_from_db()
     assert (run.status, run.attempt) == ("queued", 1)

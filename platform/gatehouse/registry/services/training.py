@@ -241,15 +241,15 @@ def training_runs_requeue_stale(*, stale_after_seconds: int | None = None) -> li
                              data={"attempt": run.attempt, "reason": f"no heartbeat for {stale_after} s"})
                 _enqueue_on_commit(run)
                 requeued.append(run.pk)
-    return requeued + _stranded_queued_runs_requeue()
+    return requeued
 
 
-def _stranded_queued_runs_requeue() -> list[int]:
+def stranded_training_runs_requeue(*, stale_after_seconds: int | None = None) -> list[int]:
     """Queued runs no worker took for GATEHOUSE_STRANDED_WORK_SECONDS: their message may be lost (the broker was
     down at commit, or the filesystem broker forgot a message its worker died with). Each gets a new attempt and a
     new message; an old message, if it still exists, then finds nothing to claim. heartbeat_at marks the requeue,
     so a run that merely waits for a busy worker is sent again at most once per period."""
-    stale_after = settings.GATEHOUSE_STRANDED_WORK_SECONDS
+    stale_after = settings.GATEHOUSE_STRANDED_WORK_SECONDS if stale_after_seconds is None else stale_after_seconds
     cutoff = timezone.now() - timezone.timedelta(seconds=stale_after)
     stranded = TrainingRun.objects.filter(status=TrainingRun.Status.QUEUED).filter(
         Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, created_at__lt=cutoff))
