@@ -183,10 +183,12 @@ def test_a_deeply_nested_config_json_is_refused(alice_api, nothing_written):
     nothing_written()
 
 
-def test_a_card_whose_yaml_expands_exponentially_is_refused(alice_api, nothing_written):
+@pytest.mark.parametrize("lead, newline", [("", "\n"), ("\n\n", "\n"), ("", "\r\n"), ("  \n", "\r\n")])
+def test_a_card_whose_yaml_expands_exponentially_is_refused(alice_api, nothing_written, lead, newline):
+    """However the front matter is spelled (leading blank lines, CRLF), as long as the card parser reads it."""
     lines = ["---", 'a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
-    card = "\n".join(lines + ["---", "# Model"]).encode()
+    card = (lead + newline.join(lines + ["---", "# Model"])).encode()
     message = _error(_upload(alice_api, {"README.md": card, "config.json": CONFIG}), 400)
     assert "README.md" in message and "aliases" in message
     nothing_written()

@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from django.core.files import File
 from django.core.files.storage import storages
 from django.db import IntegrityError, transaction
 from huggingface_hub import ModelCard
+from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
 from gatehouse.accounts.models import Organization, User
 from gatehouse.audit.services import audit_record
@@ -209,19 +209,16 @@ def parse_card(text: str, *, user: User) -> CardFacts:
 def _refuse_yaml_aliases(text: str) -> None:
     """Aliases (*name) let a few lines of YAML expand into billions of values once the metadata is copied or
     serialized ("billion laughs"); cards never need them."""
-    match = _FRONT_MATTER.match(text or "")
+    match = REGEX_YAML_BLOCK.search(text or "")  # the block ModelCard will parse, found the way it finds it
     if not match:
         return
     try:
-        for token in yaml.scan(match.group(1)):
+        for token in yaml.scan(match.group(2)):
             if isinstance(token, yaml.AliasToken):
                 raise InvalidInput("README.md's YAML metadata uses aliases (*name), which are not accepted in cards "
                                    "(they can expand without bound); write the values out instead.")
     except yaml.YAMLError:
         return  # reported with its line by the parser proper
-
-
-_FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", re.DOTALL)
 
 
 def _architecture_facts(config_text: str | None) -> dict:
