@@ -15,6 +15,7 @@ from gatehouse.accounts.models import Membership, Organization, User
 from gatehouse.audit.services import audit_record
 from gatehouse.core import ratelimit
 from gatehouse.core.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+from gatehouse.core.locks import for_update
 from gatehouse.registry.models import Model, ModelFile, ModelVersion, Tier
 from gatehouse.webhooks.services import webhook_emit
 from releases import policy
@@ -178,7 +179,7 @@ def access_request_create(*, model: Model, user: User, fields: dict | None, acce
                            fields={"accept_acceptable_use": "required"})
     now = timezone.now()
     with transaction.atomic():
-        previous = (AccessRequest.objects.select_for_update(of=("self",), no_key=True).filter(model=model, user=user)
+        previous = (for_update(AccessRequest.objects).filter(model=model, user=user)
                     .order_by("-created_at", "-id").first())
         if previous is not None:
             _check_can_ask_again(previous, access_policy, model, user, now)
@@ -283,7 +284,7 @@ def access_request_decide(*, request: AccessRequest, actor: User, status: str, r
         raise InvalidInput(f"The reason is longer than {MAX_FIELD_CHARS} characters.")
     now = timezone.now()
     with transaction.atomic():
-        request = (AccessRequest.objects.select_for_update(of=("self",), no_key=True)
+        request = (for_update(AccessRequest.objects)
                    .select_related("user", "model__organization").get(pk=request.pk))
         if request.status == status:
             raise Conflict(f"Request {request.pk} is already {status}.")
@@ -357,7 +358,7 @@ def access_grant_revoke(*, grant: AccessGrant, actor: User, reason: str) -> Acce
     if not (reason or "").strip():
         raise InvalidInput("Give the reason for the revocation; the grantee is told.")
     with transaction.atomic():
-        grant = (AccessGrant.objects.select_for_update(of=("self",), no_key=True)
+        grant = (for_update(AccessGrant.objects)
                  .select_related("model__organization", "user").get(pk=grant.pk))
         if grant.revoked_at is not None:
             raise Conflict(f"Grant {grant.pk} was already revoked on {_day(grant.revoked_at)}.")

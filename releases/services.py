@@ -11,6 +11,7 @@ from django.utils import timezone
 from gatehouse.accounts.models import Membership, User
 from gatehouse.audit.services import audit_record
 from gatehouse.core.errors import Conflict, InvalidInput, PermissionDenied
+from gatehouse.core.locks import for_update
 from gatehouse.registry.models import Model, ModelVersion, Tier
 from gatehouse.registry.selectors import organization_for_writer
 from gatehouse.webhooks.services import webhook_emit
@@ -85,7 +86,7 @@ def release_request_create(*, version: ModelVersion, actor: User, stages, audien
 def release_request_submit(*, request: ReleaseRequest, actor: User) -> ReleaseRequest:
     organization_for_writer(user=actor, organization=request.version.model.organization)
     with transaction.atomic():
-        request = ReleaseRequest.objects.select_for_update(of=("self",), no_key=True).get(pk=request.pk)
+        request = for_update(ReleaseRequest.objects).get(pk=request.pk)
         if request.status not in (ReleaseRequest.Status.DRAFT, ReleaseRequest.Status.CHANGES_REQUESTED):
             raise Conflict(f"Release request {request.pk} is {request.status}; only drafts and requests with changes "
                            "requested can be submitted.")
@@ -149,9 +150,7 @@ def release_request_decide(*, request: ReleaseRequest, actor: User, decision: st
     if decision != ReleaseApproval.Decision.APPROVE and not comment.strip():
         raise InvalidInput("Say why: requesting changes or rejecting needs a comment the requester will read.")
     with transaction.atomic():
-        # FOR NO KEY UPDATE of this row only: a plain FOR UPDATE (of the joined model too) blocks the foreign-key
-        # checks of other transactions' inserts, which deadlocked with the audit log's lock under concurrent decisions.
-        request = ReleaseRequest.objects.select_for_update(of=("self",), no_key=True).select_related("version__model").get(pk=request.pk)
+        request = for_update(ReleaseRequest.objects).select_related("version__model").get(pk=request.pk)
         if request.status != ReleaseRequest.Status.SUBMITTED:
             raise Conflict(f"Release request {request.pk} is {request.status}, not awaiting decisions.")
         round_ = _submission_round(request)
@@ -235,7 +234,7 @@ def releases_apply_due(*, now=None) -> list[Release]:
     applied = []
     for release_id in Release.objects.filter(status=Release.Status.SCHEDULED, effective_at__lte=now).values_list("pk", flat=True):
         with transaction.atomic():
-            release = (Release.objects.select_for_update(of=("self",), no_key=True).select_related("request", "version__model")
+            release = (for_update(Release.objects).select_related("request", "version__model")
                        .filter(pk=release_id, status=Release.Status.SCHEDULED).first())
             if release is None:
                 continue
@@ -258,7 +257,7 @@ def releases_apply_due(*, now=None) -> list[Release]:
 def release_request_withdraw(*, request: ReleaseRequest, actor: User) -> ReleaseRequest:
     organization_for_writer(user=actor, organization=request.version.model.organization)
     with transaction.atomic():
-        request = ReleaseRequest.objects.select_for_update(of=("self",), no_key=True).get(pk=request.pk)
+        request = for_update(ReleaseRequest.objects).get(pk=request.pk)
         pending = Release.objects.filter(request=request, status=Release.Status.SCHEDULED)
         open_states = (ReleaseRequest.Status.DRAFT, ReleaseRequest.Status.SUBMITTED, ReleaseRequest.Status.CHANGES_REQUESTED)
         if request.status not in open_states and not (request.status == ReleaseRequest.Status.APPROVED and pending.exists()):
@@ -281,7 +280,7 @@ def release_downgrade(*, model: Model, actor: User, tier: str, reason: str) -> R
     if not reason.strip():
         raise InvalidInput("Give the reason for the downgrade; it is recorded and sent to the owners.")
     with transaction.atomic():
-        model = Model.objects.select_for_update(of=("self",), no_key=True).get(pk=model.pk)
+        model = for_update(Model.objects).get(pk=model.pk)
         Release.objects.filter(model=model, status=Release.Status.SCHEDULED).update(
             status=Release.Status.CANCELLED, reason=f"downgraded to {tier}")
         release = Release.objects.create(model=model, version=model.latest_version, tier=tier,

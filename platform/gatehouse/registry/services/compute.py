@@ -7,6 +7,7 @@ from django.db.models import Sum
 
 from gatehouse.audit.services import audit_record
 from gatehouse.core.errors import InvalidInput
+from gatehouse.core.locks import for_update
 from gatehouse.registry.models import ComputeRecord, ModelVersion
 from gatehouse.registry.selectors import organization_for_writer
 
@@ -72,7 +73,7 @@ def model_version_recompute_flops(*, version: ModelVersion) -> None:
         if pk in seen:
             continue
         seen.add(pk)
-        current = ModelVersion.objects.select_for_update(of=("self",), no_key=True).select_related("base_version").get(pk=pk)
+        current = for_update(ModelVersion.objects).select_related("base_version").get(pk=pk)
         own = ComputeRecord.objects.filter(version=current).aggregate(total=Sum("flops"))["total"] or 0.0
         inherited = current.base_version.cumulative_flops if current.base_version_id else 0.0
         ModelVersion.objects.filter(pk=pk).update(own_flops=own, cumulative_flops=own + inherited)

@@ -24,6 +24,7 @@ from huggingface_hub.repocard import REGEX_YAML_BLOCK
 from gatehouse.accounts.models import Organization, User
 from gatehouse.audit.services import audit_record
 from gatehouse.core.errors import Conflict, InvalidInput, clean_or_invalid
+from gatehouse.core.locks import for_update
 from gatehouse.core.unavailable import ServiceUnavailable
 from gatehouse.registry.files import (
     inspect_safetensors, normalize_path, refuse_archive, refuse_opaque_content, refuse_pickle,
@@ -320,7 +321,7 @@ def model_version_ingest(*, organization: Organization, name: str, files: list[I
         repo_id = f"{organization.slug}/{name}"
         commit = commit_id(repo_id, [(s.path, s.size, s.sha256) for s in stored])
         with transaction.atomic():
-            model, created = Model.objects.select_for_update(of=("self",), no_key=True).get_or_create(
+            model, created = for_update(Model.objects).get_or_create(
                 organization=organization, name=name, defaults={"tier": tier or Model._meta.get_field("tier").default})
             if ModelVersion.objects.filter(model=model, commit=commit).exists():
                 raise Conflict(f"{repo_id} already has a version with exactly these files (commit {commit}).",

@@ -9,6 +9,7 @@ from django.utils import timezone
 
 from gatehouse.audit.services import audit_record
 from gatehouse.core.errors import InvalidInput
+from gatehouse.core.locks import for_update
 from gatehouse.registry.files import inspect_safetensors
 from gatehouse.registry.models import Model, ModelRef, ModelVersion
 
@@ -67,7 +68,7 @@ def model_version_verify(*, version_id: int) -> ModelVersion | None:
 
 def _publish_as_latest(*, version: ModelVersion, now) -> None:
     """Point `main` and the model's summary facts at this version unless a newer one is already there."""
-    model = Model.objects.select_for_update(of=("self",), no_key=True).get(pk=version.model_id)
+    model = for_update(Model.objects).get(pk=version.model_id)
     current = model.latest_version
     if current is not None and current.created_at > version.created_at:
         return
