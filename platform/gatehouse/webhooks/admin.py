@@ -1,9 +1,8 @@
 from django import forms
-from django.conf import settings
 from django.contrib import admin
 
-from gatehouse.webhooks.addresses import UrlRefused, UrlUnresolved, webhook_url_check
 from gatehouse.webhooks.models import WebhookDelivery, WebhookEndpoint
+from gatehouse.webhooks.services import webhook_url_refusal
 
 
 class WebhookEndpointForm(forms.ModelForm):
@@ -17,12 +16,9 @@ class WebhookEndpointForm(forms.ModelForm):
 
     def clean_url(self):
         url = self.cleaned_data["url"]
-        try:
-            webhook_url_check(url, allow_private=settings.WEBHOOK_ALLOW_PRIVATE_URLS)
-        except UrlRefused as exc:
-            raise forms.ValidationError(f"Refused: {exc.reason}. {exc.advice}") from None
-        except UrlUnresolved as exc:
-            raise forms.ValidationError(f"Refused: {exc}. Check the host name or create its DNS record.") from None
+        refusal = webhook_url_refusal(url)
+        if refusal:
+            raise forms.ValidationError(refusal)
         return url
 
 

@@ -31,16 +31,23 @@ def signature(secret: str, timestamp: str, body: str) -> str:
     return "sha256=" + hmac.new(secret.encode(), f"{timestamp}.{body}".encode(), hashlib.sha256).hexdigest()
 
 
-def webhook_endpoint_create(*, actor, organization, url: str, events: list[str]) -> WebhookEndpoint:
-    """Register a receiver. The URL is checked before anything is written: a refused one is a 400 and leaves no row."""
+def webhook_url_refusal(url: str) -> str | None:
+    """Why a receiver URL may not be registered, with what to do about it; None when it may. The API and the
+    admin site ask this one question."""
     try:
         webhook_url_check(url, allow_private=settings.WEBHOOK_ALLOW_PRIVATE_URLS)
     except UrlRefused as exc:
-        message = f"url is refused: {exc.reason}. {exc.advice}"
-        raise InvalidInput(message, fields={"url": [message]}) from None
+        return f"url is refused: {exc.reason}. {exc.advice}"
     except UrlUnresolved as exc:
-        message = f"url is refused: {exc}. Check the host name, or create its DNS record first, then try again."
-        raise InvalidInput(message, fields={"url": [message]}) from None
+        return f"url is refused: {exc}. Check the host name, or create its DNS record first, then try again."
+    return None
+
+
+def webhook_endpoint_create(*, actor, organization, url: str, events: list[str]) -> WebhookEndpoint:
+    """Register a receiver. The URL is checked before anything is written: a refused one is a 400 and leaves no row."""
+    refusal = webhook_url_refusal(url)
+    if refusal:
+        raise InvalidInput(refusal, fields={"url": [refusal]})
     with transaction.atomic():
         endpoint = WebhookEndpoint.objects.create(organization=organization, url=url, events=list(events),
                                                   secret=secrets.token_urlsafe(32))
