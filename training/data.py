@@ -7,6 +7,7 @@ its position is one integer, so a resumed run sees exactly the batches it would 
 """
 import hashlib
 import json
+import os
 import re
 import sysconfig
 import time
@@ -194,7 +195,9 @@ def prepare(paths: list[Path], out: Path, *, vocab_size: int = 2048, val_fractio
         "token_dtype": np.dtype(dtype).name, "splits": splits,
         "tokens": sum(s["tokens"] for s in splits.values()), "groups": stats,
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    # Written last and renamed into place: its presence says the folder is complete (a retry reuses it).
+    (out / "manifest.json.tmp").write_text(json.dumps(manifest, indent=2))
+    os.replace(out / "manifest.json.tmp", out / "manifest.json")
     return Prepared(directory=out, manifest=manifest)
 
 

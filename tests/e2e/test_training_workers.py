@@ -48,7 +48,8 @@ def _wait(client, url, predicate, timeout, what):
         if predicate(body):
             return body
         time.sleep(0.3)
-    pytest.fail(f"timed out waiting for {what}; last state: {json.dumps(body)[:800]}")
+    brief = {key: body.get(key) for key in ("status", "attempt", "step", "error")} if isinstance(body, dict) else body
+    pytest.fail(f"timed out waiting for {what}; last state: {json.dumps(brief)[:800]}")
 
 
 @pytest.fixture

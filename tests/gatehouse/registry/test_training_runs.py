@@ -1,5 +1,6 @@
 """Training runs through the platform's services, executed in-process (the e2e test uses real workers)."""
 import json
+import time
 
 import pytest
 from django.utils import timezone
@@ -10,7 +11,7 @@ from gatehouse.registry.models import (
     ComputeRecord, Dataset, DatasetVersion, License, ModelVersion, TrainingMetric, TrainingRun,
 )
 from gatehouse.registry.services.training import (
-    stranded_training_runs_requeue, training_run_cancel, training_run_create, training_run_execute,
+    AttemptLost, _Lease, _prepare_data, stranded_training_runs_requeue, training_run_cancel, training_run_create, training_run_execute,
     training_run_work_dir, training_runs_requeue_stale,
 )
 
@@ -202,6 +203,52 @@ def test_stale_running_runs_are_requeued_once(aurora, alice, corpus, django_capt
     assert (run.status, run.attempt) == ("queued", 1)
     assert training_run_execute(run_id=run.pk, attempt=0).status == "queued"  # the old attempt's message: no-op
     assert training_run_execute(run_id=run.pk, attempt=1).status == "succeeded"
+
+
+def _claimed(run, attempt=0):
+    TrainingRun.objects.filter(pk=run.pk).update(status="running", attempt=attempt, heartbeat_at=timezone.now())
+    work = training_run_work_dir(run)
+    work.mkdir(parents=True)
+    return work
+
+
+def test_data_preparation_renews_the_lease_so_the_reaper_never_takes_it_for_a_dead_worker(aurora, alice, corpus,
+                                                                                          settings):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    settings.TRAINING_HEARTBEAT_STALE_SECONDS = 0.4  # a heartbeat every 0.1 s; preparing takes well over a second
+    run = _run(aurora, alice, corpus)
+    work = _claimed(run)
+    started = time.monotonic()
+    with CaptureQueriesContext(connection) as queries, open(work / "train.log", "a") as log:
+        data = _prepare_data(_Lease(run, 0), work, log)
+    took = time.monotonic() - started
+    renewals = [q for q in queries.captured_queries if q["sql"].startswith("UPDATE") and "heartbeat_at" in q["sql"]]
+    assert (data / "manifest.json").exists() and took > 0.8
+    assert len(renewals) >= took / 0.1 / 2  # renewed all along, not once at the end
+    assert training_runs_requeue_stale(stale_after_seconds=0.4) == []
+
+
+def test_an_attempt_that_lost_its_run_stops_preparing_and_writes_nothing(aurora, alice, corpus):
+    run = _run(aurora, alice, corpus)
+    work = _claimed(run, attempt=1)  # the reaper gave the run to attempt 1 while attempt 0 was still alive
+    started = time.monotonic()
+    with pytest.raises(AttemptLost), open(work / "train.log", "a") as log:
+        _prepare_data(_Lease(run, 0), work, log)
+    assert time.monotonic() - started < 5  # stopped at once, not left to run to the end
+    assert not (work / "data" / "manifest.json").exists()
+    assert TrainingRun.objects.get(pk=run.pk).status == "running"  # attempt 1's run, untouched
+
+
+def test_a_cancel_during_data_preparation_stops_it_and_cancels_the_run(aurora, alice, corpus):
+    run = _run(aurora, alice, corpus)
+    TrainingRun.objects.filter(pk=run.pk).update(cancel_requested=True)  # arrives just as the worker claims it
+    run = training_run_execute(run_id=run.pk, attempt=0)
+    assert run.status == "cancelled" and run.finished_at and run.result_version is None
+    assert not (training_run_work_dir(run) / "data" / "manifest.json").exists()
+    assert not (training_run_work_dir(run) / "train").exists()  # the trainer never started
+    assert not ModelVersion.objects.exists()
 
 
 def test_a_queued_run_whose_message_was_lost_is_sent_again_once_per_period(aurora, alice, corpus, settings,

@@ -235,7 +235,7 @@ def training_runs_requeue_stale(*, stale_after_seconds: int | None = None) -> li
         with transaction.atomic():
             if TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING, attempt=run.attempt,
                                           heartbeat_at__lt=cutoff).update(
-                    status=TrainingRun.Status.QUEUED, attempt=F("attempt") + 1):
+                    status=TrainingRun.Status.QUEUED, attempt=F("attempt") + 1, heartbeat_at=timezone.now()):
                 run.refresh_from_db()
                 audit_record(actor=None, action="training_run.requeue", target=run,
                              data={"attempt": run.attempt, "reason": f"no heartbeat for {stale_after} s"})
@@ -291,7 +291,8 @@ def training_run_work_dir(run: TrainingRun) -> Path:
     return Path(settings.TRAINING_ROOT) / str(run.pk)
 
 
-def _prepare_data(run: TrainingRun, work: Path, log) -> Path:
+def _prepare_data(lease: "_Lease", work: Path, log) -> Path:
+    run = lease.run
     data = work / "data"
     if (data / "manifest.json").exists():
         return data  # a retry reuses what an earlier attempt prepared
@@ -304,18 +305,19 @@ def _prepare_data(run: TrainingRun, work: Path, log) -> Path:
     cmd = [_python(), "-m", "training", "prepare", "--mixture", str(work / "mixture.json"), "--out", str(data),
            "--vocab-size", str(opts["tokenizer_vocab_size"]), "--val-fraction", str(opts["val_fraction"])]
     if run.base_version_id:
-        cmd += ["--tokenizer-from", str(_base_export(run, work))]
+        cmd += ["--tokenizer-from", str(_base_export(lease, work))]
     if opts.get("redact"):
         cmd.append("--redact")
     if opts.get("max_bytes"):
         cmd += ["--max-bytes", str(opts["max_bytes"])]
-    result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env(), preexec_fn=_die_with_parent)
-    if result.returncode != 0:
+    if _follow(lease, cmd, work, log) != 0:
+        if lease.cancel_requested:
+            raise RunCancelled()
         raise RunFailed("data preparation failed: " + _last_error(work / "train.log"))
     return data
 
 
-def _base_export(run: TrainingRun, work: Path) -> Path:
+def _base_export(lease: "_Lease", work: Path) -> Path:
     """The base version's files, copied out of weight storage into the run folder (streamed, not read whole)."""
     from django.core.files.storage import storages
 
@@ -323,18 +325,27 @@ def _base_export(run: TrainingRun, work: Path) -> Path:
     if (target / ".complete").exists():
         return target
     storage = storages["weights"]
-    for file in run.base_version.files.all():
+    for file in lease.run.base_version.files.all():
         path = target / file.path
         path.parent.mkdir(parents=True, exist_ok=True)
         with storage.open(file.storage_key, "rb") as src, open(path, "wb") as dst:
             while chunk := src.read(1024 * 1024):
                 dst.write(chunk)
+                lease.renew_when_due()  # copying a large base takes longer than the staleness window
     (target / ".complete").write_text("ok")
     return target
 
 
 class RunFailed(Exception):
     pass
+
+
+class RunCancelled(Exception):
+    pass
+
+
+class AttemptLost(Exception):
+    """A newer attempt owns the run (the reaper requeued it): this one stops and writes nothing more."""
 
 
 def _last_error(log_path: Path) -> str:
@@ -362,14 +373,15 @@ def launcher(processes: int) -> list[str]:
             "-m", "training", "train"]
 
 
-def _train_command(run: TrainingRun, work: Path, data: Path) -> list[str]:
+def _train_command(lease: "_Lease", work: Path, data: Path) -> list[str]:
+    run = lease.run
     base = launcher(run.processes)
     cmd = base + ["--data", str(data), "--out", str(work / "train"), "--preset", run.preset or "debug",
                   "--method", run.method, "--max-steps", str(run.total_steps), "--run-id", f"gatehouse-run-{run.pk}",
                   "--datasets", ",".join(str(rd.dataset_version.dataset) for rd in
                                          run.datasets.select_related("dataset_version__dataset__organization"))]
     if run.base_version_id:
-        cmd += ["--init-from", str(_base_export(run, work)), "--base-model-id", run.base_version.model.repo_id]
+        cmd += ["--init-from", str(_base_export(lease, work)), "--base-model-id", run.base_version.model.repo_id]
     if run.config.get("license"):
         cmd += ["--license", run.config["license"]]
     for key, value in run.config.items():
@@ -379,10 +391,27 @@ def _train_command(run: TrainingRun, work: Path, data: Path) -> list[str]:
     return cmd
 
 
-def _heartbeat(run: TrainingRun, attempt: int, **progress) -> bool:
-    """Record progress; False when this attempt no longer owns the run (requeued elsewhere)."""
-    return bool(TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING, attempt=attempt).update(
-        heartbeat_at=timezone.now(), **progress))
+class _Lease:
+    """One attempt's hold on its run. Every phase (copying the base, preparing data, training) renews it at least
+    once per heartbeat interval, or the reaper takes a slow phase for a dead worker and requeues the run."""
+
+    def __init__(self, run: TrainingRun, attempt: int):
+        self.run, self.attempt, self.renewed = run, attempt, time.monotonic()
+
+    def renew(self, **progress) -> None:
+        """Record the heartbeat and progress; AttemptLost once a newer attempt owns the run."""
+        if not TrainingRun.objects.filter(pk=self.run.pk, status=TrainingRun.Status.RUNNING,
+                                          attempt=self.attempt).update(heartbeat_at=timezone.now(), **progress):
+            raise AttemptLost()
+        self.renewed = time.monotonic()
+
+    def renew_when_due(self) -> None:
+        if time.monotonic() - self.renewed >= _heartbeat_interval():
+            self.renew()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return TrainingRun.objects.filter(pk=self.run.pk, cancel_requested=True).exists()
 
 
 class _EventReader:
@@ -434,14 +463,18 @@ def training_run_execute(*, run_id: int, attempt: int) -> TrainingRun | None:
     work = training_run_work_dir(run)
     work.mkdir(parents=True, exist_ok=True)
     log_path = work / "train.log"
+    lease = _Lease(run, attempt)
     try:
         with open(log_path, "a") as log:
             log.write(f"--- attempt {attempt} at {now.isoformat()} ---\n")
             log.flush()
-            data = _prepare_data(run, work, log)
-            if not _heartbeat(run, attempt):
-                return run
-            code, reader = _follow_trainer(run, attempt, work, data, log)
+            data = _prepare_data(lease, work, log)
+            reader = _EventReader(work / "train" / "events.jsonl", run)
+            code = _follow(lease, _train_command(lease, work, data), work, log, reader)
+    except AttemptLost:
+        return TrainingRun.objects.get(pk=run.pk)
+    except RunCancelled:
+        return _finish(run, attempt, TrainingRun.Status.CANCELLED, log_path=log_path)
     except RunFailed as exc:
         return _finish(run, attempt, TrainingRun.Status.FAILED, error=str(exc), log_path=log_path)
     except InvalidInput as exc:
@@ -450,8 +483,6 @@ def training_run_execute(*, run_id: int, attempt: int) -> TrainingRun | None:
         # A bug must fail the run visibly, not leave it "running" for the reaper to retry forever.
         _finish(run, attempt, TrainingRun.Status.FAILED, error=f"internal error: {exc!r}", log_path=log_path)
         raise
-    if code is None:
-        return TrainingRun.objects.get(pk=run.pk)  # this attempt lost the run to a newer one
     run.refresh_from_db()
     if code == 0:
         try:
@@ -465,32 +496,36 @@ def training_run_execute(*, run_id: int, attempt: int) -> TrainingRun | None:
         # Stopped by something other than a cancel (host shutdown): go back to the queue and resume later.
         with transaction.atomic():
             if TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING, attempt=attempt).update(
-                    status=TrainingRun.Status.QUEUED, attempt=attempt + 1):
+                    status=TrainingRun.Status.QUEUED, attempt=attempt + 1, heartbeat_at=timezone.now()):
                 run.refresh_from_db()
                 _enqueue_on_commit(run)
         return run
     return _finish(run, attempt, TrainingRun.Status.FAILED, error=_last_error(log_path), log_path=log_path)
 
 
-def _follow_trainer(run: TrainingRun, attempt: int, work: Path, data: Path, log) -> tuple[int | None, _EventReader]:
-    proc = subprocess.Popen(_train_command(run, work, data), stdout=log, stderr=subprocess.STDOUT, env=_child_env(),
+def _follow(lease: _Lease, cmd: list[str], work: Path, log, reader: _EventReader | None = None) -> int:
+    """Run a child (data preparation, the trainer) while renewing the lease and storing its events; a cancel
+    sends it SIGTERM (the trainer checkpoints and exits 75). If the attempt loses the run, the child is stopped
+    and AttemptLost raised."""
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env(),
                             preexec_fn=_die_with_parent, cwd=work)
-    reader = _EventReader(work / "train" / "events.jsonl", run)
     signalled = False
-    while True:
-        finished = proc.poll() is not None
-        reader.poll()
-        owned = _heartbeat(run, attempt, **reader.progress)
-        if not owned:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait()
-            return None, reader
-        if finished:
-            return proc.returncode, reader
-        if not signalled and TrainingRun.objects.filter(pk=run.pk, cancel_requested=True).exists():
-            proc.send_signal(signal.SIGTERM)  # the trainer checkpoints and exits with 75
-            signalled = True
-        time.sleep(_heartbeat_interval() if not signalled else 0.2)
+    try:
+        while True:
+            finished = proc.poll() is not None
+            if reader:
+                reader.poll()
+            lease.renew(**(reader.progress if reader else {}))
+            if finished:
+                return proc.returncode
+            if not signalled and lease.cancel_requested:
+                proc.send_signal(signal.SIGTERM)
+                signalled = True
+            time.sleep(_heartbeat_interval() if not signalled else 0.2)
+    except AttemptLost:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
+        raise
 
 
 def _finish(run: TrainingRun, attempt: int, status: str, *, error: str = "", log_path: Path | None = None) -> TrainingRun:
