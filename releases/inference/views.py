@@ -89,9 +89,23 @@ def _decide(request, model: Model, user, token, organization_ids) -> policy.Acce
                                    request_url=access.access_request_url(request, model))
 
 
+# Only what a call reads: the ORM's cost here is compiling the SQL, and it grows with every column selected (the
+# model's card text, every policy and backend column), which made this one query a fifth of the gateway's overhead.
+_CALL_FIELDS = ("id", "name", "tier", "created_at", "organization__id", "organization__slug",
+                "latest_version__id", "latest_version__context_length",
+                "access_policy__id", "access_policy__audience", "access_policy__acceptable_use",
+                "access_policy__cooldown_days", "inference_backend__id", "inference_backend__url",
+                "inference_backend__upstream_model", "inference_backend__api_key", "inference_backend__enabled")
+
+
+def _for_calls(models):
+    return models.select_related("organization", "access_policy", "inference_backend", "latest_version") \
+        .only(*_CALL_FIELDS)
+
+
 def _served_models(user):
-    return (model_visible_queryset(user).filter(inference_backend__enabled=True)
-            .select_related("organization", "access_policy", "inference_backend").order_by("organization__slug", "name"))
+    return _for_calls(model_visible_queryset(user).filter(inference_backend__enabled=True)) \
+        .order_by("organization__slug", "name")
 
 
 def backend_served(model: Model) -> bool:
@@ -114,8 +128,9 @@ def models(request):
 
 def _model_for(request, model_id: str, user, token, organization_ids) -> Model:
     org, _, name = (model_id or "").partition("/")
-    model = (Model.objects.filter(organization__slug=org, name=name, inference_backend__enabled=True)
-             .select_related("organization", "access_policy", "inference_backend").first() if org and name else None)
+    found = _for_calls(Model.objects.filter(organization__slug=org, name=name, inference_backend__enabled=True)) \
+        .order_by()[:1] if org and name else []  # (organization, name) is unique: no ORDER BY needed
+    model = next(iter(found), None)
     if model is None:  # a closed model is judged below, by the policy, and answers exactly like this
         raise OpenAIError(404, f"The model {model_id!r} does not exist or you do not have access to it.",
                           "model_not_found", param="model")

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,10 +107,22 @@ def _deployment(tmp_path, database_url):
     try:
         yield {"env": env, "manage": manage, "queue": queue, "var": tmp_path / "var", "processes": processes}
     finally:
-        for proc in processes:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=20)
+        stop_processes(processes)
+
+
+def stop_processes(processes: list[subprocess.Popen]) -> None:
+    """Kill each process with everything it started: `celery worker -B` runs beat as a child that outlives a
+    killed parent and would go on ticking against a dropped database for the rest of the suite."""
+    for proc in processes:
+        try:
+            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            family = []
+        for member in reversed(family):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.kill()
+        psutil.wait_procs(family, timeout=20)
+        proc.wait(timeout=20)
 
 
 CHROMIUM = os.environ.get("GATEHOUSE_CHROMIUM", "/usr/bin/chromium")

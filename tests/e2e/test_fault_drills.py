@@ -24,7 +24,7 @@ import pytest
 
 from tests.hardening.faults import TcpProxy, WebhookReceiver, sql, wait_until
 
-from .conftest import free_port, scratch_database, wait_for_http
+from .conftest import free_port, scratch_database, stop_processes, wait_for_http
 
 ROOT = Path(__file__).resolve().parents[2]
 FAULTS = ROOT / "tests" / "hardening" / "faults.py"
@@ -87,10 +87,7 @@ def _site(tmp, database_url):
     try:
         yield {"env": env, "manage": manage, "tmp": tmp, "token": out["TOKEN"], "processes": processes}
     finally:
-        for proc in processes:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=20)
+        stop_processes(processes)
 
 
 def _shell(site, script, **env) -> dict:
