@@ -70,3 +70,79 @@ def test_daily_tokens_per_organization_is_insufficient_quota_until_midnight(call
     assert 0 < refusal.retry_after <= 86401
     settings.INFERENCE_TOKENS_PER_DAY_PER_ORGANIZATION = 0  # 0: unlimited
     assert quota_check(user=carol, token=token, organization_id=northwind.pk) is None
+
+
+def test_each_scope_counts_only_its_own_calls(calls, alice, carol, northwind, settings, django_assert_num_queries):
+    from datetime import datetime, timezone as dt_timezone
+
+    make, token = calls
+    settings.INFERENCE_RPM_PER_TOKEN, settings.INFERENCE_TOKENS_PER_DAY_PER_TOKEN = 2, 100
+    settings.INFERENCE_RPM_PER_ORGANIZATION, settings.INFERENCE_TOKENS_PER_DAY_PER_ORGANIZATION = 0, 0
+    now = timezone.now()
+    before_midnight = now - datetime(now.year, now.month, now.day, tzinfo=dt_timezone.utc) + timedelta(seconds=1)
+    make(3, tok=None, tokens=500)  # carol signed in, without a token: her session's calls
+    make(3, user=alice, tok=None, tokens=500)  # someone else's session
+    make(1, tokens=5000, ago=before_midnight)  # this token, yesterday
+    with django_assert_num_queries(1):  # one statement per scope, whatever the limits
+        assert quota_check(user=carol, token=token, organization_id=northwind.pk) is None
+    refusal = quota_check(user=carol, token=None, organization_id=None)
+    assert refusal.code == "rate_limit_exceeded"  # her session made 3 calls this minute
+    settings.INFERENCE_RPM_PER_TOKEN = 0
+    refusal = quota_check(user=carol, token=None, organization_id=None)
+    assert refusal.code == "insufficient_quota" and "(1500 tokens today)" in refusal.message
+    make(1, tokens=100)
+    assert quota_check(user=carol, token=token, organization_id=None).code == "insufficient_quota"
+
+
+@pytest.fixture
+def upstream():
+    """An OpenAI-compatible backend answering every completion with one token (the engine itself is tested in
+    tests/training and, behind the gateway, in tests/e2e/test_inference_clients.py)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"id": "cmpl-1", "object": "text_completion", "model": "m", "choices": [
+                {"index": 0, "text": "x", "finish_reason": "length"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_a_gateway_call_costs_a_fixed_number_of_queries(register, aurora, alice, carol, northwind, token_for,
+                                                        upstream, settings, django_assert_num_queries):
+    from django.test import Client
+
+    from releases.models import InferenceBackend
+
+    settings.INFERENCE_RPM_PER_ORGANIZATION, settings.INFERENCE_TOKENS_PER_DAY_PER_ORGANIZATION = 1000, 10 ** 6
+    model = register(aurora, "m", alice, tier="api").model
+    InferenceBackend.objects.create(model=model, kind="upstream", url=upstream, upstream_model="m")
+    client = Client(HTTP_AUTHORIZATION=f"Bearer {token_for(carol, ('inference',))}")
+
+    def call():
+        response = client.post("/v1/completions", {"model": "aurora/m", "prompt": "x", "max_tokens": 1},
+                               content_type="application/json")
+        assert response.status_code == 200, response.content
+        return response.json()
+
+    call()  # the token's first use is recorded once
+    # token, memberships, model (with organization, policy, backend and latest version in one), quota per token,
+    # quota per organization, the call's row at the start and its completion: nothing loaded lazily.
+    with django_assert_num_queries(7):
+        assert call()["usage"]["completion_tokens"] == 1
+    assert InferenceCall.objects.filter(organization=northwind, status=200, completion_tokens=1).count() == 2
