@@ -107,10 +107,10 @@ class Handler(BaseHTTPRequestHandler):
         engine = self.server.engine
         if path == "/health":
             return self._json(200, {"status": "ok", "model": self.server.model_id, "active": len(engine.active),
-                                    "waiting": engine.waiting.qsize()})
+                                    "waiting": len(engine.waiting)})
         if path == "/metrics":
             lines = [f"# TYPE engine_{k}_total counter\nengine_{k}_total {v}" for k, v in engine.stats.items()]
-            lines += [f"engine_active_requests {len(engine.active)}", f"engine_waiting_requests {engine.waiting.qsize()}"]
+            lines += [f"engine_active_requests {len(engine.active)}", f"engine_waiting_requests {len(engine.waiting)}"]
             data = ("\n".join(lines) + "\n").encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4")

@@ -52,6 +52,31 @@ def test_batched_results_equal_unbatched(engine):
     assert [r.output_ids for r in first + later] == alone
 
 
+def test_a_burst_is_prefilled_in_padded_groups_into_scattered_slots_and_equals_unbatched(engine, monkeypatch):
+    alone = [generate_alone(engine, p, max_tokens=20, temperature=0).output_ids for p in PROMPTS]
+    prefills = []
+    forward = engine._forward
+
+    def recording(tokens, slots, last=None):
+        if tokens.shape[1] > 1:
+            prefills.append((tokens.shape, list(slots)))
+        return forward(tokens, slots, last)
+    monkeypatch.setattr(engine, "_forward", recording)
+    # Slots 0-2 taken, then slot 1 freed: the burst lands in slots 1, 3, 4, 5 — not one block.
+    long_a, short, long_b = [engine.submit(engine.encode(p), SamplingParams(max_tokens=n, temperature=0))
+                             for p, n in [(PROMPTS[0], 20), (PROMPTS[1], 1), (PROMPTS[2], 20)]]
+    engine.step()
+    assert short.finish_reason == "length" and sorted(engine.active) == [0, 2]
+    monkeypatch.setattr(engine, "prefill_tokens", 2 * max(len(engine.encode(p)) for p in PROMPTS))
+    burst = [engine.submit(engine.encode(p), SamplingParams(max_tokens=20, temperature=0)) for p in PROMPTS]
+    engine.run_until_idle()
+    assert [r.output_ids for r in burst] == alone
+    assert long_a.output_ids == alone[0] and long_b.output_ids == alone[2]
+    groups = prefills[1:]  # after the first three
+    assert [slots for _, slots in groups] == [[1, 3], [4, 5]]  # two per group: the budget holds two prompts
+    assert all(shape[0] * shape[1] <= engine.prefill_tokens for shape, _ in groups)
+
+
 def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(engine):
     a = generate_alone(engine, PROMPTS[0], max_tokens=16, temperature=1.0, top_p=0.9, seed=7)
     b = generate_alone(engine, PROMPTS[0], max_tokens=16, temperature=1.0, top_p=0.9, seed=7)
@@ -86,7 +111,7 @@ def test_limits_and_bad_parameters_are_refused_with_a_reason(engine):
         assert bad.value.param == name
     with pytest.raises(EngineError, match="empty"):
         engine.submit([], SamplingParams())
-    assert engine.waiting.empty() and not engine.active
+    assert not engine.waiting and not engine.active
 
 
 def test_cancelled_requests_free_their_slot(engine):
