@@ -64,6 +64,8 @@ def main(argv=None) -> int:
     srv.add_argument("--port", type=int, default=8100)
     srv.add_argument("--max-batch", type=int, default=32, help="requests decoded together (KV cache slots)")
     srv.add_argument("--device", default="auto")
+    srv.add_argument("--decode", default="auto", choices=["auto", "dynamic", "static", "graphs"],
+                     help="decode step: CUDA graphs on a GPU, eager slices on a CPU (auto)")
 
     args = parser.parse_args(argv)
     try:
@@ -124,7 +126,7 @@ def _run(args) -> int:
 
         try:
             serve(str(args.model), model_id=args.model_id or args.model.resolve().name, host=args.host, port=args.port,
-                  max_batch=args.max_batch, device=args.device)
+                  max_batch=args.max_batch, device=args.device, decode=args.decode)
         except OSError as exc:  # the port is taken, say
             raise ConfigError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
         except KeyboardInterrupt:

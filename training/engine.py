@@ -88,7 +88,8 @@ class Request:
 
 class Engine:
     def __init__(self, model_dir: str | Path, *, device: str = "auto", max_batch: int = 32,
-                 max_seq_len: int | None = None, dtype: str = "auto", prefill_tokens: int | None = None):
+                 max_seq_len: int | None = None, dtype: str = "auto", prefill_tokens: int | None = None,
+                 decode: str = "auto"):
         model_dir = Path(model_dir)
         use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
         self.device = torch.device("cuda" if use_cuda else "cpu")
@@ -101,8 +102,21 @@ class Engine:
         self.tokenizer, self.chat_template, self.eos_ids = _load_tokenizer(model_dir, hf_config)
         self.max_batch = max_batch
         self.max_seq_len = min(max_seq_len or self.config.max_seq_len, self.config.max_seq_len)
+        # dynamic: each decode step slices the cache to the longest row (eager; the CPU default). static: one
+        # fixed-shape step per (batch, context) bucket. graphs: that step captured as CUDA graphs and replayed —
+        # at small batch a GPU otherwise waits on the host launching ~25 kernels a layer (the CUDA default).
+        self.decode_mode = {"auto": "graphs" if use_cuda else "dynamic"}.get(decode, decode)
+        if self.decode_mode not in ("dynamic", "static", "graphs"):
+            raise ConfigError(f"decode must be auto, dynamic, static or graphs, not {decode!r}")
+        if self.decode_mode == "graphs" and not use_cuda:
+            raise ConfigError("decode graphs needs a CUDA device; on a CPU use dynamic (the default there)")
+        self._graphs: dict[tuple[int, int], tuple] = {}
+        self._graph_inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._graph_pool = None
         c = self.config
-        shape = (c.num_layers, max_batch, c.num_kv_heads, self.max_seq_len, c.head_dim)
+        # One row more than the batch: the fixed-shape step's padding rows write there, never into a live slot.
+        self.scratch_slot = max_batch
+        shape = (c.num_layers, max_batch + 1, c.num_kv_heads, self.max_seq_len, c.head_dim)
         self.cache_k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.cache_v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.lengths = [0] * max_batch
@@ -192,9 +206,12 @@ class Engine:
             return
         prefilled = {r.slot for r in admitted}  # their next token comes with the next step's decode
         requests = [r for s, r in self.active.items() if r.finish_reason is None and s not in prefilled]
-        if requests:
+        if requests and self.decode_mode == "dynamic":
             tokens = torch.tensor([[r.output_ids[-1]] for r in requests], device=self.device)
             logits = self._forward(tokens, [r.slot for r in requests])
+            self._advance(requests, logits)
+        elif requests:
+            logits = self._decode_fixed([r.output_ids[-1] for r in requests], [r.slot for r in requests])
             self._advance(requests, logits)
         self.stats["steps"] += 1
 
@@ -370,6 +387,94 @@ class Engine:
         else:
             ends = x[torch.arange(batch, device=self.device), torch.tensor(last, device=self.device)]
         return model.lm_head(model.model.norm(ends))
+
+
+    # --- The fixed-shape decode step (CUDA graphs) ------------------------------------------------------------
+    def _bucket(self, n: int, smallest: int, largest: int) -> int:
+        size = smallest
+        while size < n:
+            size *= 2
+        return min(size, largest)
+
+    def _decode_fixed(self, tokens: list[int], slots: list[int]) -> torch.Tensor:
+        """One decode step at a fixed (batch, context) shape: rows padded to a power-of-two batch (padding rows
+        write only to the scratch slot), keys read up to a power-of-two context under a mask. Replayed from a
+        CUDA graph in "graphs" mode, captured the first time a shape is seen."""
+        n = len(tokens)
+        batch = self._bucket(n, 1, self.max_batch)
+        context = self._bucket(max(self.lengths[s] for s in slots) + 1, 64, self.max_seq_len)
+        if batch not in self._graph_inputs:
+            self._graph_inputs[batch] = tuple(torch.zeros(batch, dtype=torch.long, device=self.device)
+                                              for _ in range(3))
+        token_in, slot_in, position_in = self._graph_inputs[batch]
+        pad = batch - n
+        token_in.copy_(torch.tensor(tokens + [0] * pad), non_blocking=True)
+        slot_in.copy_(torch.tensor(slots + [self.scratch_slot] * pad), non_blocking=True)
+        position_in.copy_(torch.tensor([self.lengths[s] for s in slots] + [0] * pad), non_blocking=True)
+        if self.decode_mode == "static":
+            logits = self._decode_step(token_in, slot_in, position_in, context)
+        else:
+            logits = self._replay(batch, context)
+        for s in slots:
+            self.lengths[s] += 1
+        return logits[:n]
+
+    def _replay(self, batch: int, context: int) -> torch.Tensor:
+        key = (batch, context)
+        if key not in self._graphs:
+            inputs = self._graph_inputs[batch]
+            # Warm-up on a side stream, as capture requires; it writes the same keys and values at the same
+            # positions as the replay below will, so running it on the live inputs changes nothing.
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._decode_step(*inputs, context)
+            torch.cuda.current_stream().wait_stream(stream)
+            # One memory pool for every shape: graphs never run concurrently, and each output is consumed
+            # (sampled) before the next replay, so reusing one another's scratch memory is safe.
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the HTTP threads of the server never touch CUDA, but must not fail a capture if they did.
+            with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+                output = self._decode_step(*inputs, context)
+            self._graphs[key] = (graph, output)
+        graph, output = self._graphs[key]
+        graph.replay()
+        return output
+
+    def _decode_step(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                     context: int) -> torch.Tensor:
+        """Logits for one new token per row at `positions`, attending to keys [0, context) of each row's slot.
+        Only tensor operations on fixed shapes: nothing here may read a value back to the host."""
+        model, c = self.model, self.config
+        batch = tokens.shape[0]
+        cos = model.rope_cos[positions][:, None, None]  # (batch, 1, 1, head_dim)
+        sin = model.rope_sin[positions][:, None, None]
+        visible = (torch.arange(context, device=self.device)[None, :] <= positions[:, None])[:, None, None]
+        rows, heads = slots[:, None], torch.arange(c.num_kv_heads, device=self.device)[None, :]
+        x = model.model.embed_tokens(tokens[:, None])
+        eps, heads_qk, groups = c.rms_norm_eps, c.num_heads + c.num_kv_heads, c.num_heads // c.num_kv_heads
+        for layer, w in enumerate(self.layers):
+            h = _rms_norm(x, w.input_norm, eps)
+            qk, v = F.linear(h, w.qkv, w.qkv_bias).split(w.qk_v_split, dim=-1)
+            qk = apply_rope(qk.view(batch, 1, heads_qk, c.head_dim).transpose(1, 2), cos, sin)
+            q, k = qk[:, :c.num_heads], qk[:, c.num_heads:]
+            v = v.view(batch, 1, c.num_kv_heads, c.head_dim).transpose(1, 2)
+            cache_k, cache_v = self.cache_k[layer], self.cache_v[layer]
+            cache_k.index_put_((rows, heads, positions[:, None]), k[:, :, 0])
+            cache_v.index_put_((rows, heads, positions[:, None]), v[:, :, 0])
+            keys = cache_k[:, :, :context].index_select(0, slots)
+            values = cache_v[:, :, :context].index_select(0, slots)
+            if groups > 1:
+                keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+            scores = torch.matmul(q, keys.transpose(-1, -2)) * (1.0 / math.sqrt(c.head_dim))
+            scores = scores.float().masked_fill(~visible, -math.inf)
+            y = torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)
+            x = x + F.linear(y.transpose(1, 2).reshape(batch, 1, c.num_heads * c.head_dim), w.o, w.o_bias)
+            gate, up = F.linear(_rms_norm(x, w.post_norm, eps), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w.down, w.down_bias)
+        return model.lm_head(model.model.norm(x[:, 0]))
 
 
 @dataclass(frozen=True)

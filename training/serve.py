@@ -208,12 +208,12 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def serve(model_dir: str, *, model_id: str, host: str = "127.0.0.1", port: int = 8100, max_batch: int = 32,
-          device: str = "auto", ready=None) -> None:
-    engine = Engine(model_dir, device=device, max_batch=max_batch)
+          device: str = "auto", decode: str = "auto", ready=None) -> None:
+    engine = Engine(model_dir, device=device, max_batch=max_batch, decode=decode)
     engine.start()
     server = EngineServer((host, port), engine, model_id)
     print(f"engine serving {model_id} from {model_dir} on http://{host}:{server.server_address[1]}/v1 "
-          f"(device {engine.device}, batch {max_batch}, context {engine.max_seq_len})", flush=True)
+          f"(device {engine.device}, batch {max_batch}, context {engine.max_seq_len}, decode {engine.decode_mode})", flush=True)
     if ready is not None:
         ready(server)
     try:

@@ -148,6 +148,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--gateway-requests", type=int, default=200)
+    parser.add_argument("--decode", default="auto", help="the engine's decode step: auto, dynamic, static, graphs")
     args = parser.parse_args()
 
     import torch
@@ -158,14 +159,14 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_checkpoint(Path(tmp), args.preset, args.prompt_tokens + args.new_tokens + 64)
-        engine = Engine(model_dir, device=args.device, max_batch=max(levels))
+        engine = Engine(model_dir, device=args.device, max_batch=max(levels), decode=args.decode)
         device = engine.device
         hf = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True,
                                                   dtype=engine.dtype).to(device).eval()
         rows = []
         for n in levels:
             batch = prompts(engine, n, args.prompt_tokens)
-            ours(engine, batch[:1], 4)  # warm-up
+            ours(engine, batch, args.new_tokens)  # warm-up: a server in steady state has captured these shapes
             transformers_generate(hf, batch[:1], 4, device)
             peer = transformers_generate(hf, batch, args.new_tokens, device)
             us = ours(engine, batch, args.new_tokens)
@@ -187,7 +188,8 @@ def main() -> None:
         overhead = gateway_overhead(model_dir, args.gateway_requests) if args.gateway_requests else None
     c = engine.config
     print(f"\nGeneration, preset {args.preset} ({c.num_layers}L x {c.hidden_size}, vocab {c.vocab_size}), device "
-          f"{device}, {torch.get_num_threads()} threads, prompt {args.prompt_tokens} + {args.new_tokens} new tokens, greedy")
+          f"{device}, {torch.get_num_threads()} threads, prompt {args.prompt_tokens} + {args.new_tokens} new tokens, greedy, "
+          f"{engine.dtype}, decode {engine.decode_mode}")
     print("generate (batched) = all prompts as one generate call, its best case; generate (one by one) = how a "
           "server built on generate serves concurrent requests")
     print(f"{'concurrent':>10} {'ours tok/s':>11} {'batched tok/s':>14} {'ratio':>7} {'one-by-one tok/s':>17} "

@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
-echo "=== CUDA training tests (the CPU suite runs in CI) ==="
+echo "=== CUDA tests: bf16 compiled training, CUDA-graph decoding equals eager (the CPU suite runs in CI) ==="
 timeout 150 python3 -m pytest -c /dev/null --rootdir "$PWD" --confcutdir tests/training --import-mode=importlib \
   -p no:cacheprovider -q tests/training/test_gpu.py 2>&1 | tee "$OUT/tests.log"
 
@@ -18,7 +18,7 @@ echo "=== train_throughput: 124M shape, seq 1024, bf16 + torch.compile, batch 32
 timeout 300 python3 tests/bench/train_throughput.py --device cuda --preset 124m --seq-len 1024 --batch-size 32 \
   --model-vocab 50304 --steps 20 --warmup 5 2>&1 | grep -v -i warn | tee "$OUT/bench.log"
 
-echo "=== generate: our engine vs transformers.generate, 124M shape, bf16, batch 1 and 64 concurrent ==="
+echo "=== generate: our engine (CUDA graphs) vs transformers.generate, 124M shape, bf16, batch 1 and 64 concurrent ==="
 timeout 240 python3 tests/bench/generate.py --device cuda --preset 124m --concurrency 1,64 --new-tokens 128 \
   --gateway-requests 0 2>&1 | grep -v -i "warn\|Loading weights" | tee "$OUT/generate.log"
 

@@ -77,6 +77,23 @@ def test_a_burst_is_prefilled_in_padded_groups_into_scattered_slots_and_equals_u
     assert all(shape[0] * shape[1] <= engine.prefill_tokens for shape, _ in groups)
 
 
+def test_the_fixed_shape_decode_step_equals_the_dynamic_one(engine, export_dir):
+    """The step CUDA graphs capture, run eagerly here: padded batch, masked context, scattered slots."""
+    fixed = Engine(export_dir, device="cpu", max_batch=8, decode="static")
+    alone = [generate_alone(engine, p, max_tokens=20, temperature=0).output_ids for p in PROMPTS]
+    assert [generate_alone(fixed, p, max_tokens=20, temperature=0).output_ids for p in PROMPTS] == alone
+    short = fixed.submit(fixed.encode(PROMPTS[1]), SamplingParams(max_tokens=2, temperature=0))
+    first = fixed.submit(fixed.encode(PROMPTS[0]), SamplingParams(max_tokens=20, temperature=0))
+    fixed.step()
+    fixed.step()
+    later = [fixed.submit(fixed.encode(p), SamplingParams(max_tokens=20, temperature=0)) for p in PROMPTS[1:]]
+    fixed.run_until_idle()  # slots 1, 0, 2, 3; once `first` is done, three rows padded to four (a scratch row)
+    assert [r.output_ids for r in [first] + later] == alone and short.output_ids == alone[1][:2]
+    assert set(fixed._graph_inputs) >= {1, 2, 4}
+    with pytest.raises(Exception, match="graphs needs a CUDA device"):
+        Engine(export_dir, device="cpu", decode="graphs")
+
+
 def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(engine):
     a = generate_alone(engine, PROMPTS[0], max_tokens=16, temperature=1.0, top_p=0.9, seed=7)
     b = generate_alone(engine, PROMPTS[0], max_tokens=16, temperature=1.0, top_p=0.9, seed=7)
