@@ -251,6 +251,68 @@ def test_a_cancel_during_data_preparation_stops_it_and_cancels_the_run(aurora, a
     assert not ModelVersion.objects.exists()
 
 
+def test_a_failure_while_following_a_child_stops_the_child(aurora, alice, corpus, monkeypatch):
+    import sys
+
+    import psutil
+
+    from gatehouse.registry.services import training
+
+    run = _run(aurora, alice, corpus)
+    work = _claimed(run)
+    renewals = []
+
+    def renew(self, **progress):
+        renewals.append(1)
+        if len(renewals) > 1:
+            raise RuntimeError("the database went away")
+    monkeypatch.setattr(_Lease, "renew", renew)
+    monkeypatch.setattr(training, "_heartbeat_interval", lambda: 0.05)
+    with pytest.raises(RuntimeError), open(work / "train.log", "a") as log:
+        training._follow(_Lease(run, 0), [sys.executable, "-c", "import time; time.sleep(60)"], work, log)
+    assert not [p for p in psutil.Process().children() if "time.sleep(60)" in " ".join(p.cmdline())]
+
+
+def test_a_cancel_that_kills_the_trainer_before_its_handler_is_installed_still_cancels(aurora, alice, corpus,
+                                                                                       monkeypatch):
+    from gatehouse.registry.services import training
+
+    def cancel_just_before_the_trainer_starts(lease, work):
+        TrainingRun.objects.filter(pk=lease.run.pk).update(cancel_requested=True)
+    monkeypatch.setattr(training, "_wait_for_previous_trainer", cancel_just_before_the_trainer_starts)
+    run = training_run_execute(run_id=_run(aurora, alice, corpus).pk, attempt=0)
+    assert run.status == "cancelled" and run.error == "" and not ModelVersion.objects.exists()
+
+
+def test_a_requeued_run_waits_for_the_previous_trainer_to_release_the_folder(aurora, alice, corpus, settings):
+    import fcntl
+    import threading
+
+    from gatehouse.registry.services.training import _wait_for_previous_trainer
+
+    settings.TRAINING_HEARTBEAT_STALE_SECONDS = 0.4
+    run = _run(aurora, alice, corpus)
+    work = _claimed(run, attempt=1)
+    (work / "train").mkdir()
+    held = open(work / "train" / ".lock", "w")
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # attempt 0's trainer, still writing its checkpoint
+    threading.Timer(1.0, held.close).start()
+    started = time.monotonic()
+    _wait_for_previous_trainer(_Lease(run, 1), work)
+    assert time.monotonic() - started >= 0.9
+    assert training_runs_requeue_stale(stale_after_seconds=0.4) == []  # renewed while it waited
+
+
+def test_registering_the_export_holds_the_run_beyond_the_staleness_window(aurora, alice, corpus):
+    run = _run(aurora, alice, corpus)
+    _claimed(run)
+    _Lease(run, 0).extend(120)
+    assert training_runs_requeue_stale(stale_after_seconds=1) == []
+    TrainingRun.objects.filter(pk=run.pk).update(attempt=1)
+    with pytest.raises(AttemptLost):
+        _Lease(run, 0).extend(120)
+
+
 def test_a_queued_run_whose_message_was_lost_is_sent_again_once_per_period(aurora, alice, corpus, settings,
                                                                            django_capture_on_commit_callbacks):
     from gatehouse.core.redelivery import stranded_work_redeliver

@@ -5,6 +5,7 @@ The worker never imports torch: it talks to the training module through files, e
 `training.config` is plain dataclasses, so the platform can validate a run and estimate its FLOPs up front.
 """
 import ctypes
+import fcntl
 import hashlib
 import json
 import math
@@ -34,6 +35,7 @@ from gatehouse.registry.services.ingest import commit_id, files_from_directory, 
 from training.config import ConfigError, ModelConfig, TrainConfig, preset
 
 EXIT_STOPPED = 75  # the trainer's "stopped by a signal, resumable" status
+CHILD_STOP_SECONDS = 120  # a trainer told to stop gets this long to write its checkpoint, then it is killed
 
 def _heartbeat_interval() -> float:
     # Several heartbeats fit in the staleness window, so a live run is never mistaken for a dead one.
@@ -328,10 +330,13 @@ def _base_export(lease: "_Lease", work: Path) -> Path:
     for file in lease.run.base_version.files.all():
         path = target / file.path
         path.parent.mkdir(parents=True, exist_ok=True)
-        with storage.open(file.storage_key, "rb") as src, open(path, "wb") as dst:
+        lease.renew()  # before touching a file: an attempt that lost the run must not clobber the new one's copy
+        partial = path.with_name(path.name + f".attempt-{lease.attempt}")
+        with storage.open(file.storage_key, "rb") as src, open(partial, "wb") as dst:
             while chunk := src.read(1024 * 1024):
                 dst.write(chunk)
                 lease.renew_when_due()  # copying a large base takes longer than the staleness window
+        os.replace(partial, path)
     (target / ".complete").write_text("ok")
     return target
 
@@ -406,8 +411,18 @@ class _Lease:
         self.renewed = time.monotonic()
 
     def renew_when_due(self) -> None:
+        """For a phase without a child to signal (copying the base): renew, and stop it on a cancel."""
         if time.monotonic() - self.renewed >= _heartbeat_interval():
             self.renew()
+            if self.cancel_requested:
+                raise RunCancelled()
+
+    def extend(self, seconds: float) -> None:
+        """Hold the run through a phase that cannot renew as it goes (registering the export): the heartbeat is
+        set `seconds` ahead, so the reaper waits that much longer than usual before taking it for dead."""
+        if not TrainingRun.objects.filter(pk=self.run.pk, status=TrainingRun.Status.RUNNING, attempt=self.attempt) \
+                .update(heartbeat_at=timezone.now() + timezone.timedelta(seconds=seconds)):
+            raise AttemptLost()
 
     @property
     def cancel_requested(self) -> bool:
@@ -470,7 +485,9 @@ def training_run_execute(*, run_id: int, attempt: int) -> TrainingRun | None:
             log.flush()
             data = _prepare_data(lease, work, log)
             reader = _EventReader(work / "train" / "events.jsonl", run)
-            code = _follow(lease, _train_command(lease, work, data), work, log, reader)
+            command = _train_command(lease, work, data)
+            _wait_for_previous_trainer(lease, work)
+            code = _follow(lease, command, work, log, reader)
     except AttemptLost:
         return TrainingRun.objects.get(pk=run.pk)
     except RunCancelled:
@@ -486,11 +503,14 @@ def training_run_execute(*, run_id: int, attempt: int) -> TrainingRun | None:
     run.refresh_from_db()
     if code == 0:
         try:
+            lease.extend(_registration_seconds(work / "train" / "export"))
             return _record(run, attempt, work, reader)
+        except AttemptLost:
+            return TrainingRun.objects.get(pk=run.pk)
         except InvalidInput as exc:
             return _finish(run, attempt, TrainingRun.Status.FAILED, error=f"registering the export failed: {exc.message}",
                            log_path=log_path)
-    if code == EXIT_STOPPED and run.cancel_requested:
+    if run.cancel_requested:  # 75 after a checkpoint, or killed by the SIGTERM before it could install its handler
         return _finish(run, attempt, TrainingRun.Status.CANCELLED, log_path=log_path)
     if code == EXIT_STOPPED:
         # Stopped by something other than a cancel (host shutdown): go back to the queue and resume later.
@@ -505,8 +525,8 @@ def training_run_execute(*, run_id: int, attempt: int) -> TrainingRun | None:
 
 def _follow(lease: _Lease, cmd: list[str], work: Path, log, reader: _EventReader | None = None) -> int:
     """Run a child (data preparation, the trainer) while renewing the lease and storing its events; a cancel
-    sends it SIGTERM (the trainer checkpoints and exits 75). If the attempt loses the run, the child is stopped
-    and AttemptLost raised."""
+    sends it SIGTERM (the trainer checkpoints and exits 75). However this ends — the attempt lost the run
+    (AttemptLost), the database failed — the child does not outlive it."""
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env(),
                             preexec_fn=_die_with_parent, cwd=work)
     signalled = False
@@ -522,10 +542,37 @@ def _follow(lease: _Lease, cmd: list[str], work: Path, log, reader: _EventReader
                 proc.send_signal(signal.SIGTERM)
                 signalled = True
             time.sleep(_heartbeat_interval() if not signalled else 0.2)
-    except AttemptLost:
-        proc.send_signal(signal.SIGTERM)
+    finally:
+        _stop_child(proc)
+
+
+def _stop_child(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)  # the trainer checkpoints first
+    try:
+        proc.wait(timeout=CHILD_STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        proc.kill()
         proc.wait()
-        raise
+
+
+def _wait_for_previous_trainer(lease: _Lease, work: Path) -> None:
+    """A requeued run may start here while the previous attempt's trainer still checkpoints after its SIGTERM
+    and holds the run folder's lock; wait for it (renewing the lease) rather than fail on the lock."""
+    lock_path = work / "train" / ".lock"
+    if not lock_path.exists():
+        return
+    with open(lock_path, "a") as lock:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lease.renew()
+                time.sleep(min(1.0, _heartbeat_interval()))
+                continue
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            return
 
 
 def _finish(run: TrainingRun, attempt: int, status: str, *, error: str = "", log_path: Path | None = None) -> TrainingRun:
@@ -536,6 +583,12 @@ def _finish(run: TrainingRun, attempt: int, status: str, *, error: str = "", log
             audit_record(actor=None, action=f"training_run.{status}", target=run, data={"error": error[:500]})
     run.refresh_from_db()
     return run
+
+
+def _registration_seconds(export: Path) -> float:
+    """How long registering the export may take: it is copied into weight storage and hashed (10 MB/s is slow
+    object storage), plus a minute."""
+    return 60 + sum(f.stat().st_size for f in export.rglob("*") if f.is_file()) / 10e6
 
 
 def _export_commit(run: TrainingRun, export: Path) -> str:
