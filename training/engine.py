@@ -18,6 +18,7 @@ import math
 import queue
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +32,11 @@ from training.model import apply_rope
 
 
 class EngineError(ValueError):
-    """A request the engine cannot serve (too long, bad parameters); the server answers 400."""
+    """A request the engine cannot serve (too long, bad parameters: 400; the engine has failed: 503)."""
 
-    def __init__(self, message: str, code: str = "invalid_value", param: str | None = None):
+    def __init__(self, message: str, code: str = "invalid_value", param: str | None = None, status: int = 400):
         super().__init__(message)
-        self.code, self.param = code, param
+        self.code, self.param, self.status = code, param, status
 
 
 @dataclass
@@ -91,8 +92,8 @@ class Engine:
                  max_seq_len: int | None = None, dtype: str = "auto", prefill_tokens: int | None = None,
                  decode: str = "auto"):
         model_dir = Path(model_dir)
-        use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-        self.device = torch.device("cuda" if use_cuda else "cpu")
+        use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        self.device = torch.device(device if device.startswith("cuda") else "cuda" if use_cuda else "cpu")
         self.dtype = torch.bfloat16 if (dtype == "bfloat16" or (dtype == "auto" and use_cuda)) else torch.float32
         model, hf_config = load_exported(model_dir, device=self.device)
         self.model = model.to(self.dtype).eval()  # the RoPE tables (buffers) are in this dtype too
@@ -131,6 +132,8 @@ class Engine:
         self.stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "steps": 0}
         self._thread: threading.Thread | None = None
         self._stop = False
+        self.failure: str | None = None  # why the decode loop stopped, when a step raised
+        self.on_failure = None  # called once after a failure (the server shuts down, so its supervisor restarts it)
 
     # --- Tokens -----------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -151,6 +154,9 @@ class Engine:
 
     # --- Requests ---------------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, *, stream: bool = False) -> Request:
+        if self.failure:
+            raise EngineError(f"The engine failed ({self.failure}) and is being restarted; retry shortly.",
+                              code="engine_failed", status=503)
         params.validate()
         if not prompt_ids:
             raise EngineError("The prompt is empty.", param="prompt")
@@ -181,7 +187,26 @@ class Engine:
                 self.wake.wait(timeout=0.5)
                 self.wake.clear()
                 continue
-            self.step()
+            try:
+                self.step()
+            except Exception as exc:  # out of memory, a CUDA error: nothing here can be trusted to go on
+                self._fail(exc)
+                return
+
+    def _fail(self, exc: Exception) -> None:
+        """End every request with an error instead of leaving its caller waiting on a thread that is gone."""
+        traceback.print_exc()
+        self.failure = f"{type(exc).__name__}: {exc}"[:500]
+        pending = list(self.active.values())
+        while self.waiting:
+            pending.append(self.waiting.popleft())
+        self.active.clear()
+        for request in pending:
+            request.finish_reason = "error"
+            request.deltas.put(None)
+            request.done.set()
+        if self.on_failure is not None:
+            self.on_failure()
 
     def run_until_idle(self) -> None:
         while self.active or self.waiting:
@@ -422,26 +447,30 @@ class Engine:
     def _replay(self, batch: int, context: int) -> torch.Tensor:
         key = (batch, context)
         if key not in self._graphs:
-            inputs = self._graph_inputs[batch]
-            # Warm-up on a side stream, as capture requires; it writes the same keys and values at the same
-            # positions as the replay below will, so running it on the live inputs changes nothing.
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self._decode_step(*inputs, context)
-            torch.cuda.current_stream().wait_stream(stream)
-            # One memory pool for every shape: graphs never run concurrently, and each output is consumed
-            # (sampled) before the next replay, so reusing one another's scratch memory is safe.
-            if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: the HTTP threads of the server never touch CUDA, but must not fail a capture if they did.
-            with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-                output = self._decode_step(*inputs, context)
-            self._graphs[key] = (graph, output)
+            with torch.cuda.device(self.device):  # the engine's thread starts on device 0, whatever ours is
+                self._graphs[key] = self._capture(batch, context)
         graph, output = self._graphs[key]
         graph.replay()
         return output
+
+    def _capture(self, batch: int, context: int) -> tuple:
+        inputs = self._graph_inputs[batch]
+        # Warm-up on a side stream, as capture requires; it writes the same keys and values at the same positions
+        # as the replay that follows will, so running it on the live inputs changes nothing.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._decode_step(*inputs, context)
+        torch.cuda.current_stream().wait_stream(stream)
+        # One memory pool for every shape: graphs never run concurrently, and each output is consumed (sampled)
+        # before the next replay, so reusing one another's scratch memory is safe.
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the HTTP threads of the server never touch CUDA, but must not fail a capture if they did.
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+            output = self._decode_step(*inputs, context)
+        return graph, output
 
     def _decode_step(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
                      context: int) -> torch.Tensor:

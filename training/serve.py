@@ -80,8 +80,8 @@ class Handler(BaseHTTPRequestHandler):
         except ApiError as exc:
             self._json(exc.status, exc.body)
         except EngineError as exc:
-            self._json(400, {"error": {"message": str(exc), "type": "invalid_request_error", "param": exc.param,
-                                       "code": exc.code}})
+            self._json(exc.status, {"error": {"message": str(exc), "param": exc.param, "code": exc.code,
+                                              "type": "invalid_request_error" if exc.status < 500 else "server_error"}})
         except (BrokenPipeError, ConnectionResetError):
             pass
 
@@ -106,6 +106,8 @@ class Handler(BaseHTTPRequestHandler):
         path = unquote(self.path.split("?", 1)[0])
         engine = self.server.engine
         if path == "/health":
+            if engine.failure:
+                return self._json(503, {"status": "failed", "model": self.server.model_id, "error": engine.failure})
             return self._json(200, {"status": "ok", "model": self.server.model_id, "active": len(engine.active),
                                     "waiting": len(engine.waiting)})
         if path == "/metrics":
@@ -156,6 +158,9 @@ class Handler(BaseHTTPRequestHandler):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return self._stream(request, ident, chat=chat, include_usage=include_usage)
         request.done.wait()
+        if request.finish_reason == "error":
+            raise EngineError(f"The engine failed while generating ({engine.failure}); retry shortly.",
+                              code="engine_failed", status=503)
         self._json(200, self._final(request, ident, chat=chat))
 
     def _usage(self, request: Request) -> dict:
@@ -196,6 +201,12 @@ class Handler(BaseHTTPRequestHandler):
                     chunk([{"index": 0, "delta": {"content": delta}, "finish_reason": None}])
                 else:
                     chunk([{"index": 0, "text": delta, "finish_reason": None, "logprobs": None}])
+            if request.finish_reason == "error":  # the stream's status is sent: say so in the stream, as vLLM does
+                error = {"message": f"The engine failed while generating ({self.server.engine.failure}).",
+                         "type": "server_error", "param": None, "code": "engine_failed"}
+                self.wfile.write(b"data: " + json.dumps({"error": error}).encode() + b"\n\n")
+                self.wfile.flush()
+                return
             final = {"index": 0, "delta": {}, "finish_reason": request.finish_reason} if chat else \
                 {"index": 0, "text": "", "finish_reason": request.finish_reason, "logprobs": None}
             chunk([final])
@@ -210,8 +221,11 @@ class Handler(BaseHTTPRequestHandler):
 def serve(model_dir: str, *, model_id: str, host: str = "127.0.0.1", port: int = 8100, max_batch: int = 32,
           device: str = "auto", decode: str = "auto", ready=None) -> None:
     engine = Engine(model_dir, device=device, max_batch=max_batch, decode=decode)
-    engine.start()
     server = EngineServer((host, port), engine, model_id)
+    # A failed engine ends the process, and the platform's supervisor restarts it; the second lets the callers it
+    # failed get their 503 first.
+    engine.on_failure = lambda: threading.Timer(1.0, server.shutdown).start()
+    engine.start()
     print(f"engine serving {model_id} from {model_dir} on http://{host}:{server.server_address[1]}/v1 "
           f"(device {engine.device}, batch {max_batch}, context {engine.max_seq_len}, decode {engine.decode_mode})", flush=True)
     if ready is not None:
@@ -221,6 +235,8 @@ def serve(model_dir: str, *, model_id: str, host: str = "127.0.0.1", port: int =
     finally:
         engine.stop()
         server.server_close()
+    if engine.failure:
+        raise EngineError(f"the engine failed: {engine.failure}")
 
 
 def serve_in_thread(model_dir: str, *, model_id: str, **kwargs) -> EngineServer:
@@ -231,7 +247,12 @@ def serve_in_thread(model_dir: str, *, model_id: str, **kwargs) -> EngineServer:
     def ready(server):
         holder["server"] = server
         started.set()
-    threading.Thread(target=serve, args=(model_dir,), kwargs={"model_id": model_id, "port": 0, "ready": ready,
-                                                              **kwargs}, daemon=True).start()
+
+    def run():
+        try:
+            serve(model_dir, model_id=model_id, port=0, ready=ready, **kwargs)
+        except EngineError:
+            pass  # the engine failed: `server.engine.failure` says why (a process would exit here)
+    threading.Thread(target=run, daemon=True).start()
     started.wait(timeout=120)
     return holder["server"]

@@ -33,20 +33,21 @@ def test_bf16_compiled_training_on_cuda_learns_and_exports(tmp_path, data_dir):
     assert manifest["hardware"]["type"] == "cuda"
 
 
-def test_cuda_graph_decoding_equals_eager_decoding(trained, monkeypatch):
+def test_cuda_graph_decoding_replays_exactly_the_fixed_shape_step(trained):
+    """Replayed graphs must give what the same step gives run eagerly (the CPU suite checks that step against
+    the dynamic one); staggered arrivals exercise several batch and context buckets."""
     from training.engine import Engine, SamplingParams
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 both ways, compared exactly
     prompts = ["def add(a, b):\n    return", "import os\nimport", "class Foo:\n    def __init__(self", "x = [1, 2,"]
     outputs = {}
-    for mode in ("dynamic", "graphs"):
+    for mode in ("static", "graphs"):
         engine = Engine(trained / "export", device="cuda", dtype="float32", max_batch=8, decode=mode)
-        first = [engine.submit(engine.encode(p), SamplingParams(max_tokens=24, temperature=0)) for p in prompts[:2]]
+        first = [engine.submit(engine.encode(p), SamplingParams(max_tokens=40, temperature=0)) for p in prompts[:2]]
         engine.step()
         engine.step()
-        later = [engine.submit(engine.encode(p), SamplingParams(max_tokens=24, temperature=0)) for p in prompts[2:]]
+        later = [engine.submit(engine.encode(p), SamplingParams(max_tokens=40, temperature=0)) for p in prompts[2:]]
         engine.run_until_idle()
         outputs[mode] = [r.output_ids for r in first + later]
         if mode == "graphs":
-            assert engine._graphs  # captured, and replayed for every later step of those shapes
-    assert outputs["graphs"] == outputs["dynamic"] and all(outputs["dynamic"])
+            assert len(engine._graphs) >= 2  # captured per shape, then replayed
+    assert outputs["graphs"] == outputs["static"] and all(outputs["static"])

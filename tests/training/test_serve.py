@@ -46,3 +46,26 @@ def test_a_client_that_goes_away_cancels_its_request(server):
             break
         time.sleep(0.05)
     assert not engine.active and engine.stats["completion_tokens"] - before < 60
+
+
+def test_a_failed_engine_answers_503_and_stops_serving(trained):
+    server = serve_in_thread(str(trained / "export"), model_id="acme/coder", device="cpu", max_batch=4)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory")
+    server.engine._forward = out_of_memory
+    response = httpx.post(base + "/v1/completions", json={"prompt": "def", "max_tokens": 4}, timeout=10)
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "engine_failed" and "out of memory" in response.json()["error"]["message"]
+    health = httpx.get(base + "/health", timeout=5)
+    assert health.status_code == 503 and health.json()["status"] == "failed"
+    deadline = time.time() + 10
+    while time.time() < deadline:  # the server shuts down, so the platform's supervisor restarts the engine
+        try:
+            httpx.get(base + "/health", timeout=1)
+        except httpx.TransportError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the server kept serving after its engine failed")
