@@ -16,6 +16,7 @@ import collections
 import json
 import math
 import queue
+import sys
 import threading
 import time
 import traceback
@@ -447,8 +448,14 @@ class Engine:
     def _replay(self, batch: int, context: int) -> torch.Tensor:
         key = (batch, context)
         if key not in self._graphs:
-            with torch.cuda.device(self.device):  # the engine's thread starts on device 0, whatever ours is
-                self._graphs[key] = self._capture(batch, context)
+            try:
+                with torch.cuda.device(self.device):  # the engine's thread starts on device 0, whatever ours is
+                    self._graphs[key] = self._capture(batch, context)
+            except Exception as exc:  # a capture that fails must not take serving down: decode eagerly from now on
+                print(f"engine: CUDA graph capture failed for batch {batch}, context {context} ({exc!r}); decoding "
+                      "without graphs", file=sys.stderr, flush=True)
+                self.decode_mode = "static"
+                return self._decode_step(*self._graph_inputs[batch], context)
         graph, output = self._graphs[key]
         graph.replay()
         return output

@@ -109,7 +109,7 @@ class Handler(BaseHTTPRequestHandler):
             if engine.failure:
                 return self._json(503, {"status": "failed", "model": self.server.model_id, "error": engine.failure})
             return self._json(200, {"status": "ok", "model": self.server.model_id, "active": len(engine.active),
-                                    "waiting": len(engine.waiting)})
+                                    "waiting": len(engine.waiting), "decode": engine.decode_mode})
         if path == "/metrics":
             lines = [f"# TYPE engine_{k}_total counter\nengine_{k}_total {v}" for k, v in engine.stats.items()]
             lines += [f"engine_active_requests {len(engine.active)}", f"engine_waiting_requests {len(engine.waiting)}"]

@@ -94,6 +94,19 @@ def test_the_fixed_shape_decode_step_equals_the_dynamic_one(engine, export_dir):
         Engine(export_dir, device="cpu", decode="graphs")
 
 
+def test_a_failed_graph_capture_falls_back_to_the_eager_step(engine, export_dir, monkeypatch, capsys):
+    alone = generate_alone(engine, PROMPTS[0], max_tokens=12, temperature=0).output_ids
+    fixed = Engine(export_dir, device="cpu", max_batch=4, decode="static")
+    fixed.decode_mode = "graphs"  # as on a GPU; the capture itself cannot run here, so make it fail
+
+    def capture(batch, context):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(fixed, "_capture", capture)
+    assert generate_alone(fixed, PROMPTS[0], max_tokens=12, temperature=0).output_ids == alone
+    assert fixed.decode_mode == "static" and not fixed._graphs
+    assert "CUDA graph capture failed" in capsys.readouterr().err
+
+
 def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(engine):
     a = generate_alone(engine, PROMPTS[0], max_tokens=16, temperature=1.0, top_p=0.9, seed=7)
     b = generate_alone(engine, PROMPTS[0], max_tokens=16, temperature=1.0, top_p=0.9, seed=7)

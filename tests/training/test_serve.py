@@ -19,7 +19,8 @@ def test_models_health_metrics_and_errors(server):
     base, _ = server
     assert httpx.get(base + "/v1/models").json()["data"][0]["id"] == "acme/coder"
     assert httpx.get(base + "/v1/models/acme%2Fcoder").json()["id"] == "acme/coder"  # ids with / arrive encoded
-    assert httpx.get(base + "/health").json()["status"] == "ok"
+    assert httpx.get(base + "/health").json() | {"active": 0} == {"status": "ok", "model": "acme/coder", "active": 0,
+                                                                   "waiting": 0, "decode": "dynamic"}
     assert "engine_completion_tokens_total" in httpx.get(base + "/metrics").text
     for body, status, code in [({"model": "other", "prompt": "x"}, 404, "model_not_found"),
                                ({"prompt": 3}, 400, "invalid_value"),
