@@ -366,15 +366,8 @@ class Engine:
             slot_index = torch.tensor(slots, device=self.device)
             starts = torch.tensor(lengths, device=self.device)
         x = model.model.embed_tokens(tokens)
-        eps = c.rms_norm_eps
-        heads_qk = c.num_heads + c.num_kv_heads
         for layer, w in enumerate(self.layers):
-            h = _rms_norm(x, w.input_norm, eps)
-            qk, v = F.linear(h, w.qkv, w.qkv_bias).split(w.qk_v_split, dim=-1)
-            # q and k rotated together: one RoPE over all their heads.
-            qk = apply_rope(qk.view(batch, seq, heads_qk, c.head_dim).transpose(1, 2), cos, sin)
-            q, k = qk[:, :c.num_heads], qk[:, c.num_heads:]
-            v = v.view(batch, seq, c.num_kv_heads, c.head_dim).transpose(1, 2)
+            q, k, v = self._qkv(x, w, cos, sin)
             cache_k, cache_v = self.cache_k[layer], self.cache_v[layer]
             if contiguous and same_length:  # one block write for all rows
                 first, start = slots[0], lengths[0]
@@ -403,9 +396,7 @@ class Engine:
                 y = torch.matmul(torch.softmax(scores.float(), dim=-1).to(values.dtype), values)
             else:
                 y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)
-            x = x + F.linear(y.transpose(1, 2).reshape(batch, seq, c.num_heads * c.head_dim), w.o, w.o_bias)
-            gate, up = F.linear(_rms_norm(x, w.post_norm, eps), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w.down, w.down_bias)
+            x = self._after_attention(x, y, w)
         for s in slots:
             self.lengths[s] += seq
         if last is None:
@@ -413,7 +404,6 @@ class Engine:
         else:
             ends = x[torch.arange(batch, device=self.device), torch.tensor(last, device=self.device)]
         return model.lm_head(model.model.norm(ends))
-
 
     # --- The fixed-shape decode step (CUDA graphs) ------------------------------------------------------------
     def _bucket(self, n: int, smallest: int, largest: int) -> int:
@@ -484,19 +474,14 @@ class Engine:
         """Logits for one new token per row at `positions`, attending to keys [0, context) of each row's slot.
         Only tensor operations on fixed shapes: nothing here may read a value back to the host."""
         model, c = self.model, self.config
-        batch = tokens.shape[0]
         cos = model.rope_cos[positions][:, None, None]  # (batch, 1, 1, head_dim)
         sin = model.rope_sin[positions][:, None, None]
         visible = (torch.arange(context, device=self.device)[None, :] <= positions[:, None])[:, None, None]
         rows, heads = slots[:, None], torch.arange(c.num_kv_heads, device=self.device)[None, :]
         x = model.model.embed_tokens(tokens[:, None])
-        eps, heads_qk, groups = c.rms_norm_eps, c.num_heads + c.num_kv_heads, c.num_heads // c.num_kv_heads
+        groups = c.num_heads // c.num_kv_heads
         for layer, w in enumerate(self.layers):
-            h = _rms_norm(x, w.input_norm, eps)
-            qk, v = F.linear(h, w.qkv, w.qkv_bias).split(w.qk_v_split, dim=-1)
-            qk = apply_rope(qk.view(batch, 1, heads_qk, c.head_dim).transpose(1, 2), cos, sin)
-            q, k = qk[:, :c.num_heads], qk[:, c.num_heads:]
-            v = v.view(batch, 1, c.num_kv_heads, c.head_dim).transpose(1, 2)
+            q, k, v = self._qkv(x, w, cos, sin)
             cache_k, cache_v = self.cache_k[layer], self.cache_v[layer]
             cache_k.index_put_((rows, heads, positions[:, None]), k[:, :, 0])
             cache_v.index_put_((rows, heads, positions[:, None]), v[:, :, 0])
@@ -507,10 +492,27 @@ class Engine:
             scores = torch.matmul(q, keys.transpose(-1, -2)) * (1.0 / math.sqrt(c.head_dim))
             scores = scores.float().masked_fill(~visible, -math.inf)
             y = torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)
-            x = x + F.linear(y.transpose(1, 2).reshape(batch, 1, c.num_heads * c.head_dim), w.o, w.o_bias)
-            gate, up = F.linear(_rms_norm(x, w.post_norm, eps), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w.down, w.down_bias)
+            x = self._after_attention(x, y, w)
         return model.lm_head(model.model.norm(x[:, 0]))
+
+    # --- One layer's projections, shared by both decode steps --------------------------------------------------
+    def _qkv(self, x: torch.Tensor, w: "_LayerWeights", cos: torch.Tensor, sin: torch.Tensor):
+        """Queries, keys and values (batch, heads, seq, head_dim) of x (batch, seq, hidden), q and k rotated."""
+        c = self.config
+        batch, seq = x.shape[:2]
+        qk, v = F.linear(_rms_norm(x, w.input_norm, c.rms_norm_eps), w.qkv, w.qkv_bias).split(w.qk_v_split, dim=-1)
+        # q and k rotated together: one RoPE over all their heads.
+        qk = apply_rope(qk.view(batch, seq, c.num_heads + c.num_kv_heads, c.head_dim).transpose(1, 2), cos, sin)
+        v = v.view(batch, seq, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        return qk[:, :c.num_heads], qk[:, c.num_heads:], v
+
+    def _after_attention(self, x: torch.Tensor, y: torch.Tensor, w: "_LayerWeights") -> torch.Tensor:
+        """The output projection of the attention y (batch, heads, seq, head_dim), then the MLP, both residual."""
+        c = self.config
+        batch, seq = x.shape[:2]
+        x = x + F.linear(y.transpose(1, 2).reshape(batch, seq, c.num_heads * c.head_dim), w.o, w.o_bias)
+        gate, up = F.linear(_rms_norm(x, w.post_norm, c.rms_norm_eps), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, w.down, w.down_bias)
 
 
 @dataclass(frozen=True)

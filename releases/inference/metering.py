@@ -22,8 +22,8 @@ class QuotaRefusal:
 
 # One statement per scope, written out: this runs on every call, and compiling the same check through the ORM
 # (a count and a sum, per token and per organization) cost more than the gateway's whole remaining overhead.
-_USAGE_SQL = (f"SELECT COALESCE(SUM(CASE WHEN created_at > %s THEN 1 ELSE 0 END), 0), "
-              f"COALESCE(SUM(CASE WHEN created_at >= %s THEN prompt_tokens + completion_tokens ELSE 0 END), 0) "
+_USAGE_SQL = ("SELECT COALESCE(SUM(CASE WHEN created_at > %s THEN 1 ELSE 0 END), 0), "
+              "COALESCE(SUM(CASE WHEN created_at >= %s THEN prompt_tokens + completion_tokens ELSE 0 END), 0) "
               f"FROM {InferenceCall._meta.db_table} WHERE {{scope}} AND created_at >= %s")
 _SCOPES = {"token": "token_id = %s", "session": "user_id = %s AND token_id IS NULL",
            "organization": "organization_id = %s"}

@@ -403,11 +403,15 @@ class _Lease:
     def __init__(self, run: TrainingRun, attempt: int):
         self.run, self.attempt, self.renewed = run, attempt, time.monotonic()
 
-    def renew(self, **progress) -> None:
-        """Record the heartbeat and progress; AttemptLost once a newer attempt owns the run."""
+    def _hold(self, **fields) -> None:
+        """Update the run while this attempt still owns it; AttemptLost once a newer attempt does."""
         if not TrainingRun.objects.filter(pk=self.run.pk, status=TrainingRun.Status.RUNNING,
-                                          attempt=self.attempt).update(heartbeat_at=timezone.now(), **progress):
+                                          attempt=self.attempt).update(**fields):
             raise AttemptLost()
+
+    def renew(self, **progress) -> None:
+        """Record the heartbeat and progress."""
+        self._hold(heartbeat_at=timezone.now(), **progress)
         self.renewed = time.monotonic()
 
     def renew_when_due(self) -> None:
@@ -420,9 +424,7 @@ class _Lease:
     def extend(self, seconds: float) -> None:
         """Hold the run through a phase that cannot renew as it goes (registering the export): the heartbeat is
         set `seconds` ahead, so the reaper waits that much longer than usual before taking it for dead."""
-        if not TrainingRun.objects.filter(pk=self.run.pk, status=TrainingRun.Status.RUNNING, attempt=self.attempt) \
-                .update(heartbeat_at=timezone.now() + timezone.timedelta(seconds=seconds)):
-            raise AttemptLost()
+        self._hold(heartbeat_at=timezone.now() + timezone.timedelta(seconds=seconds))
 
     @property
     def cancel_requested(self) -> bool:
