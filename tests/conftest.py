@@ -16,10 +16,13 @@ from gatehouse.registry.services.versions import model_version_verify
 
 @pytest.fixture(autouse=True)
 def _isolated_storage(settings, tmp_path):
+    """Weights and training runs in the test's own folder: `make run` leaves runs 1, 2… under var/training, and a
+    test's run 1 must not find their logs and checkpoints."""
     settings.STORAGES = {**settings.STORAGES, "weights": {
         "BACKEND": "django.core.files.storage.FileSystemStorage",
         "OPTIONS": {"location": str(tmp_path / "weights")}}}
     (tmp_path / "weights").mkdir()
+    settings.TRAINING_ROOT = tmp_path / "training"
     yield
 
 

@@ -21,7 +21,6 @@ FAST = {"seq_len": 32, "batch_size": 4, "eval_interval": 5, "eval_batches": 1, "
 
 @pytest.fixture(autouse=True)
 def _roots(settings, tmp_path):
-    settings.TRAINING_ROOT = tmp_path / "training"
     settings.GATEHOUSE_DATA_ROOT = tmp_path / "datasets"
     settings.GATEHOUSE_DATA_ROOT.mkdir()
 
