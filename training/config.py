@@ -139,6 +139,9 @@ def preset(name: str, **overrides) -> ModelConfig:
         raise ConfigError(f"preset {name}: {exc}") from None
 
 
+ATTENTION_KERNELS = ("auto", "cudnn", "flash", "efficient", "math")
+
+
 @dataclass
 class TrainConfig:
     """How to train. Every field has a CLI flag of the same name (dashes for underscores)."""
@@ -170,6 +173,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
     compile: str = "auto"  # auto (on CUDA) | yes | no
+    attention: str = "auto"  # the attention kernel SDPA prefers: auto (PyTorch's choice) | cudnn | flash | efficient | math
     run_id: str = ""
     license: str = ""  # the exported card's license; defaults to the data's license
     datasets: tuple[str, ...] = ()  # registry dataset ids (org/name) named in the exported card
@@ -196,6 +200,8 @@ class TrainConfig:
             raise ConfigError(f"--dtype must be auto, float32 or bfloat16, not {self.dtype!r}")
         if self.compile not in ("auto", "yes", "no"):
             raise ConfigError(f"--compile must be auto, yes or no, not {self.compile!r}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ConfigError(f"--attention must be one of {', '.join(ATTENTION_KERNELS)}, not {self.attention!r}")
         if self.vocab_size < 0:
             raise ConfigError("--vocab-size cannot be negative (0 means the tokenizer's size)")
         if self.grad_clip < 0 or self.weight_decay < 0:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
 from training.adapt import apply_method
@@ -61,6 +62,29 @@ def measure_cpu_matmul_peak(n: int = 1024, repeats: int = 8) -> float:
         a @ b
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
+
+
+_KERNELS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+
+def attention_kernels(choice: str):
+    """A context in which SDPA tries the chosen kernel first and falls back to the others in PyTorch's order
+    where it cannot run (a shape, a dtype, a CPU). torch.compile reads it when it traces, so the training loop
+    runs inside it. "auto" leaves PyTorch's own order."""
+    if choice == "auto":
+        return nullcontext()
+    first = _KERNELS[choice]
+    return sdpa_kernel([first, *(k for k in _KERNELS.values() if k is not first)], set_priority=True)
+
+
+def attention_kernel_used(config, device: torch.device, dtype: torch.dtype) -> str:
+    """The kernel SDPA picks for this model's causal attention here (PyTorch's own choice function)."""
+    q = torch.zeros(1, config.num_heads, 64, config.head_dim, device=device, dtype=dtype)
+    try:
+        return SDPBackend(torch._fused_sdp_choice(q, q, q, is_causal=True)).name.lower()
+    except (AttributeError, RuntimeError, ValueError):  # a private function: report rather than fail a run
+        return "unknown"
 
 
 class Distributed:
@@ -148,7 +172,8 @@ def train(cfg: TrainConfig, *, echo: bool = False) -> int:
     data_manifest = load_manifest(Path(cfg.data))
     env = Distributed(cfg.device)
     try:
-        return _train(cfg, env, out, data_manifest, echo)
+        with attention_kernels(cfg.attention):
+            return _train(cfg, env, out, data_manifest, echo)
     finally:
         env.close()
 
@@ -216,6 +241,8 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
                 matmul_parameters=model.matmul_parameters(), flops_per_token=flops_per_token,
                 flops_formula="6N + 12*L*H*Q*T (N: matmul parameters, embedding lookup excluded unless tied)",
                 peak_flops=peak, peak_source=peak_source, bf16=use_bf16, compiled=compiled,
+                attention_kernel=attention_kernel_used(model.config, env.device,
+                                                       torch.bfloat16 if use_bf16 else torch.float32),
                 model_config=model.config.to_dict(), train_config=asdict(cfg))
     energy = _EnergyMeter(env.device)
     model.train()

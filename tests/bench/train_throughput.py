@@ -32,22 +32,30 @@ def prepare_data(directory: Path, vocab: int) -> Path:
     return directory
 
 
-def ours(args, data: Path, out: Path) -> dict:
+def ours(args, data: Path, out: Path, variant: str) -> dict:
+    """One run of our trainer: "default", or attention=KERNEL (--attention: which SDPA kernel goes first)."""
+    import torch
+
     from training.config import TrainConfig
     from training.trainer import train
 
+    if variant != "default" and not variant.startswith("attention="):
+        raise SystemExit(f"unknown variant {variant!r}: use default or attention=KERNEL")
     cfg = TrainConfig(data=str(data), out=str(out), preset=args.preset, batch_size=args.batch_size,
                       seq_len=args.seq_len, max_steps=args.warmup + args.steps, warmup_steps=1,
                       eval_interval=10**6, checkpoint_interval=10**6, device=args.device,
-                      compile=args.compile, dtype=args.dtype, seed=0, vocab_size=args.model_vocab)
+                      compile=args.compile, dtype=args.dtype, seed=0, vocab_size=args.model_vocab,
+                      attention=variant.removeprefix("attention=") if variant != "default" else "auto")
+    torch._dynamo.reset()  # each variant compiles from scratch, as a fresh process would
     # The export at the end is part of a real run but not of throughput; the step events carry the figures.
     assert train(cfg) == 0
     steps = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     start = next(e for e in steps if e["event"] == "start")
     timed = [e for e in steps if e["event"] == "step"][args.warmup:]
     tokens_per_s = statistics.median(e["tokens_per_s"] for e in timed)
-    return {"tokens_per_s": tokens_per_s, "flops_per_token": start["flops_per_token"], "peak": start["peak_flops"],
-            "first_step_s": None, "losses": [e["loss"] for e in timed][:3]}
+    return {"variant": variant, "tokens_per_s": tokens_per_s, "flops_per_token": start["flops_per_token"],
+            "peak": start["peak_flops"], "attention_kernel": start["attention_kernel"],
+            "losses": [e["loss"] for e in timed][:3]}
 
 
 def transformers_peer(args, data: Path, init_dir: Path) -> dict:
@@ -99,6 +107,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--vocab", type=int, default=4096, help="tokenizer vocabulary to train")
     parser.add_argument("--model-vocab", type=int, default=0, help="pad the model's vocabulary (50304 = GPT-2's)")
+    parser.add_argument("--ours", default="default",
+                        help="comma-separated variants of our trainer, each timed: default, attention=KERNEL "
+                             "(cudnn, flash, efficient, math); the first is the headline")
     args = parser.parse_args()
 
     import torch
@@ -119,30 +130,35 @@ def main() -> None:
         # The peer runs before and after ours and keeps its better figure: on a noisy shared machine the
         # comparison then errs against us, never for us.
         peer_runs = [transformers_peer(args, data, tmp / "init")]
-        us = ours(args, data, tmp / "ours")
+        variants = [ours(args, data, tmp / f"ours-{i}", v) for i, v in enumerate(args.ours.split(","))]
         peer_runs.append(transformers_peer(args, data, tmp / "init"))
         peer = max(peer_runs, key=lambda r: r["tokens_per_s"])
 
+    us = variants[0]
     flops_per_token, peak = us["flops_per_token"], us["peak"]
-    rows = [("gatehouse trainer", us["tokens_per_s"]), ("transformers LlamaForCausalLM", peer["tokens_per_s"])]
+    mfu = (lambda tps: flops_per_token * tps / peak) if peak else (lambda tps: float("nan"))
+    rows = [(f"gatehouse trainer ({v['variant']}, {v['attention_kernel']})", v["tokens_per_s"]) for v in variants]
+    rows.append(("transformers LlamaForCausalLM", peer["tokens_per_s"]))
     threads = torch.get_num_threads()
     print(f"\nTraining throughput, preset {args.preset} ({config.num_layers}L x {config.hidden_size}, model vocab {config.vocab_size}, tokenizer {vocab}), "
           f"batch {args.batch_size} x seq {args.seq_len}, device {args.device}, {threads} CPU threads, "
           f"median of {args.steps} steps after {args.warmup} warm-up")
-    print(f"{'trainer':32} {'tokens/s':>12} {'MFU':>8}")
+    print(f"{'trainer':52} {'tokens/s':>12} {'MFU':>8} {'ratio':>7}")
     for name, tps in rows:
-        print(f"{name:32} {tps:12.0f} {flops_per_token * tps / peak if peak else float('nan'):8.3f}")
-    ratio = us["tokens_per_s"] / peer["tokens_per_s"]
+        print(f"{name:52} {tps:12.0f} {mfu(tps):8.3f} {tps / peer['tokens_per_s']:6.2f}x")
     print(f"transformers before / after ours: {peer_runs[0]['tokens_per_s']:.0f} / {peer_runs[1]['tokens_per_s']:.0f} tok/s "
           "(the better one is compared)")
+    ratio = us["tokens_per_s"] / peer["tokens_per_s"]
     print(f"ratio (ours / transformers): {ratio:.2f}x; peak {peak:.3g} FLOP/s, {flops_per_token:.4g} FLOP/token")
     print(json.dumps({"bench": "train_throughput", "preset": args.preset, "seq_len": args.seq_len,
                       "batch_size": args.batch_size, "device": args.device, "ours_tokens_per_s": round(us["tokens_per_s"]),
                       "transformers_tokens_per_s": round(peer["tokens_per_s"]),
                       "transformers_runs_tokens_per_s": [round(r["tokens_per_s"]) for r in peer_runs],
-                      "ratio": round(ratio, 3),
-                      "ours_mfu": round(flops_per_token * us["tokens_per_s"] / peak, 4) if peak else None,
-                      "transformers_mfu": round(flops_per_token * peer["tokens_per_s"] / peak, 4) if peak else None,
+                      "ratio": round(ratio, 3), "ours_mfu": round(mfu(us["tokens_per_s"]), 4) if peak else None,
+                      "transformers_mfu": round(mfu(peer["tokens_per_s"]), 4) if peak else None,
+                      "variants": [{"variant": v["variant"], "attention_kernel": v["attention_kernel"],
+                                    "tokens_per_s": round(v["tokens_per_s"]),
+                                    "mfu": round(mfu(v["tokens_per_s"]), 4) if peak else None} for v in variants],
                       "peak_flops": peak}))
 
 

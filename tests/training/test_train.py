@@ -5,6 +5,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from training.checkpoint import CheckpointError
 from training.config import ConfigError
@@ -24,6 +25,7 @@ def test_loss_falls_and_events_carry_the_facts(trained):
     start = events(trained, "start")[0]
     assert start["flops_per_token"] == 6 * start["matmul_parameters"] + 12 * 2 * 4 * 16 * 64
     assert start["peak_source"] == "measured fp32 matmul on this CPU" and start["peak_flops"] > 1e9
+    assert start["attention_kernel"] == "flash_attention"  # PyTorch's CPU flash kernel (SDPA's own choice)
     step = steps[-1]
     assert step["tokens"] == 40 * 8 * 64
     assert step["flops"] == pytest.approx(start["flops_per_token"] * step["tokens"])
@@ -95,6 +97,7 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path, data_dir):
 @pytest.mark.parametrize("args, message", [
     (["--batch-size", "0"], "error: --batch-size must be positive, not 0"),
     (["--lr", "0.001", "--min-lr", "0.01"], "error: --min-lr must be positive and at most --lr (0.001)"),
+    (["--attention", "fa3"], "error: --attention must be one of auto, cudnn, flash, efficient, math, not 'fa3'"),
     (["--method", "bias"], "error: --method bias adapts an existing model: give --init-from EXPORT_DIR"),
     (["--method", "lora", "--init-from", "/nonexistent"], "error: /nonexistent is not a model folder (no config.json)"),
 ])
@@ -156,3 +159,17 @@ def test_step_clock_on_an_async_device_reports_each_step_once_one_step_behind(mo
     assert [(e["step"], e["loss"], e["lr"], e["tokens"]) for e in emitted] == [(1, 3.0, 0.1, 1100), (2, 2.0, 0.2, 1200)]
     assert clock.tokens == 1200 and clock.flops == 5.0 + 2 * 100 * 10.0 and clock.last_loss == 2.0
     assert all(e["tokens_per_s"] > 0 and e["mfu"] is None and e["memory_bytes"] == 7 for e in emitted)
+
+
+def test_attention_choice_puts_that_kernel_first_and_restores_pytorchs_order():
+    from torch.nn.attention import SDPBackend
+
+    from training.trainer import attention_kernels
+
+    before = torch._C._get_sdp_priority_order()
+    with attention_kernels("cudnn"):
+        assert torch._C._get_sdp_priority_order()[0] == SDPBackend.CUDNN_ATTENTION.value
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()  # fallbacks stay
+    assert torch._C._get_sdp_priority_order() == before
+    with attention_kernels("auto"):
+        assert torch._C._get_sdp_priority_order() == before
