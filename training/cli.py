@@ -64,8 +64,8 @@ def main(argv=None) -> int:
     srv.add_argument("--port", type=int, default=8100)
     srv.add_argument("--max-batch", type=int, default=32, help="requests decoded together (KV cache slots)")
     srv.add_argument("--device", default="auto")
-    srv.add_argument("--decode", default="auto", choices=["auto", "dynamic", "static", "graphs"],
-                     help="decode step: CUDA graphs on a GPU, eager slices on a CPU (auto)")
+    srv.add_argument("--decode", default="auto", choices=["auto", "dynamic", "static", "graphs", "compiled"],
+                     help="decode step: CUDA graphs on a GPU, eager slices on a CPU (auto); compiled: torch.compile, then graphs")
 
     args = parser.parse_args(argv)
     try:

@@ -221,6 +221,11 @@ class Handler(BaseHTTPRequestHandler):
 def serve(model_dir: str, *, model_id: str, host: str = "127.0.0.1", port: int = 8100, max_batch: int = 32,
           device: str = "auto", decode: str = "auto", ready=None) -> None:
     engine = Engine(model_dir, device=device, max_batch=max_batch, decode=decode)
+    # Before the port opens: the supervisor marks the engine ready only once /health answers.
+    started = time.perf_counter()
+    if shapes := engine.warm_up():
+        print(f"engine: captured {shapes} decode shapes ({engine.decode_mode}) in {time.perf_counter() - started:.0f} s",
+              flush=True)
     server = EngineServer((host, port), engine, model_id)
     # A failed engine ends the process, and the platform's supervisor restarts it; the second lets the callers it
     # failed get their 503 first.

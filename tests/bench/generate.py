@@ -148,7 +148,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--gateway-requests", type=int, default=200)
-    parser.add_argument("--decode", default="auto", help="the engine's decode step: auto, dynamic, static, graphs")
+    parser.add_argument("--decode", default="auto",
+                        help="the engine's decode step, or several comma-separated, each timed: auto, dynamic, static, "
+                             "graphs, compiled")
+    parser.add_argument("--sequential-prompts", type=int, default=32,
+                        help="prompts generate serves one by one to measure that rate (at most the concurrency)")
     args = parser.parse_args()
 
     import torch
@@ -157,45 +161,51 @@ def main() -> None:
     from training.engine import Engine
 
     levels = [int(c) for c in args.concurrency.split(",")]
+    modes = args.decode.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_checkpoint(Path(tmp), args.preset, args.prompt_tokens + args.new_tokens + 64)
-        engine = Engine(model_dir, device=args.device, max_batch=max(levels), decode=args.decode)
+        engines = {mode: Engine(model_dir, device=args.device, max_batch=max(levels), decode=mode) for mode in modes}
+        engine = engines[modes[0]]
         device = engine.device
         hf = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True,
                                                   dtype=engine.dtype).to(device).eval()
         rows = []
         for n in levels:
             batch = prompts(engine, n, args.prompt_tokens)
-            ours(engine, batch, args.new_tokens)  # warm-up: a server in steady state has captured these shapes
+            for each in engines.values():
+                ours(each, batch, args.new_tokens)  # warm-up: a server in steady state has captured these shapes
             transformers_generate(hf, batch[:1], 4, device)
             peer = transformers_generate(hf, batch, args.new_tokens, device)
-            us = ours(engine, batch, args.new_tokens)
+            runs = {mode: ours(each, batch, args.new_tokens) for mode, each in engines.items()}
             peer_after = transformers_generate(hf, batch, args.new_tokens, device)
             best = max(peer, peer_after, key=lambda r: r["tokens_per_s"])
-            # What a server built on generate does with concurrent requests: one generate call at a time.
+            # What a server built on generate does with concurrent requests: one generate call at a time. Its rate
+            # does not depend on how many wait, so a few prompts measure it.
             start = time.perf_counter()
-            for prompt in batch:
+            for prompt in batch[:args.sequential_prompts]:
                 transformers_generate(hf, [prompt], args.new_tokens, device)
-            sequential = len(batch) * args.new_tokens / (time.perf_counter() - start)
-            if engine.dtype == torch.float32:  # greedy agreement in fp32 is exact
-                assert us["outputs"] == peer["outputs"], "our engine and generate disagree"
-            rows.append({"concurrency": n, "ours_tokens_per_s": us["tokens_per_s"],
-                         "transformers_tokens_per_s": best["tokens_per_s"],
-                         "ratio": us["tokens_per_s"] / best["tokens_per_s"],
-                         "transformers_sequential_tokens_per_s": sequential,
-                         "ratio_vs_sequential": us["tokens_per_s"] / sequential, "ours_ttft_ms": us["ttft_ms"],
-                         "transformers_ttft_ms": best["ttft_ms"]})
+            sequential = min(n, args.sequential_prompts) * args.new_tokens / (time.perf_counter() - start)
+            for mode, us in runs.items():
+                if engine.dtype == torch.float32:  # greedy agreement in fp32 is exact
+                    assert us["outputs"] == peer["outputs"], f"our engine ({mode}) and generate disagree"
+                rows.append({"concurrency": n, "decode": engines[mode].decode_mode,
+                             "ours_tokens_per_s": us["tokens_per_s"],
+                             "transformers_tokens_per_s": best["tokens_per_s"],
+                             "ratio": us["tokens_per_s"] / best["tokens_per_s"],
+                             "transformers_sequential_tokens_per_s": sequential,
+                             "ratio_vs_sequential": us["tokens_per_s"] / sequential, "ours_ttft_ms": us["ttft_ms"],
+                             "transformers_ttft_ms": best["ttft_ms"]})
         overhead = gateway_overhead(model_dir, args.gateway_requests) if args.gateway_requests else None
     c = engine.config
     print(f"\nGeneration, preset {args.preset} ({c.num_layers}L x {c.hidden_size}, vocab {c.vocab_size}), device "
           f"{device}, {torch.get_num_threads()} threads, prompt {args.prompt_tokens} + {args.new_tokens} new tokens, greedy, "
-          f"{engine.dtype}, decode {engine.decode_mode}")
+          f"{engine.dtype}")
     print("generate (batched) = all prompts as one generate call, its best case; generate (one by one) = how a "
           "server built on generate serves concurrent requests")
-    print(f"{'concurrent':>10} {'ours tok/s':>11} {'batched tok/s':>14} {'ratio':>7} {'one-by-one tok/s':>17} "
+    print(f"{'concurrent':>10} {'decode':>9} {'ours tok/s':>11} {'batched tok/s':>14} {'ratio':>7} {'one-by-one tok/s':>17} "
           f"{'ratio':>7} {'ours TTFT ms':>13} {'generate TTFT ms':>17}")
     for r in rows:
-        print(f"{r['concurrency']:>10} {r['ours_tokens_per_s']:>11.0f} {r['transformers_tokens_per_s']:>14.0f} "
+        print(f"{r['concurrency']:>10} {r['decode']:>9} {r['ours_tokens_per_s']:>11.0f} {r['transformers_tokens_per_s']:>14.0f} "
               f"{r['ratio']:>6.2f}x {r['transformers_sequential_tokens_per_s']:>17.0f} {r['ratio_vs_sequential']:>6.2f}x "
               f"{r['ours_ttft_ms']:>13.1f} {r['transformers_ttft_ms']:>17.1f}")
     if overhead:

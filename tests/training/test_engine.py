@@ -1,5 +1,7 @@
 """The generation engine: greedy output equals transformers' generate token for token, batched equals
 unbatched, and sampling controls, stop sequences, limits and cancellation behave."""
+import contextlib
+
 import pytest
 import torch
 
@@ -97,14 +99,43 @@ def test_the_fixed_shape_decode_step_equals_the_dynamic_one(engine, export_dir):
 def test_a_failed_graph_capture_falls_back_to_the_eager_step(engine, export_dir, monkeypatch, capsys):
     alone = generate_alone(engine, PROMPTS[0], max_tokens=12, temperature=0).output_ids
     fixed = Engine(export_dir, device="cpu", max_batch=4, decode="static")
-    fixed.decode_mode = "graphs"  # as on a GPU; the capture itself cannot run here, so make it fail
+    fixed.decode_mode, fixed._use_graphs = "graphs", True  # as on a GPU; the capture cannot run here, so make it fail
 
     def capture(batch, context):
         raise RuntimeError("operation not permitted when stream is capturing")
     monkeypatch.setattr(fixed, "_capture", capture)
     assert generate_alone(fixed, PROMPTS[0], max_tokens=12, temperature=0).output_ids == alone
-    assert fixed.decode_mode == "static" and not fixed._graphs
+    assert fixed.decode_mode == "static" and not fixed._graphs and not fixed._use_graphs
     assert "CUDA graph capture failed" in capsys.readouterr().err
+
+
+def test_warm_up_captures_every_shape_before_serving_with_padding_in_the_scratch_slot(export_dir, monkeypatch):
+    fixed = Engine(export_dir, device="cpu", max_batch=6, decode="static")
+    assert fixed.warm_up() == 0  # nothing to capture without graphs
+    fixed.max_seq_len = 200  # as for a longer model (the captures below are recorded, not run)
+    fixed.decode_mode, fixed._use_graphs = "graphs", True  # as on a GPU; record the captures instead
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    captured = []
+
+    def capture(batch, context):
+        slots = fixed._graph_inputs[batch][1]
+        assert slots.tolist() == [fixed.scratch_slot] * batch  # the capture's first run writes no live slot
+        captured.append((batch, context))
+        return type("Graph", (), {"replay": lambda self: None})(), torch.zeros(batch, 8)
+    monkeypatch.setattr(fixed, "_capture", capture)
+    assert fixed.warm_up() == 4 * 3
+    assert sorted(captured) == [(b, c) for b in (1, 2, 4, 6) for c in (64, 128, 200)]  # buckets, capped at the limits
+    assert fixed.warm_up() == 12 and len(captured) == 12  # each shape once
+
+    failing = Engine(export_dir, device="cpu", max_batch=4, decode="static")
+    failing.decode_mode, failing._use_graphs = "graphs", True
+    attempts = []
+
+    def refuse(batch, context):
+        attempts.append((batch, context))
+        raise RuntimeError("capture not permitted")
+    monkeypatch.setattr(failing, "_capture", refuse)
+    assert failing.warm_up() == 0 and attempts == [(1, 64)] and failing.decode_mode == "static"
 
 
 def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(engine):
