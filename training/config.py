@@ -140,6 +140,8 @@ def preset(name: str, **overrides) -> ModelConfig:
 
 
 ATTENTION_KERNELS = ("auto", "cudnn", "flash", "efficient", "math")
+# No CUDA-graph modes: the loop reads a step's loss after queuing the next, which a graph replay would overwrite.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -173,6 +175,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
     compile: str = "auto"  # auto (on CUDA) | yes | no
+    compile_mode: str = "default"  # default | max-autotune-no-cudagraphs (Triton matmuls tuned per shape; slow to compile)
     attention: str = "auto"  # the attention kernel SDPA prefers: auto (PyTorch's choice) | cudnn | flash | efficient | math
     run_id: str = ""
     license: str = ""  # the exported card's license; defaults to the data's license
@@ -200,6 +203,8 @@ class TrainConfig:
             raise ConfigError(f"--dtype must be auto, float32 or bfloat16, not {self.dtype!r}")
         if self.compile not in ("auto", "yes", "no"):
             raise ConfigError(f"--compile must be auto, yes or no, not {self.compile!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, not {self.compile_mode!r}")
         if self.attention not in ATTENTION_KERNELS:
             raise ConfigError(f"--attention must be one of {', '.join(ATTENTION_KERNELS)}, not {self.attention!r}")
         if self.vocab_size < 0:

@@ -222,7 +222,8 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
         raise ConfigError("the data's tokenizer is larger than the model's vocabulary")
 
     compiled = cfg.compile == "yes" or (cfg.compile == "auto" and env.device.type == "cuda")
-    forward_model = torch.compile(model) if compiled else model
+    mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+    forward_model = torch.compile(model, mode=mode) if compiled else model
     if env.world > 1:
         forward_model = DistributedDataParallel(forward_model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
 
@@ -241,6 +242,7 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
                 matmul_parameters=model.matmul_parameters(), flops_per_token=flops_per_token,
                 flops_formula="6N + 12*L*H*Q*T (N: matmul parameters, embedding lookup excluded unless tied)",
                 peak_flops=peak, peak_source=peak_source, bf16=use_bf16, compiled=compiled,
+                compile_mode=cfg.compile_mode if compiled else None,
                 attention_kernel=attention_kernel_used(model.config, env.device,
                                                        torch.bfloat16 if use_bf16 else torch.float32),
                 model_config=model.config.to_dict(), train_config=asdict(cfg))

@@ -33,19 +33,21 @@ def prepare_data(directory: Path, vocab: int) -> Path:
 
 
 def ours(args, data: Path, out: Path, variant: str) -> dict:
-    """One run of our trainer: "default", or attention=KERNEL (--attention: which SDPA kernel goes first)."""
+    """One run of our trainer: "default", or settings joined by "+": attention=KERNEL (--attention: the SDPA kernel
+    tried first), compile_mode=MODE (--compile-mode)."""
     import torch
 
     from training.config import TrainConfig
     from training.trainer import train
 
-    if variant != "default" and not variant.startswith("attention="):
-        raise SystemExit(f"unknown variant {variant!r}: use default or attention=KERNEL")
+    settings = dict(part.partition("=")[::2] for part in variant.split("+") if part != "default")
+    if set(settings) - {"attention", "compile_mode"}:
+        raise SystemExit(f"unknown variant {variant!r}: use default, attention=KERNEL, compile_mode=MODE or both")
     cfg = TrainConfig(data=str(data), out=str(out), preset=args.preset, batch_size=args.batch_size,
                       seq_len=args.seq_len, max_steps=args.warmup + args.steps, warmup_steps=1,
                       eval_interval=10**6, checkpoint_interval=10**6, device=args.device,
                       compile=args.compile, dtype=args.dtype, seed=0, vocab_size=args.model_vocab,
-                      attention=variant.removeprefix("attention=") if variant != "default" else "auto")
+                      **settings)
     torch._dynamo.reset()  # each variant compiles from scratch, as a fresh process would
     # The export at the end is part of a real run but not of throughput; the step events carry the figures.
     assert train(cfg) == 0
@@ -109,7 +111,8 @@ def main() -> None:
     parser.add_argument("--model-vocab", type=int, default=0, help="pad the model's vocabulary (50304 = GPT-2's)")
     parser.add_argument("--ours", default="default",
                         help="comma-separated variants of our trainer, each timed: default, attention=KERNEL "
-                             "(cudnn, flash, efficient, math); the first is the headline")
+                             "(cudnn, flash, efficient, math), compile_mode=MODE, or both joined by +; the first "
+                             "is the headline")
     args = parser.parse_args()
 
     import torch

@@ -96,6 +96,19 @@ def test_the_fixed_shape_decode_step_equals_the_dynamic_one(engine, export_dir):
         Engine(export_dir, device="cpu", decode="graphs")
 
 
+def test_the_compiled_decode_step_equals_the_eager_one(engine, export_dir):
+    """decode=compiled (the CUDA default, there captured as graphs) runs here as torch.compile made it: one
+    compilation for every batch and context bucket, scattered slots and padding rows included (~1 minute)."""
+    compiled = Engine(export_dir, device="cpu", max_batch=8, decode="compiled")
+    alone = [generate_alone(engine, p, max_tokens=20, temperature=0).output_ids for p in PROMPTS]
+    first = compiled.submit(compiled.encode(PROMPTS[0]), SamplingParams(max_tokens=20, temperature=0))
+    compiled.step()
+    later = [compiled.submit(compiled.encode(p), SamplingParams(max_tokens=20, temperature=0)) for p in PROMPTS[1:]]
+    compiled.run_until_idle()
+    assert [r.output_ids for r in [first] + later] == alone
+    assert compiled.decode_mode == "compiled" and set(compiled._graph_inputs) >= {1, 4} and not compiled._graphs
+
+
 def test_a_failed_graph_capture_falls_back_to_the_eager_step(engine, export_dir, monkeypatch, capsys):
     alone = generate_alone(engine, PROMPTS[0], max_tokens=12, temperature=0).output_ids
     fixed = Engine(export_dir, device="cpu", max_batch=4, decode="static")

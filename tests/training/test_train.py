@@ -97,6 +97,8 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path, data_dir):
 @pytest.mark.parametrize("args, message", [
     (["--batch-size", "0"], "error: --batch-size must be positive, not 0"),
     (["--lr", "0.001", "--min-lr", "0.01"], "error: --min-lr must be positive and at most --lr (0.001)"),
+    (["--compile-mode", "reduce-overhead"],
+     "error: --compile-mode must be one of default, max-autotune-no-cudagraphs, not 'reduce-overhead'"),
     (["--attention", "fa3"], "error: --attention must be one of auto, cudnn, flash, efficient, math, not 'fa3'"),
     (["--method", "bias"], "error: --method bias adapts an existing model: give --init-from EXPORT_DIR"),
     (["--method", "lora", "--init-from", "/nonexistent"], "error: /nonexistent is not a model folder (no config.json)"),
