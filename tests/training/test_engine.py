@@ -92,21 +92,24 @@ def test_the_fixed_shape_decode_step_equals_the_dynamic_one(engine, export_dir):
     fixed.run_until_idle()  # slots 1, 0, 2, 3; once `first` is done, three rows padded to four (a scratch row)
     assert [r.output_ids for r in [first] + later] == alone and short.output_ids == alone[1][:2]
     assert set(fixed._graph_inputs) >= {1, 2, 4}
-    with pytest.raises(Exception, match="graphs needs a CUDA device"):
+    with pytest.raises(Exception, match="decode graphs needs a CUDA device"):
         Engine(export_dir, device="cpu", decode="graphs")
 
 
 def test_the_compiled_decode_step_equals_the_eager_one(engine, export_dir):
-    """decode=compiled (the CUDA default, there captured as graphs) runs here as torch.compile made it: one
-    compilation for every batch and context bucket, scattered slots and padding rows included (~1 minute)."""
-    compiled = Engine(export_dir, device="cpu", max_batch=8, decode="compiled")
+    """The step decode=compiled (the CUDA default) captures as graphs, run here as torch.compile made it: one
+    compilation for every batch and context bucket, scattered slots and padding rows included (~40 s)."""
+    compiled = Engine(export_dir, device="cpu", max_batch=8, decode="static")
+    compiled._step_function = compiled._compiled_step()
     alone = [generate_alone(engine, p, max_tokens=20, temperature=0).output_ids for p in PROMPTS]
     first = compiled.submit(compiled.encode(PROMPTS[0]), SamplingParams(max_tokens=20, temperature=0))
     compiled.step()
     later = [compiled.submit(compiled.encode(p), SamplingParams(max_tokens=20, temperature=0)) for p in PROMPTS[1:]]
     compiled.run_until_idle()
     assert [r.output_ids for r in [first] + later] == alone
-    assert compiled.decode_mode == "compiled" and set(compiled._graph_inputs) >= {1, 4} and not compiled._graphs
+    assert set(compiled._graph_inputs) >= {1, 4} and not compiled._graphs
+    with pytest.raises(Exception, match="decode compiled needs a CUDA device"):
+        Engine(export_dir, device="cpu", decode="compiled")
 
 
 def test_a_failed_graph_capture_falls_back_to_the_eager_step(engine, export_dir, monkeypatch, capsys):
@@ -202,3 +205,18 @@ def test_chat_template_renders_roles_and_refuses_bad_messages(engine):
     assert text.startswith("<|user|>\nhi") and text.endswith("<|assistant|>\n")
     with pytest.raises(EngineError):
         engine.render_chat([{"role": "robot", "content": "hi"}])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 32])
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_projection_gives_the_same_whichever_weight_layout_it_reads(rows, bias):
+    from training.engine import _Linear
+
+    torch.manual_seed(0)
+    weights, biases = [torch.randn(24, 16), torch.randn(8, 16)], [torch.randn(24), torch.randn(8)] if bias else [None, None]
+    cpu, gpu_like = (_Linear.of(weights, biases, transposed=t) for t in (True, False))
+    x = torch.randn(1, rows, 16)
+    expected = torch.nn.functional.linear(x, torch.cat(weights), torch.cat(biases) if bias else None)
+    assert gpu_like.weight_t is None and cpu.weight_t.shape == (16, 32)
+    assert torch.allclose(cpu(x), expected, atol=1e-5) and cpu(x).shape == (1, rows, 32)
+    assert torch.equal(gpu_like(x), expected)
