@@ -111,13 +111,14 @@ class Engine:
         # at small batch a GPU otherwise waits on the host launching ~35 kernels a layer. compiled (the CUDA
         # default): the step through torch.compile first (fused elementwise kernels, fewer graph nodes), then
         # captured likewise; on an H100 at batch 1 it decoded 1,284 tokens/s against graphs' 721 (124M shape,
-        # tests/bench/generate.py). Both need CUDA: on a CPU the compiled step decoded 15x slower than dynamic.
+        # tests/bench/generate.py). On a CPU the compiled step runs as it is (~5% faster than dynamic there, after
+        # a minute or two of compiling).
         self.decode_mode = {"auto": "compiled" if use_cuda else "dynamic"}.get(decode, decode)
         if self.decode_mode not in ("dynamic", "static", "graphs", "compiled"):
             raise ConfigError(f"decode must be auto, dynamic, static, graphs or compiled, not {decode!r}")
-        if self.decode_mode in ("graphs", "compiled") and not use_cuda:
-            raise ConfigError(f"decode {self.decode_mode} needs a CUDA device; on a CPU use dynamic (the default there)")
-        self._use_graphs = self.decode_mode in ("graphs", "compiled")
+        if self.decode_mode == "graphs" and not use_cuda:
+            raise ConfigError("decode graphs needs a CUDA device; on a CPU use dynamic (the default there)")
+        self._use_graphs = use_cuda and self.decode_mode in ("graphs", "compiled")
         self._step_function = self._compiled_step() if self.decode_mode == "compiled" else self._decode_step
         self._graphs: dict[tuple[int, int], tuple] = {}
         self._graph_inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -125,9 +126,11 @@ class Engine:
         c = self.config
         # One row more than the batch: the fixed-shape step's padding rows write there, never into a live slot.
         self.scratch_slot = max_batch
-        shape = (c.num_layers, max_batch + 1, c.num_kv_heads, self.max_seq_len, c.head_dim)
-        self.cache_k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.cache_v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # One tensor per layer, not one for all: torch.compile turns an in-place write into a view of a bigger
+        # input into a copy of that whole input (every layer's cache, twice, at every step).
+        shape = (max_batch + 1, c.num_kv_heads, self.max_seq_len, c.head_dim)
+        self.cache_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
+        self.cache_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         self.lengths = [0] * max_batch
         self.active: dict[int, Request] = {}
         # Prompts admitted in one step are prefilled as one padded batch of at most this many positions: a
@@ -414,22 +417,28 @@ class Engine:
 
     # --- The fixed-shape decode step (CUDA graphs) ------------------------------------------------------------
     def warm_up(self) -> int:
-        """Capture every (batch, context) shape now, before serving, so no request waits for a compilation or a
-        capture (minutes for the compiled step). Returns how many shapes were captured; 0 without graphs."""
-        if not self._use_graphs:
+        """Run every (batch, context) shape once now, before serving — captured as a CUDA graph, or compiled — so
+        no request waits for a capture or a compilation (minutes for the compiled step). Returns how many shapes
+        were prepared; 0 in the dynamic and static modes, which have nothing to prepare."""
+        if self.decode_mode not in ("graphs", "compiled"):
             return 0
         batches = sorted({self._bucket(n, 1, self.max_batch) for n in range(1, self.max_batch + 1)})
         contexts = sorted({self._bucket(n, 64, self.max_seq_len) for n in range(1, self.max_seq_len + 1)})
+        prepared = 0
         for batch in batches:
             inputs = self._graph_inputs.setdefault(
                 batch, tuple(torch.zeros(batch, dtype=torch.long, device=self.device) for _ in range(3)))
-            inputs[1].fill_(self.scratch_slot)  # a capture runs the step once first: its keys go to no live slot
+            inputs[1].fill_(self.scratch_slot)  # the step writes keys: into no live slot
             for context in contexts:
-                if not self._use_graphs:  # a capture failed: the engine decodes eagerly from now on
-                    return len(self._graphs)
                 with torch.inference_mode():
-                    self._replay(batch, context)
-        return len(self._graphs)
+                    if self._use_graphs:
+                        self._replay(batch, context)
+                    else:
+                        self._step_function(*inputs, context)
+                if self.decode_mode == "static":  # a capture failed: the engine decodes eagerly from now on
+                    return prepared
+                prepared += 1
+        return prepared
 
     def _bucket(self, n: int, smallest: int, largest: int) -> int:
         size = smallest
@@ -461,8 +470,8 @@ class Engine:
         return logits[:n]
 
     def _compiled_step(self):
-        # dynamic=True: one compilation serves every (batch, context) bucket (and one more for batch 1), where
-        # static shapes would compile once per bucket.
+        # dynamic=True: a few compilations serve every (batch, context) bucket (batch 1 and the context at the
+        # limit get their own, four at most), where static shapes would compile once per bucket.
         return torch.compile(self._decode_step, dynamic=True, fullgraph=True)
 
     def _replay(self, batch: int, context: int) -> torch.Tensor:

@@ -224,7 +224,7 @@ def serve(model_dir: str, *, model_id: str, host: str = "127.0.0.1", port: int =
     # Before the port opens: the supervisor marks the engine ready only once /health answers.
     started = time.perf_counter()
     if shapes := engine.warm_up():
-        print(f"engine: captured {shapes} decode shapes ({engine.decode_mode}) in {time.perf_counter() - started:.0f} s",
+        print(f"engine: prepared {shapes} decode shapes ({engine.decode_mode}) in {time.perf_counter() - started:.0f} s",
               flush=True)
     server = EngineServer((host, port), engine, model_id)
     # A failed engine ends the process, and the platform's supervisor restarts it; the second lets the callers it

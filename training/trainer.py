@@ -9,6 +9,7 @@ SIGTERM → checkpoint and exit with status 75. Events go to OUT/events.jsonl, o
 Exit status: 0 done, 2 bad configuration or data, 75 stopped by a signal with a resumable checkpoint.
 """
 import fcntl
+import inspect
 import json
 import math
 import os
@@ -69,13 +70,16 @@ _KERNELS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTEN
 
 
 def attention_kernels(choice: str):
-    """A context in which SDPA tries the chosen kernel first and falls back to the others in PyTorch's order
+    """A context in which SDPA tries the chosen kernel first and falls back to the others in PyTorch's own order
     where it cannot run (a shape, a dtype, a CPU). torch.compile reads it when it traces, so the training loop
-    runs inside it. "auto" leaves PyTorch's own order."""
+    runs inside it. "auto" leaves PyTorch's order."""
     if choice == "auto":
         return nullcontext()
+    if "set_priority" not in inspect.signature(sdpa_kernel).parameters:
+        raise ConfigError(f"--attention {choice} needs torch 2.6 or later (this is {torch.__version__}); use auto")
     first = _KERNELS[choice]
-    return sdpa_kernel([first, *(k for k in _KERNELS.values() if k is not first)], set_priority=True)
+    order = [SDPBackend(value) for value in torch._C._get_sdp_priority_order()]
+    return sdpa_kernel([first, *(k for k in order if k != first)], set_priority=True)
 
 
 def attention_kernel_used(config, device: torch.device, dtype: torch.dtype) -> str:

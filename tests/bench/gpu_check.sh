@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # GPU checks for a lent NVIDIA machine (device tool), from the repo root:
 #   bash tests/bench/gpu_check.sh generate               # ~5 minutes: compiling the decode step takes most of it
-#   bash tests/bench/gpu_check.sh train tests torchrun   # ~5 minutes
+#   bash tests/bench/gpu_check.sh train tests torchrun   # ~6 minutes
 # (all four stages, the default, outlast one 10-minute device call: run the two calls back to back on the warm machine)
 # Uses the machine's own python3 (torch, transformers, peft, tokenizers, safetensors are in its image);
 # the training tests never import Django, so the repository's Django conftest is left out (--confcutdir).
-# Each stage has its own time limit and log under $OUT, so one that hangs cannot cost the others.
+# Each stage has its own time limit and log under $OUT, so one that hangs cannot cost the others; the exit status
+# is non-zero when any stage failed or ran out of time, and the last line names them.
 set -uo pipefail
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT="${OUT:-/tmp/gpu-check}"
@@ -13,24 +14,37 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 STAGES=" ${*:-generate train tests torchrun} "
-stage() { echo "=== $1 ($(date +%T)) ==="; }
+failed=""
 wanted() { [[ "$STAGES" == *" $1 "* ]]; }
+stage() { echo "=== $1 ($(date +%T)) ==="; }
+check() { local status=$?; [ $status -eq 0 ] || failed="$failed $1(exit $status)"; }
 
-wanted generate && stage "generate: our engine (CUDA graphs of the eager and of the compiled step) vs transformers.generate, 124M, bf16, batch 1 and 64"
-wanted generate && timeout 330 python3 tests/bench/generate.py --device cuda --preset 124m --concurrency 1,64 --new-tokens 128 \
-  --gateway-requests 0 --sequential-prompts 4 --decode "${DECODE_MODES:-graphs,compiled}" 2>&1 \
-  | grep -v -i "warn\|Loading weights" | tee "$OUT/generate.log" | tail -12
+if wanted generate; then
+  stage "generate: our engine (CUDA graphs of the eager and of the compiled step) vs transformers.generate, 124M, bf16, batch 1 and 64"
+  timeout 330 python3 tests/bench/generate.py --device cuda --preset 124m --concurrency 1,64 --new-tokens 128 \
+    --gateway-requests 0 --sequential-prompts 4 --decode "${DECODE_MODES:-graphs,compiled}" 2>&1 \
+    | grep -v -i "warn\|Loading weights" | tee "$OUT/generate.log" | tail -12
+  check generate
+fi
 
-wanted train && stage "train_throughput: 124M shape, seq 1024, batch 32 (performance-anchors §8), ours (variants) vs transformers compiled"
-wanted train && timeout 220 python3 tests/bench/train_throughput.py --device cuda --preset 124m --seq-len 1024 --batch-size 32 \
-  --model-vocab 50304 --steps 20 --warmup 5 --ours "${TRAIN_VARIANTS:-default}" 2>&1 | grep -v -i warn | tee "$OUT/bench.log" | tail -12
+if wanted train; then
+  stage "train_throughput: 124M shape, seq 1024, batch 32 (performance-anchors §8), ours (variants) vs transformers compiled"
+  timeout 220 python3 tests/bench/train_throughput.py --device cuda --preset 124m --seq-len 1024 --batch-size 32 \
+    --model-vocab 50304 --steps 20 --warmup 5 --ours "${TRAIN_VARIANTS:-default}" 2>&1 | grep -v -i warn \
+    | tee "$OUT/bench.log" | tail -12
+  check train
+fi
 
-wanted tests && stage "CUDA tests: bf16 compiled training, CUDA-graph decoding (eager and compiled step) equals eager"
-wanted tests && timeout 150 python3 -m pytest -c /dev/null --rootdir "$PWD" --confcutdir tests/training --import-mode=importlib \
-  -p no:cacheprovider -q tests/training/test_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -15
+if wanted tests; then
+  stage "CUDA tests: bf16 compiled training, CUDA-graph decoding (eager and compiled step) equals eager"
+  timeout 240 python3 -m pytest -c /dev/null --rootdir "$PWD" --confcutdir tests/training --import-mode=importlib \
+    -p no:cacheprovider -q tests/training/test_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -15
+  check tests
+fi
 
-wanted torchrun && stage "torchrun (nccl): the launcher the gpu worker uses, one process per GPU here"
-wanted torchrun && timeout 90 python3 -c "
+if wanted torchrun; then
+  stage "torchrun (nccl): the launcher the gpu worker uses, one process per GPU here"
+  timeout 90 python3 -c "
 import sys, tempfile, subprocess
 from pathlib import Path
 sys.path.insert(0, '.')
@@ -43,5 +57,10 @@ rc = subprocess.call([sys.executable, '-m', 'torch.distributed.run', '--standalo
                       'training', 'train', '--data', str(tmp / 'data'), '--out', str(tmp / 'run'), '--preset', 'debug',
                       '--device', 'cuda', '--seq-len', '64', '--max-steps', '20', '--compile', 'no'])
 print('torchrun processes', n, 'exit', rc)
-" 2>&1 | grep -v -i warn | tail -3 | tee "$OUT/torchrun.log"
-stage "done"
+sys.exit(rc)
+" 2>&1 | grep -v -i warn | tee "$OUT/torchrun.log" | tail -3
+  check torchrun
+fi
+
+stage "done${failed:+, failed:$failed}"
+[ -z "$failed" ]
