@@ -426,8 +426,7 @@ class Engine:
         contexts = sorted({self._bucket(n, 64, self.max_seq_len) for n in range(1, self.max_seq_len + 1)})
         prepared = 0
         for batch in batches:
-            inputs = self._graph_inputs.setdefault(
-                batch, tuple(torch.zeros(batch, dtype=torch.long, device=self.device) for _ in range(3)))
+            inputs = self._step_inputs(batch)
             inputs[1].fill_(self.scratch_slot)  # the step writes keys: into no live slot
             for context in contexts:
                 with torch.inference_mode():
@@ -449,14 +448,11 @@ class Engine:
     def _decode_fixed(self, tokens: list[int], slots: list[int]) -> torch.Tensor:
         """One decode step at a fixed (batch, context) shape: rows padded to a power-of-two batch (padding rows
         write only to the scratch slot), keys read up to a power-of-two context under a mask. Replayed from a
-        CUDA graph in "graphs" mode, captured the first time a shape is seen."""
+        CUDA graph in the graphs and compiled modes on a GPU, captured by warm_up or the first time a shape is seen."""
         n = len(tokens)
         batch = self._bucket(n, 1, self.max_batch)
         context = self._bucket(max(self.lengths[s] for s in slots) + 1, 64, self.max_seq_len)
-        if batch not in self._graph_inputs:
-            self._graph_inputs[batch] = tuple(torch.zeros(batch, dtype=torch.long, device=self.device)
-                                              for _ in range(3))
-        token_in, slot_in, position_in = self._graph_inputs[batch]
+        token_in, slot_in, position_in = self._step_inputs(batch)
         pad = batch - n
         token_in.copy_(torch.tensor(tokens + [0] * pad), non_blocking=True)
         slot_in.copy_(torch.tensor(slots + [self.scratch_slot] * pad), non_blocking=True)
@@ -468,6 +464,14 @@ class Engine:
         for s in slots:
             self.lengths[s] += 1
         return logits[:n]
+
+    def _step_inputs(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fixed-shape step's tokens, slots and positions for this batch bucket: the same tensors every time,
+        since a captured graph reads its inputs from fixed addresses."""
+        if batch not in self._graph_inputs:
+            self._graph_inputs[batch] = tuple(torch.zeros(batch, dtype=torch.long, device=self.device)
+                                              for _ in range(3))
+        return self._graph_inputs[batch]
 
     def _compiled_step(self):
         # dynamic=True: a few compilations serve every (batch, context) bucket (batch 1 and the context at the
