@@ -142,6 +142,7 @@ def preset(name: str, **overrides) -> ModelConfig:
 ATTENTION_KERNELS = ("auto", "cudnn", "flash", "efficient", "math")
 # No CUDA-graph modes: the loop reads a step's loss after queuing the next, which a graph replay would overwrite.
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+RESIDUAL_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -177,6 +178,9 @@ class TrainConfig:
     compile: str = "auto"  # auto (on CUDA) | yes | no
     compile_mode: str = "default"  # default | max-autotune-no-cudagraphs (Triton matmuls tuned per shape; slow to compile)
     attention: str = "auto"  # the attention kernel SDPA prefers: auto (PyTorch's choice) | cudnn | flash | efficient | math
+    # float32: under bf16 autocast the residual stream stays fp32, as in transformers; bfloat16: it is bf16 too, as in
+    # torchtitan's bf16 parameter dtype (half the activation traffic between the matmuls; needs bf16)
+    residual_dtype: str = "float32"
     run_id: str = ""
     license: str = ""  # the exported card's license; defaults to the data's license
     datasets: tuple[str, ...] = ()  # registry dataset ids (org/name) named in the exported card
@@ -207,6 +211,10 @@ class TrainConfig:
             raise ConfigError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, not {self.compile_mode!r}")
         if self.attention not in ATTENTION_KERNELS:
             raise ConfigError(f"--attention must be one of {', '.join(ATTENTION_KERNELS)}, not {self.attention!r}")
+        if self.residual_dtype not in RESIDUAL_DTYPES:
+            raise ConfigError(f"--residual-dtype must be float32 or bfloat16, not {self.residual_dtype!r}")
+        if self.residual_dtype == "bfloat16" and self.dtype == "float32":
+            raise ConfigError("--residual-dtype bfloat16 needs bf16 training: drop --dtype float32")
         if self.vocab_size < 0:
             raise ConfigError("--vocab-size cannot be negative (0 means the tokenizer's size)")
         if self.grad_clip < 0 or self.weight_decay < 0:

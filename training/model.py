@@ -110,6 +110,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # None keeps the embedding's dtype (fp32) for the residual stream; the trainer may set bf16 (--residual-dtype).
+        self.residual_dtype: torch.dtype | None = None
         cos, sin = rope_tables(config, config.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -139,6 +141,8 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {seq} tokens is longer than max_seq_len {self.config.max_seq_len}")
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         x = self.model.embed_tokens(idx)
+        if self.residual_dtype is not None:
+            x = x.to(self.residual_dtype)
         for block in self.model.layers:
             x = block(x, cos, sin)
         logits = self.lm_head(self.model.norm(x))

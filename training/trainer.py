@@ -201,6 +201,10 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
     model.to(env.device)
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and env.device.type == "cuda")
     autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    if cfg.residual_dtype == "bfloat16":
+        if not use_bf16:
+            raise ConfigError("--residual-dtype bfloat16 needs bf16 training (--dtype bfloat16, or auto on CUDA)")
+        model.residual_dtype = torch.bfloat16
 
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},

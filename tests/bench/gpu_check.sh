@@ -2,7 +2,9 @@
 # GPU checks for a lent NVIDIA machine (device tool), from the repo root:
 #   bash tests/bench/gpu_check.sh generate               # ~5 minutes: compiling the decode step takes most of it
 #   bash tests/bench/gpu_check.sh train tests torchrun   # ~6 minutes
-# (all four stages, the default, outlast one 10-minute device call: run the two calls back to back on the warm machine)
+#   bash tests/bench/gpu_check.sh profile                # ~1.5 minutes: where a training step's GPU time goes
+# (all stages, the default, outlast one 10-minute device call: run two calls back to back on the warm machine)
+# TRAIN_VARIANTS (train_throughput --ours), PEER_RUNS (1 or 2), TRAIN_LIMIT (seconds) and DECODE_MODES adjust stages.
 # Uses the machine's own python3 (torch, transformers, peft, tokenizers, safetensors are in its image);
 # the training tests never import Django, so the repository's Django conftest is left out (--confcutdir).
 # Each stage has its own time limit and log under $OUT, so one that hangs cannot cost the others; the exit status
@@ -13,36 +15,43 @@ OUT="${OUT:-/tmp/gpu-check}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-STAGES=" ${*:-generate train tests torchrun} "
 failed=""
-wanted() { [[ "$STAGES" == *" $1 "* ]]; }
 stage() { echo "=== $1 ($(date +%T)) ==="; }
 check() { local status=$?; [ $status -eq 0 ] || failed="$failed $1(exit $status)"; }
 
-if wanted generate; then
+run_generate() {
   stage "generate: our engine (CUDA graphs of the eager and of the compiled step) vs transformers.generate, 124M, bf16, batch 1 and 64"
   timeout 330 python3 tests/bench/generate.py --device cuda --preset 124m --concurrency 1,64 --new-tokens 128 \
     --gateway-requests 0 --sequential-prompts 4 --decode "${DECODE_MODES:-graphs,compiled}" 2>&1 \
     | grep -v -i "warn\|Loading weights" | tee "$OUT/generate.log" | tail -12
   check generate
-fi
+}
 
-if wanted train; then
+run_train() {
   stage "train_throughput: 124M shape, seq 1024, batch 32 (performance-anchors §8), ours (variants) vs transformers compiled"
-  timeout 220 python3 tests/bench/train_throughput.py --device cuda --preset 124m --seq-len 1024 --batch-size 32 \
-    --model-vocab 50304 --steps 20 --warmup 5 --ours "${TRAIN_VARIANTS:-default}" 2>&1 | grep -v -i warn \
-    | tee "$OUT/bench.log" | tail -12
+  timeout "${TRAIN_LIMIT:-220}" python3 tests/bench/train_throughput.py --device cuda --preset 124m --seq-len 1024 \
+    --batch-size 32 --model-vocab 50304 --steps 20 --warmup 5 --ours "${TRAIN_VARIANTS:-default}" \
+    --peer-runs "${PEER_RUNS:-2}" 2>&1 | grep -v -i warn | tee "$OUT/bench.log" | tail -16
   check train
-fi
+}
 
-if wanted tests; then
+run_profile() {
+  stage "profile: three training steps of the 124M shape (seq 1024, batch 32) under torch.profiler, kernels by kind"
+  timeout 120 python3 tests/bench/train_throughput.py --device cuda --preset 124m --seq-len 1024 --batch-size 32 \
+    --model-vocab 50304 --warmup 4 --profile --trace-dir /tmp/trace --ours "${PROFILE_VARIANT:-default}" 2>&1 \
+    | grep -v -i warn | tee "$OUT/profile.log" | tail -45
+  check profile
+  gzip -c /tmp/trace/train_step_trace.json > "$OUT/train_step_trace.json.gz" 2>/dev/null
+}
+
+run_tests() {
   stage "CUDA tests: bf16 compiled training, CUDA-graph decoding (eager and compiled step) equals eager"
   timeout 240 python3 -m pytest -c /dev/null --rootdir "$PWD" --confcutdir tests/training --import-mode=importlib \
     -p no:cacheprovider -q tests/training/test_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -15
   check tests
-fi
+}
 
-if wanted torchrun; then
+run_torchrun() {
   stage "torchrun (nccl): the launcher the gpu worker uses, one process per GPU here"
   timeout 90 python3 -c "
 import sys, tempfile, subprocess
@@ -60,7 +69,12 @@ print('torchrun processes', n, 'exit', rc)
 sys.exit(rc)
 " 2>&1 | grep -v -i warn | tee "$OUT/torchrun.log" | tail -3
   check torchrun
-fi
+}
+
+# Stages run in the order given.
+for name in ${*:-generate train tests torchrun profile}; do
+  if declare -F "run_$name" > /dev/null; then "run_$name"; else failed="$failed $name(unknown stage)"; fi
+done
 
 stage "done${failed:+, failed:$failed}"
 [ -z "$failed" ]

@@ -32,17 +32,28 @@ def prepare_data(directory: Path, vocab: int) -> Path:
     return directory
 
 
+def parse_variant(variant: str) -> tuple[dict, dict]:
+    """"default", or settings joined by "+": TrainConfig fields (attention=KERNEL, compile_mode=MODE,
+    residual_dtype=DTYPE) and inductor.NAME=VALUE (a torch._inductor.config flag set for that run only, to try one
+    before it becomes a trainer setting)."""
+    settings = dict(part.partition("=")[::2] for part in variant.split("+") if part != "default")
+    inductor = {k.removeprefix("inductor."): v for k, v in settings.items() if k.startswith("inductor.")}
+    config = {k: v for k, v in settings.items() if not k.startswith("inductor.")}
+    if set(config) - {"attention", "compile_mode", "residual_dtype"}:
+        raise SystemExit(f"unknown variant {variant!r}: use default, attention=KERNEL, compile_mode=MODE, "
+                         "residual_dtype=DTYPE or inductor.FLAG=VALUE, joined by +")
+    return config, {k: {"1": True, "0": False}.get(v, v) for k, v in inductor.items()}
+
+
 def ours(args, data: Path, out: Path, variant: str) -> dict:
-    """One run of our trainer: "default", or settings joined by "+": attention=KERNEL (--attention: the SDPA kernel
-    tried first), compile_mode=MODE (--compile-mode)."""
+    """One run of our trainer with one variant (parse_variant)."""
     import torch
+    import torch._inductor.config as inductor_config
 
     from training.config import TrainConfig
     from training.trainer import train
 
-    settings = dict(part.partition("=")[::2] for part in variant.split("+") if part != "default")
-    if set(settings) - {"attention", "compile_mode"}:
-        raise SystemExit(f"unknown variant {variant!r}: use default, attention=KERNEL, compile_mode=MODE or both")
+    settings, inductor = parse_variant(variant)
     cfg = TrainConfig(data=str(data), out=str(out), preset=args.preset, batch_size=args.batch_size,
                       seq_len=args.seq_len, max_steps=args.warmup + args.steps, warmup_steps=1,
                       eval_interval=10**6, checkpoint_interval=10**6, device=args.device,
@@ -50,7 +61,8 @@ def ours(args, data: Path, out: Path, variant: str) -> dict:
                       **settings)
     torch._dynamo.reset()  # each variant compiles from scratch, as a fresh process would
     # The export at the end is part of a real run but not of throughput; the step events carry the figures.
-    assert train(cfg) == 0
+    with inductor_config.patch(inductor):
+        assert train(cfg) == 0
     steps = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     start = next(e for e in steps if e["event"] == "start")
     timed = [e for e in steps if e["event"] == "step"][args.warmup:]
@@ -97,6 +109,99 @@ def transformers_peer(args, data: Path, init_dir: Path) -> dict:
     return {"tokens_per_s": tokens / statistics.median(times[args.warmup:])}
 
 
+KERNEL_KINDS = (("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "addmm", "aten::mm", "bmm")),
+                ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+                ("cross-entropy", ("log_softmax", "nll_loss", "cross_entropy")),
+                ("optimizer", ("adam",)),
+                ("clip", ("norm", "clamp", "foreach_mul")))
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, needles in KERNEL_KINDS:
+        if any(n in lowered for n in needles):
+            return kind
+    return "elementwise (triton)" if lowered.startswith("triton") else "other"
+
+
+def profile(args, data: Path, variant: str, trace_dir: Path | None) -> None:
+    """Where a step's GPU time goes: the trainer's step (training.trainer._train: the same model, compile,
+    autocast, fused AdamW and clipping) run under torch.profiler, kernels summed per kind and listed."""
+    import torch
+    import torch._inductor.config as inductor_config
+    from torch.profiler import ProfilerActivity
+
+    from training.config import TrainConfig, preset
+    from training.data import TokenStream
+    from training.model import Transformer
+    from training.trainer import attention_kernels
+
+    settings, inductor = parse_variant(variant)
+    cfg = TrainConfig(preset=args.preset, seq_len=args.seq_len, batch_size=args.batch_size, **settings)
+    cfg.validate()
+    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    gpu = device.type == "cuda"
+    torch.manual_seed(0)
+    model = Transformer(preset(args.preset, vocab_size=args.model_vocab or 4096, max_seq_len=args.seq_len)).to(device)
+    if cfg.residual_dtype == "bfloat16":
+        model.residual_dtype = torch.bfloat16
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=3e-4, betas=(0.9, 0.95), fused=gpu)
+    compiled = args.compile == "yes" or (args.compile == "auto" and gpu)
+    step_model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode) if compiled else model
+    stream = TokenStream(data, "train", args.seq_len, seed=0)
+
+    def step(i):
+        x, y = (t.to(device, non_blocking=True) for t in stream.batch(i * args.batch_size, args.batch_size))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+            _, loss = step_model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with attention_kernels(cfg.attention), inductor_config.patch(inductor):
+        for i in range(args.warmup):
+            step(i)
+        sync = torch.cuda.synchronize if gpu else (lambda: None)
+        sync()
+        steps = 3
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if gpu else [ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            for i in range(steps):
+                step(args.warmup + i)
+            sync()
+            wall = (time.perf_counter() - t0) / steps
+    # On a GPU the kernels; on a CPU (to try this out) the aten operators' own time.
+    if gpu:
+        kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and e.self_device_time_total > 0]
+        per_step = lambda e: e.self_device_time_total / steps / 1000  # microseconds -> ms a step
+    else:
+        kernels = [e for e in prof.key_averages() if e.key.startswith("aten::") and e.self_cpu_time_total > 0]
+        per_step = lambda e: e.self_cpu_time_total / steps / 1000
+    busy = sum(per_step(e) for e in kernels)
+    kinds: dict[str, float] = {}
+    for e in kernels:
+        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + per_step(e)
+    tokens = args.batch_size * args.seq_len
+    print(f"\nProfile of {steps} steps ({variant}, {device.type}), preset {args.preset}, batch {args.batch_size} x seq {args.seq_len}: "
+          f"{wall * 1000:.1f} ms a step by the wall clock ({tokens / wall:.0f} tokens/s), GPU kernels busy "
+          f"{busy:.1f} ms a step")
+    print(f"{'kind':24} {'ms/step':>9} {'share':>7}")
+    for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"{kind:24} {ms:9.2f} {ms / busy:7.1%}")
+    print(f"\n{'kernel (top 30 by GPU time)':90} {'ms/step':>8} {'calls':>6} {'kind':>14}")
+    for e in sorted(kernels, key=per_step, reverse=True)[:30]:
+        print(f"{e.key[:90]:90} {per_step(e):8.3f} {e.count // steps:6d} {kernel_kind(e.key):>14}")
+    if trace_dir:
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace_dir / "train_step_trace.json"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
@@ -113,6 +218,11 @@ def main() -> None:
                         help="comma-separated variants of our trainer, each timed: default, attention=KERNEL "
                              "(cudnn, flash, efficient, math), compile_mode=MODE, or both joined by +; the first "
                              "is the headline")
+    parser.add_argument("--peer-runs", type=int, default=2, choices=(1, 2),
+                        help="2: the peer runs before and after ours and its better figure is compared")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of the comparison: profile three steps of the first --ours variant (CUDA)")
+    parser.add_argument("--trace-dir", default="", help="with --profile: also write a Chrome trace here")
     args = parser.parse_args()
 
     import torch
@@ -124,6 +234,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = prepare_data(tmp / "data", args.vocab)
+        if args.profile:
+            return profile(args, data, args.ours.split(",")[0], Path(args.trace_dir) if args.trace_dir else None)
         vocab = json.loads((data / "manifest.json").read_text())["tokenizer"]["vocab_size"]
         # Both start from the same weights: ours exported, the peer loads that folder.
         torch.manual_seed(0)
@@ -133,8 +245,14 @@ def main() -> None:
         # The peer runs before and after ours and keeps its better figure: on a noisy shared machine the
         # comparison then errs against us, never for us.
         peer_runs = [transformers_peer(args, data, tmp / "init")]
-        variants = [ours(args, data, tmp / f"ours-{i}", v) for i, v in enumerate(args.ours.split(","))]
-        peer_runs.append(transformers_peer(args, data, tmp / "init"))
+        print(f"transformers: {peer_runs[0]['tokens_per_s']:.0f} tokens/s", flush=True)
+        variants = []
+        for i, variant in enumerate(args.ours.split(",")):
+            variants.append(ours(args, data, tmp / f"ours-{i}", variant))
+            # Printed as it comes, so a run stopped at a time limit still reports the variants it finished.
+            print(f"ours ({variant}): {variants[-1]['tokens_per_s']:.0f} tokens/s", flush=True)
+        if args.peer_runs > 1:
+            peer_runs.append(transformers_peer(args, data, tmp / "init"))
         peer = max(peer_runs, key=lambda r: r["tokens_per_s"])
 
     us = variants[0]
@@ -149,8 +267,8 @@ def main() -> None:
     print(f"{'trainer':52} {'tokens/s':>12} {'MFU':>8} {'ratio':>7}")
     for name, tps in rows:
         print(f"{name:52} {tps:12.0f} {mfu(tps):8.3f} {tps / peer['tokens_per_s']:6.2f}x")
-    print(f"transformers before / after ours: {peer_runs[0]['tokens_per_s']:.0f} / {peer_runs[1]['tokens_per_s']:.0f} tok/s "
-          "(the better one is compared)")
+    print("transformers before / after ours: " + " / ".join(f"{r['tokens_per_s']:.0f}" for r in peer_runs)
+          + " tok/s (the better one is compared)")
     ratio = us["tokens_per_s"] / peer["tokens_per_s"]
     print(f"ratio (ours / transformers): {ratio:.2f}x; peak {peak:.3g} FLOP/s, {flops_per_token:.4g} FLOP/token")
     print(json.dumps({"bench": "train_throughput", "preset": args.preset, "seq_len": args.seq_len,

@@ -100,6 +100,11 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path, data_dir):
     (["--compile-mode", "reduce-overhead"],
      "error: --compile-mode must be one of default, max-autotune-no-cudagraphs, not 'reduce-overhead'"),
     (["--attention", "fa3"], "error: --attention must be one of auto, cudnn, flash, efficient, math, not 'fa3'"),
+    (["--residual-dtype", "float16"], "error: --residual-dtype must be float32 or bfloat16, not 'float16'"),
+    (["--residual-dtype", "bfloat16", "--dtype", "float32"],
+     "error: --residual-dtype bfloat16 needs bf16 training: drop --dtype float32"),
+    (["--residual-dtype", "bfloat16", "--device", "cpu"],
+     "error: --residual-dtype bfloat16 needs bf16 training (--dtype bfloat16, or auto on CUDA)"),
     (["--method", "bias"], "error: --method bias adapts an existing model: give --init-from EXPORT_DIR"),
     (["--method", "lora", "--init-from", "/nonexistent"], "error: /nonexistent is not a model folder (no config.json)"),
 ])
@@ -175,3 +180,24 @@ def test_attention_choice_puts_that_kernel_first_and_restores_pytorchs_order():
     assert torch._C._get_sdp_priority_order() == before
     with attention_kernels("auto"):
         assert torch._C._get_sdp_priority_order() == before
+
+
+def test_bf16_residual_stream_trains_and_carries_bf16_between_blocks(tmp_path, data_dir):
+    from training.model import Transformer
+    from training.config import preset
+
+    model = Transformer(preset("debug", vocab_size=512))
+    seen = []
+    model.model.layers[1].register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].dtype))
+    idx = torch.randint(0, 512, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx, idx)
+        model.residual_dtype = torch.bfloat16
+        model(idx, idx)
+    assert seen == [torch.float32, torch.bfloat16]  # fp32 between blocks by default, bf16 when asked
+
+    out = tmp_path / "r"
+    assert train(quick_config(data_dir, out, dtype="bfloat16", residual_dtype="bfloat16", max_steps=30)) == 0
+    losses = [e["loss"] for e in events(out, "step")]
+    assert losses[-1] < losses[0] - 0.5
+    assert events(out, "start")[0]["train_config"]["residual_dtype"] == "bfloat16"
