@@ -36,7 +36,7 @@ run_train() {
 }
 
 run_profile() {
-  stage "profile: three training steps of the 124M shape (seq 1024, batch 32) under torch.profiler, kernels by kind"
+  stage "profile: three steps of the trainer, 124M shape (seq 1024, batch 32), under torch.profiler, kernels by kind"
   timeout 120 python3 tests/bench/train_throughput.py --device cuda --preset 124m --seq-len 1024 --batch-size 32 \
     --model-vocab 50304 --warmup 4 --profile --trace-dir /tmp/trace --ours "${PROFILE_VARIANT:-default}" 2>&1 \
     | grep -v -i warn | tee "$OUT/profile.log" | tail -45

@@ -124,61 +124,41 @@ def kernel_kind(name: str) -> str:
     return "elementwise (triton)" if lowered.startswith("triton") else "other"
 
 
-def profile(args, data: Path, variant: str, trace_dir: Path | None) -> None:
-    """Where a step's GPU time goes: the trainer's step (training.trainer._train: the same model, compile,
-    autocast, fused AdamW and clipping) run under torch.profiler, kernels summed per kind and listed."""
+def profile(args, data: Path, out: Path, variant: str, trace_dir: Path | None) -> None:
+    """Where a step's time goes in the trainer's own loop (training.trainer.train, one variant): torch.profiler is
+    stepped on each of its step events, skips the warm-up steps and records three; kernels are summed per kind."""
+    import argparse
+
     import torch
-    import torch._inductor.config as inductor_config
     from torch.profiler import ProfilerActivity
 
-    from training.config import TrainConfig, preset
-    from training.data import TokenStream
-    from training.model import Transformer
-    from training.trainer import attention_kernels
+    import training.trainer as trainer
 
-    settings, inductor = parse_variant(variant)
-    cfg = TrainConfig(preset=args.preset, seq_len=args.seq_len, batch_size=args.batch_size, **settings)
-    cfg.validate()
-    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
-    gpu = device.type == "cuda"
-    torch.manual_seed(0)
-    model = Transformer(preset(args.preset, vocab_size=args.model_vocab or 4096, max_seq_len=args.seq_len)).to(device)
-    if cfg.residual_dtype == "bfloat16":
-        model.residual_dtype = torch.bfloat16
-    params = list(model.parameters())
-    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                  lr=3e-4, betas=(0.9, 0.95), fused=gpu)
-    compiled = args.compile == "yes" or (args.compile == "auto" and gpu)
-    step_model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode) if compiled else model
-    stream = TokenStream(data, "train", args.seq_len, seed=0)
+    steps = 3
+    gpu = torch.cuda.is_available() and args.device != "cpu"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if gpu else [ProfilerActivity.CPU]
+    schedule = torch.profiler.schedule(wait=args.warmup, warmup=1, active=steps, repeat=1)
+    emit = trainer.Events.emit
+    with torch.profiler.profile(activities=activities, schedule=schedule) as prof:
+        def emit_and_step(events, kind, **fields):
+            emit(events, kind, **fields)
+            if kind == "step":
+                prof.step()
 
-    def step(i):
-        x, y = (t.to(device, non_blocking=True) for t in stream.batch(i * args.batch_size, args.batch_size))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
-            _, loss = step_model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    with attention_kernels(cfg.attention), inductor_config.patch(inductor):
-        for i in range(args.warmup):
-            step(i)
-        sync = torch.cuda.synchronize if gpu else (lambda: None)
-        sync()
-        steps = 3
-        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if gpu else [ProfilerActivity.CPU]
-        with torch.profiler.profile(activities=activities) as prof:
-            t0 = time.perf_counter()
-            for i in range(steps):
-                step(args.warmup + i)
-            sync()
-            wall = (time.perf_counter() - t0) / steps
-    # On a GPU the kernels; on a CPU (to try this out) the aten operators' own time.
+        trainer.Events.emit = emit_and_step
+        try:
+            # Two steps beyond the window: step events come one step late, and the last is read at the end.
+            run = ours(argparse.Namespace(**{**vars(args), "steps": 1 + steps + 2}), data, out, variant)
+        finally:
+            trainer.Events.emit = emit
+    step_events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    window = [e for e in step_events if e["event"] == "step"][args.warmup + 1:args.warmup + 1 + steps]
+    wall = sum(args.batch_size * args.seq_len / e["tokens_per_s"] for e in window) / steps
+    # On a GPU the kernels (less user annotations, which span kernels already counted); on a CPU (to try this
+    # out) the aten operators' own time.
     if gpu:
         kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
-                   and e.self_device_time_total > 0]
+                   and e.self_device_time_total > 0 and "#" not in e.key]
         per_step = lambda e: e.self_device_time_total / steps / 1000  # microseconds -> ms a step
     else:
         kernels = [e for e in prof.key_averages() if e.key.startswith("aten::") and e.self_cpu_time_total > 0]
@@ -188,13 +168,13 @@ def profile(args, data: Path, variant: str, trace_dir: Path | None) -> None:
     for e in kernels:
         kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + per_step(e)
     tokens = args.batch_size * args.seq_len
-    print(f"\nProfile of {steps} steps ({variant}, {device.type}), preset {args.preset}, batch {args.batch_size} x seq {args.seq_len}: "
-          f"{wall * 1000:.1f} ms a step by the wall clock ({tokens / wall:.0f} tokens/s), GPU kernels busy "
-          f"{busy:.1f} ms a step")
+    print(f"\nProfile of {steps} trainer steps ({variant}, {'cuda' if gpu else 'cpu'}, {run['attention_kernel']}), "
+          f"preset {args.preset}, batch {args.batch_size} x seq {args.seq_len}: {wall * 1000:.1f} ms a step between "
+          f"step events ({tokens / wall:.0f} tokens/s, profiler on), kernels busy {busy:.1f} ms a step")
     print(f"{'kind':24} {'ms/step':>9} {'share':>7}")
     for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
         print(f"{kind:24} {ms:9.2f} {ms / busy:7.1%}")
-    print(f"\n{'kernel (top 30 by GPU time)':90} {'ms/step':>8} {'calls':>6} {'kind':>14}")
+    print(f"\n{'kernel (top 30 by time)':90} {'ms/step':>8} {'calls':>6} {'kind':>14}")
     for e in sorted(kernels, key=per_step, reverse=True)[:30]:
         print(f"{e.key[:90]:90} {per_step(e):8.3f} {e.count // steps:6d} {kernel_kind(e.key):>14}")
     if trace_dir:
@@ -221,7 +201,7 @@ def main() -> None:
     parser.add_argument("--peer-runs", type=int, default=2, choices=(1, 2),
                         help="2: the peer runs before and after ours and its better figure is compared")
     parser.add_argument("--profile", action="store_true",
-                        help="instead of the comparison: profile three steps of the first --ours variant (CUDA)")
+                        help="instead of the comparison: profile three steps of the trainer with the first --ours variant")
     parser.add_argument("--trace-dir", default="", help="with --profile: also write a Chrome trace here")
     args = parser.parse_args()
 
@@ -235,7 +215,8 @@ def main() -> None:
         tmp = Path(tmp)
         data = prepare_data(tmp / "data", args.vocab)
         if args.profile:
-            return profile(args, data, args.ours.split(",")[0], Path(args.trace_dir) if args.trace_dir else None)
+            return profile(args, data, tmp / "profiled", args.ours.split(",")[0],
+                           Path(args.trace_dir) if args.trace_dir else None)
         vocab = json.loads((data / "manifest.json").read_text())["tokenizer"]["vocab_size"]
         # Both start from the same weights: ours exported, the peer loads that folder.
         torch.manual_seed(0)
