@@ -300,4 +300,6 @@ class TokenStream:
             start = (window - int(self.shard_starts[shard])) * self.seq_len
             rows.append(torch.from_numpy(self.shards[shard][start:start + self.seq_len + 1].astype(np.int64)))
         data = torch.stack(rows)
-        return data[:, :-1], data[:, 1:]
+        # Contiguous, so that pinning them makes an asynchronous copy to a GPU: a strided tensor is first cloned
+        # to pageable memory, and a copy from there waits for everything queued on the stream.
+        return data[:, :-1].contiguous(), data[:, 1:].contiguous()

@@ -145,13 +145,30 @@ def test_cli_end_to_end_on_the_stdlib_demo_corpus(tmp_path):
 
 
 def test_step_clock_on_an_async_device_reports_each_step_once_one_step_behind(monkeypatch):
-    """On CUDA a step's loss is read only after the next step is queued; a flush reads the rest, in order."""
+    """On CUDA a step's loss is read only after the next step is queued, by waiting on an event recorded after that
+    step (not on the whole stream, which holds the next step too); a flush reads the rest, in order."""
     from types import SimpleNamespace
 
     import torch
 
     from training.trainer import _StepClock
 
+    waited = []
+
+    class Event:  # torch.cuda.Event's part the clock uses, recording which step's event was waited on
+        made = 0
+
+        def __init__(self):
+            Event.made += 1
+            self.number = Event.made
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            waited.append(self.number)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
     emitted = []
     events = SimpleNamespace(emit=lambda kind, **fields: emitted.append(fields))
     env = SimpleNamespace(device=SimpleNamespace(type="cuda"), world=1)
@@ -161,8 +178,9 @@ def test_step_clock_on_an_async_device_reports_each_step_once_one_step_behind(mo
     clock.queued(1, torch.tensor(3.0), 0.1)
     assert emitted == []
     clock.queued(2, torch.tensor(2.0), 0.2)
-    assert [e["step"] for e in emitted] == [1]
+    assert [e["step"] for e in emitted] == [1] and waited == [1]
     clock.flush()
+    assert waited == [1, 2]
     assert [(e["step"], e["loss"], e["lr"], e["tokens"]) for e in emitted] == [(1, 3.0, 0.1, 1100), (2, 2.0, 0.2, 1200)]
     assert clock.tokens == 1200 and clock.flops == 5.0 + 2 * 100 * 10.0 and clock.last_loss == 2.0
     assert all(e["tokens_per_s"] > 0 and e["mfu"] is None and e["memory_bytes"] == 7 for e in emitted)
