@@ -16,6 +16,7 @@ from gatehouse.audit.services import audit_record
 from gatehouse.core import ratelimit
 from gatehouse.core.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from gatehouse.core.locks import for_update
+from gatehouse.core.prepared import PreparedQuery
 from gatehouse.registry.models import Model, ModelFile, ModelVersion, Tier
 from gatehouse.webhooks.services import webhook_emit
 from releases import policy
@@ -42,10 +43,15 @@ def access_policy_of(model: Model) -> AccessPolicy:
         return AccessPolicy(model=model, audience=Audience.PUBLIC)
 
 
+# Compiled once: every API and inference call asks (see gatehouse.core.prepared).
+_organization_ids = PreparedQuery(
+    lambda user_id: Membership.objects.filter(user_id=user_id).values_list("organization_id", flat=True), user_id=int)
+
+
 def user_organization_ids(user) -> list[int]:
     if not getattr(user, "is_authenticated", False):
         return []
-    return list(Membership.objects.filter(user=user).values_list("organization_id", flat=True))
+    return _organization_ids(user_id=user.pk)
 
 
 def caller_facts(*, user, token, model: Model, organization_ids: list[int] | None = None) -> policy.CallerFacts:

@@ -10,6 +10,7 @@ from django.db import connection
 from django.db.models import Min
 from django.utils import timezone
 
+from gatehouse.core.prepared import PreparedInsert, PreparedUpdate
 from releases.models import InferenceCall
 
 
@@ -72,16 +73,20 @@ def quota_check(*, user, token, organization_id: int | None) -> QuotaRefusal | N
     return refusal
 
 
+# Each call writes twice; statements built once, as save() and update() compile them again every time.
+_insert_call = PreparedInsert(InferenceCall)
+_finish_call = PreparedUpdate(InferenceCall, "status", "error_code", "prompt_tokens", "completion_tokens", "latency_ms")
+
+
 def inference_call_start(*, user, token, organization_id, model, endpoint: str, stream: bool) -> InferenceCall:
-    call = InferenceCall.objects.create(user=user, token=token, organization_id=organization_id, model=model,
-                                        endpoint=endpoint, stream=stream)
+    call = _insert_call(InferenceCall(user=user, token=token, organization_id=organization_id, model=model,
+                                      endpoint=endpoint, stream=stream))
     call.started = time.perf_counter()
     return call
 
 
 def inference_call_finish(call: InferenceCall, *, status: int, usage: dict | None = None, error_code: str = "") -> None:
     usage = usage or {}
-    InferenceCall.objects.filter(pk=call.pk).update(
-        status=status, error_code=error_code[:64], prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or 0),
-        latency_ms=(time.perf_counter() - call.started) * 1000)
+    _finish_call(call.pk, status=status, error_code=error_code[:64], prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                 completion_tokens=int(usage.get("completion_tokens") or 0),
+                 latency_ms=(time.perf_counter() - call.started) * 1000)

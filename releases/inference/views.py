@@ -15,6 +15,7 @@ from django.views.decorators.http import require_http_methods
 
 from gatehouse.accounts.authentication import client_address, token_from_header
 from gatehouse.core.errors import NotAuthenticated, Throttled
+from gatehouse.core.prepared import PreparedQuery
 from gatehouse.registry.models import Model
 from gatehouse.registry.selectors import model_visible_queryset
 from releases import access, policy
@@ -126,11 +127,14 @@ def models(request):
     return JsonResponse({"object": "list", "data": [_model_object(m) for m in usable]})
 
 
+# (organization, name) is unique: no ORDER BY needed. Compiled once: compiling it cost the ORM ten times running it.
+_served_model = PreparedQuery(lambda org, name: _for_calls(Model.objects.filter(
+    organization__slug=org, name=name, inference_backend__enabled=True)).order_by()[:1], org=str, name=str)
+
+
 def _model_for(request, model_id: str, user, token, organization_ids) -> Model:
     org, _, name = (model_id or "").partition("/")
-    found = _for_calls(Model.objects.filter(organization__slug=org, name=name, inference_backend__enabled=True)) \
-        .order_by()[:1] if org and name else []  # (organization, name) is unique: no ORDER BY needed
-    model = next(iter(found), None)
+    model = next(iter(_served_model(org=org, name=name)), None) if org and name else None
     if model is None:  # a closed model is judged below, by the policy, and answers exactly like this
         raise OpenAIError(404, f"The model {model_id!r} does not exist or you do not have access to it.",
                           "model_not_found", param="model")
