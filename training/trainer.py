@@ -410,7 +410,8 @@ class _StepClock:
     def queued(self, step: int, loss: torch.Tensor, lr: float):
         done = None
         if self.env.device.type == "cuda":
-            loss = loss.detach().to("cpu", non_blocking=True)  # into pinned memory, when the step gets there
+            # A non-blocking copy off a GPU lands in pinned memory (PyTorch pins it), filled when the step gets there.
+            loss = loss.detach().to("cpu", non_blocking=True)
             done = torch.cuda.Event()
             done.record()
         self.pending.append((step, loss, lr, done))
