@@ -158,7 +158,8 @@ def profile(args, data: Path, out: Path, variant: str, trace_dir: Path | None) -
     # out) the aten operators' own time.
     if gpu:
         kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
-                   and e.self_device_time_total > 0 and "#" not in e.key]
+                   and e.self_device_time_total > 0 and not getattr(e, "is_user_annotation", False)
+                   and "#" not in e.key and not e.key.startswith("ProfilerStep")]
         per_step = lambda e: e.self_device_time_total / steps / 1000  # microseconds -> ms a step
     else:
         kernels = [e for e in prof.key_averages() if e.key.startswith("aten::") and e.self_cpu_time_total > 0]
