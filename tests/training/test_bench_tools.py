@@ -1,0 +1,45 @@
+"""The training bench's own logic: variant parsing, kernel kinds, and the profile of the trainer's loop (on a CPU,
+where it profiles aten operators instead of kernels)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "bench"))
+
+import train_throughput  # noqa: E402
+
+
+def test_variants_split_into_trainer_settings_and_inductor_flags():
+    assert train_throughput.parse_variant("default") == ({}, {})
+    assert train_throughput.parse_variant("residual_dtype=bfloat16+inductor.coordinate_descent_tuning=1") == \
+        ({"residual_dtype": "bfloat16"}, {"coordinate_descent_tuning": True})
+    with pytest.raises(SystemExit, match="unknown variant 'lr=1'"):
+        train_throughput.parse_variant("lr=1")
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26", "attention"),
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "matmul"),
+    ("triton_red_fused__log_softmax__to_copy__unsafe_view_prepare_softmax_online_view_9", "cross-entropy"),
+    ("triton_poi_fused__unsafe_view_mul_silu_5", "elementwise (triton)"),
+    ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>", "optimizer"),
+])
+def test_kernels_are_sorted_by_kind(name, kind):
+    assert train_throughput.kernel_kind(name) == kind
+
+
+def test_profile_of_the_trainers_loop_covers_three_steps(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "bench" / "train_throughput.py"), "--profile",
+                          "--device", "cpu", "--preset", "debug", "--seq-len", "32", "--batch-size", "2",
+                          "--warmup", "1", "--vocab", "300", "--trace-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Profile of 3 trainer steps (default, cpu" in out.stdout
+    # Per step, a 2-layer model's 7 projections a layer and the head, each a forward product and two backward
+    # ones: a window of any other number of steps than the three it divides by would not give this count.
+    matmuls = next(line for line in out.stdout.splitlines() if line.startswith("aten::mm "))
+    assert int(matmuls.split()[2]) == (2 * 7 + 1) * 3
+    assert (tmp_path / "train_step_trace.json").stat().st_size > 0
