@@ -209,8 +209,9 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    # Fused on CPUs too (torch 2.4+): one pass over each tensor where the default makes six.
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  fused=env.device.type == "cuda")
+                                  fused=env.device.type in ("cuda", "cpu"))
 
     checkpoint_dir = out / "checkpoint"
     step, cursor, run_id = 0, 0, cfg.run_id or uuid.uuid4().hex[:12]
