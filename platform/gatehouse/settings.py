@@ -249,6 +249,10 @@ INFERENCE_RPM_PER_ORGANIZATION = int(os.environ.get("GATEHOUSE_INFERENCE_RPM_PER
 INFERENCE_TOKENS_PER_DAY_PER_ORGANIZATION = int(os.environ.get("GATEHOUSE_INFERENCE_TOKENS_PER_DAY_PER_ORGANIZATION",
                                                                "2000000"))
 INFERENCE_BACKEND_TIMEOUT_SECONDS = float(os.environ.get("GATEHOUSE_INFERENCE_BACKEND_TIMEOUT_SECONDS", "300"))
+# The engine supervisor (manage.py serve_engines): a GPU engine compiles and captures every shape before it opens
+# its port (minutes); a running engine that stops answering /health this long is taken for hung and restarted.
+ENGINE_START_TIMEOUT_SECONDS = float(os.environ.get("GATEHOUSE_ENGINE_START_TIMEOUT_SECONDS", "1800"))
+ENGINE_UNRESPONSIVE_SECONDS = float(os.environ.get("GATEHOUSE_ENGINE_UNRESPONSIVE_SECONDS", "60"))
 
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage",

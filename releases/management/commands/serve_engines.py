@@ -4,8 +4,10 @@
 
 Each enabled backend of kind "local" gets its model version's files copied out of weight storage (streamed)
 into VAR_DIR/engines/<commit>/, an engine on a free loopback port, and its URL recorded on the backend once
-the engine answers /health, so the gateway starts routing to it. An engine that exits is marked down (the
-gateway answers 503 with Retry-After) and restarted with backoff. SIGTERM/SIGINT stop every engine.
+the engine answers /health, so the gateway starts routing to it. An engine that exits, that is not ready within
+GATEHOUSE_ENGINE_START_TIMEOUT_SECONDS, or that stops answering /health for GATEHOUSE_ENGINE_UNRESPONSIVE_SECONDS
+while it runs (hung) is marked down (the gateway answers 503 with Retry-After), stopped and restarted with backoff.
+SIGTERM/SIGINT stop every engine.
 """
 import os
 import shutil
@@ -67,6 +69,8 @@ class Engine:
     def __init__(self, backend_id: int):
         self.backend_id, self.process, self.port, self.failures, self.next_start = backend_id, None, 0, 0, 0.0
         self.commit = ""
+        self.started_at = 0.0  # when the process was started
+        self.last_answer = 0.0  # when a ready engine last answered /health
 
     def mark(self, url: str) -> None:
         InferenceBackend.objects.filter(pk=self.backend_id).update(url=url, updated_at=timezone.now())
@@ -108,24 +112,38 @@ class Command(BaseCommand):
             version = backend.version or backend.model.latest_version
             if version is None:
                 continue
+            now = time.time()
             if engine.process is not None and engine.process.poll() is not None:
-                self.stderr.write(f"engine for {backend.model.repo_id} exited with status {engine.process.returncode}; "
-                                  "restarting")
-                engine.process, engine.failures = None, engine.failures + 1
-                engine.next_start = time.time() + min(60, 2 ** engine.failures)
-                engine.mark("")
+                self.fail(engine, f"engine for {backend.model.repo_id} exited with status {engine.process.returncode}")
             if engine.process is not None and engine.commit != version.commit:  # a new version to serve
                 self.stop_engine(engine)
-            if engine.process is None and time.time() >= engine.next_start:
+            if engine.process is None and now >= engine.next_start:
                 self.start_engine(engine, backend, version)
-            elif engine.process is not None and not backend.url and self.ready(engine):
-                engine.mark(f"http://127.0.0.1:{engine.port}/v1")
-                engine.failures = 0
-                self.stdout.write(f"engine for {backend.model.repo_id} is ready on port {engine.port}")
+            elif engine.process is not None and not backend.url:  # starting: loading, compiling, capturing
+                if self.ready(engine):
+                    engine.mark(f"http://127.0.0.1:{engine.port}/v1")
+                    engine.failures, engine.last_answer = 0, time.time()
+                    self.stdout.write(f"engine for {backend.model.repo_id} is ready on port {engine.port}")
+                elif now - engine.started_at > settings.ENGINE_START_TIMEOUT_SECONDS:
+                    self.fail(engine, f"engine for {backend.model.repo_id} was not ready after "
+                                      f"{settings.ENGINE_START_TIMEOUT_SECONDS:g} s")
+            elif engine.process is not None:  # serving: a busy engine still answers /health from its own thread
+                if self.ready(engine):
+                    engine.last_answer = time.time()
+                elif now - engine.last_answer > settings.ENGINE_UNRESPONSIVE_SECONDS:
+                    self.fail(engine, f"engine for {backend.model.repo_id} has not answered /health for "
+                                      f"{settings.ENGINE_UNRESPONSIVE_SECONDS:g} s")
+
+    def fail(self, engine: Engine, why: str) -> None:
+        """Down (the gateway answers 503 meanwhile), stopped if it still runs, started again after a backoff."""
+        self.stderr.write(f"{why}; restarting")
+        self.stop_engine(engine)
+        engine.failures += 1
+        engine.next_start = time.time() + min(60, 2 ** engine.failures)
 
     def start_engine(self, engine: Engine, backend: InferenceBackend, version) -> None:
         folder = materialize(version)
-        engine.port, engine.commit = _free_port(), version.commit
+        engine.port, engine.commit, engine.started_at = _free_port(), version.commit, time.time()
         log = open(Path(settings.VAR_DIR) / "engines" / f"{backend.model.organization.slug}--{backend.model.name}.log",
                    "a")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "platform"), str(ROOT)]))

@@ -1,0 +1,85 @@
+"""The engine supervisor's judgement of its engines: one that never becomes ready, or that stops answering while it
+runs (hung, not exited), is marked down, stopped and started again after a backoff; a busy one that answers is left
+alone. The engine here is a process that only sleeps; whether it "answers /health" is the test's to say."""
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from releases.management.commands import serve_engines
+from releases.models import InferenceBackend
+
+
+@pytest.fixture
+def supervisor(register, aurora, alice, monkeypatch, tmp_path, settings):
+    model = register(aurora, "served", alice, tier="api").model
+    backend = InferenceBackend.objects.create(model=model, kind="local")
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(command, **kwargs):  # the real start_engine, with a sleeper in place of `python -m training serve`
+        started.append(real_popen([sys.executable, "-c", "import time; time.sleep(120)"], **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(serve_engines.subprocess, "Popen", popen)
+    monkeypatch.setattr(serve_engines, "materialize", lambda version: tmp_path)
+    (tmp_path / "engines").mkdir()
+    settings.VAR_DIR = tmp_path
+    command = serve_engines.Command()
+    answers = {"health": False}
+    monkeypatch.setattr(command, "ready", lambda engine: answers["health"])
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(serve_engines, "time", SimpleNamespace(time=lambda: clock["now"]))  # its clock only
+    engines = {}
+    yield command, engines, backend, started, answers, clock
+    for process in started:
+        process.kill()
+        process.wait()
+
+
+def test_an_engine_not_ready_in_time_is_stopped_and_restarted_after_a_backoff(supervisor, settings):
+    command, engines, backend, started, answers, clock = supervisor
+    settings.ENGINE_START_TIMEOUT_SECONDS = 600
+    command.reconcile(engines)
+    assert len(started) == 1 and started[0].poll() is None
+    clock["now"] += 599
+    command.reconcile(engines)  # still compiling, within its time
+    assert started[0].poll() is None and len(started) == 1
+    clock["now"] += 2
+    command.reconcile(engines)
+    assert started[0].wait(timeout=10) is not None  # stopped, not left running beside the next one
+    assert engines[backend.pk].failures == 1 and engines[backend.pk].process is None
+    command.reconcile(engines)
+    assert len(started) == 1  # not restarted before the backoff
+    clock["now"] += 3
+    answers["health"] = True
+    command.reconcile(engines)
+    assert len(started) == 2
+    command.reconcile(engines)
+    backend.refresh_from_db()
+    assert backend.url == f"http://127.0.0.1:{engines[backend.pk].port}/v1"
+
+
+def test_a_running_engine_that_stops_answering_is_taken_for_hung(supervisor, settings):
+    command, engines, backend, started, answers, clock = supervisor
+    settings.ENGINE_UNRESPONSIVE_SECONDS = 60
+    answers["health"] = True
+    command.reconcile(engines)
+    command.reconcile(engines)  # ready: routed to
+    backend.refresh_from_db()
+    assert backend.url
+    for _ in range(40):  # busy for minutes, answering all along: left alone
+        clock["now"] += 10
+        command.reconcile(engines)
+    assert started[0].poll() is None and len(started) == 1
+    answers["health"] = False
+    clock["now"] += 50
+    command.reconcile(engines)
+    backend.refresh_from_db()
+    assert backend.url and started[0].poll() is None  # 50 s without an answer: not yet
+    clock["now"] += 20
+    command.reconcile(engines)
+    backend.refresh_from_db()
+    assert backend.url == ""  # the gateway answers 503 with Retry-After meanwhile
+    assert started[0].wait(timeout=10) is not None and engines[backend.pk].failures == 1
