@@ -210,8 +210,9 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     # Fused on CPUs too (torch 2.4+): one pass over each tensor where the default makes six.
+    fused = env.device.type in ("cuda", "cpu")
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  fused=env.device.type in ("cuda", "cpu"))
+                                  fused=fused)
 
     checkpoint_dir = out / "checkpoint"
     step, cursor, run_id = 0, 0, cfg.run_id or uuid.uuid4().hex[:12]
@@ -222,6 +223,8 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
             raise ConfigError(f"{checkpoint_dir} was written for a different model or method; use another --out "
                               "or delete the checkpoint")
         meta = load_checkpoint(checkpoint_dir, model=model, optimizer=optimizer)
+        for group in optimizer.param_groups:  # a checkpoint carries its optimizer's flags; this run's choice wins
+            group["fused"] = fused
         step, cursor, run_id = meta["step"], meta["cursor"], meta["run_id"]
         started_tokens, flops_done, device_seconds = meta["tokens"], meta["flops"], meta["device_seconds"]
 

@@ -127,7 +127,9 @@ def kernel_kind(name: str) -> str:
 
 def profile(args, data: Path, out: Path, variant: str, trace_dir: Path | None) -> None:
     """Where a step's time goes in the trainer's own loop (training.trainer.train, one variant): torch.profiler is
-    stepped on each of its step events, skips the warm-up steps and records three; kernels are summed per kind."""
+    stepped at the top of each training step (where the loop asks lr_at for the step's rate), skips the warm-up
+    steps and records the kernels launched by the next three; stopping it waits for those to finish, and the
+    steps queued after them are not launched yet. Kernels are summed per kind."""
     import argparse
 
     import torch
@@ -139,19 +141,18 @@ def profile(args, data: Path, out: Path, variant: str, trace_dir: Path | None) -
     gpu = torch.cuda.is_available() and args.device != "cpu"
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if gpu else [ProfilerActivity.CPU]
     schedule = torch.profiler.schedule(wait=args.warmup, warmup=1, active=steps, repeat=1)
-    emit = trainer.Events.emit
+    lr_at = trainer.lr_at
     with torch.profiler.profile(activities=activities, schedule=schedule) as prof:
-        def emit_and_step(events, kind, **fields):
-            emit(events, kind, **fields)
-            if kind == "step":
-                prof.step()
+        def step_then_lr_at(step, cfg):
+            prof.step()
+            return lr_at(step, cfg)
 
-        trainer.Events.emit = emit_and_step
+        trainer.lr_at = step_then_lr_at
         try:
-            # Two steps beyond the window: step events come one step late, and the last is read at the end.
+            # Steps beyond the window: the profiler stops at the top of the one after it, and a few more follow.
             run = ours(argparse.Namespace(**{**vars(args), "steps": 1 + steps + 2}), data, out, variant)
         finally:
-            trainer.Events.emit = emit
+            trainer.lr_at = lr_at
     step_events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     window = [e for e in step_events if e["event"] == "step"][args.warmup + 1:args.warmup + 1 + steps]
     wall = sum(args.batch_size * args.seq_len / e["tokens_per_s"] for e in window) / steps

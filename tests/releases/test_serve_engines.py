@@ -30,7 +30,7 @@ def supervisor(register, aurora, alice, monkeypatch, tmp_path, settings):
     answers = {"health": False}
     monkeypatch.setattr(command, "ready", lambda engine: answers["health"])
     clock = {"now": 1000.0}
-    monkeypatch.setattr(serve_engines, "time", SimpleNamespace(time=lambda: clock["now"]))  # its clock only
+    monkeypatch.setattr(serve_engines, "time", SimpleNamespace(monotonic=lambda: clock["now"]))  # its clock only
     engines = {}
     yield command, engines, backend, started, answers, clock
     for process in started:
@@ -74,12 +74,22 @@ def test_a_running_engine_that_stops_answering_is_taken_for_hung(supervisor, set
         command.reconcile(engines)
     assert started[0].poll() is None and len(started) == 1
     answers["health"] = False
+    clock["now"] += 300  # the supervisor was busy elsewhere for minutes: one missed probe after it proves nothing
+    command.reconcile(engines)
     clock["now"] += 50
     command.reconcile(engines)
     backend.refresh_from_db()
-    assert backend.url and started[0].poll() is None  # 50 s without an answer: not yet
-    clock["now"] += 20
+    assert backend.url and started[0].poll() is None  # missed for 50 s: not yet
+    answers["health"] = True
+    command.reconcile(engines)  # answered again: the count starts over
+    answers["health"] = False
+    for _ in range(3):
+        clock["now"] += 25
+        command.reconcile(engines)
+    backend.refresh_from_db()
+    assert backend.url and started[0].poll() is None  # 3 misses over 50 s
+    clock["now"] += 25
     command.reconcile(engines)
     backend.refresh_from_db()
-    assert backend.url == ""  # the gateway answers 503 with Retry-After meanwhile
+    assert backend.url == ""  # 4 misses over 75 s: hung; the gateway answers 503 with Retry-After meanwhile
     assert started[0].wait(timeout=10) is not None and engines[backend.pk].failures == 1

@@ -219,3 +219,31 @@ def test_bf16_residual_stream_trains_and_carries_bf16_between_blocks(tmp_path, d
     losses = [e["loss"] for e in events(out, "step")]
     assert losses[-1] < losses[0] - 0.5
     assert events(out, "start")[0]["train_config"]["residual_dtype"] == "bfloat16"
+
+
+def test_a_resumed_run_uses_this_runs_optimizer_flags_not_the_checkpoints(tmp_path, data_dir, monkeypatch):
+    """A checkpoint written by an unfused AdamW (before CPUs got the fused one) resumes fused."""
+    import training.trainer as trainer
+
+    out = tmp_path / "r"
+    assert train(quick_config(data_dir, out, max_steps=2, warmup_steps=1, checkpoint_interval=2, eval_interval=2)) == 0
+    saved = torch.load(out / "checkpoint" / "optimizer.pt", weights_only=True)
+    for group in saved["optimizer"]["param_groups"]:
+        group["fused"] = False
+    torch.save(saved, out / "checkpoint" / "optimizer.pt")
+    from training.files import sha256_file
+
+    meta = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
+    meta["sha256"]["optimizer.pt"] = sha256_file(out / "checkpoint" / "optimizer.pt")  # as the older trainer wrote it
+    (out / "checkpoint" / "checkpoint.json").write_text(json.dumps(meta))
+    optimizers = []
+    load = trainer.load_checkpoint
+
+    def load_and_keep(directory, *, model, optimizer):
+        optimizers.append(optimizer)
+        return load(directory, model=model, optimizer=optimizer)
+
+    monkeypatch.setattr(trainer, "load_checkpoint", load_and_keep)
+    assert train(quick_config(data_dir, out, max_steps=4, warmup_steps=1, checkpoint_interval=2, eval_interval=2)) == 0
+    assert [e["resumed_from_step"] for e in events(out, "start")] == [None, 2]
+    assert all(group["fused"] for group in optimizers[0].param_groups)

@@ -33,8 +33,8 @@ def record_credential_failure(client: str) -> None:
 
 
 # Every API call runs this: compiled once (the hash is unique, so no ORDER BY; compiling cost more than running it).
-_token_by_hash = PreparedQuery(lambda key_hash: ApiToken.objects.select_related("user").filter(key_hash=key_hash)[:1],
-                               key_hash=str)
+_token_by_hash = PreparedQuery(
+    lambda key_hash: ApiToken.objects.select_related("user").filter(key_hash=key_hash).order_by()[:1], key_hash=str)
 
 
 def token_from_header(header: bytes, *, client: str | None = None) -> ApiToken | None:

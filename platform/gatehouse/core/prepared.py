@@ -44,6 +44,8 @@ class PreparedQuery:
             if sorted(slots.values()) != sorted(self.names):
                 raise ValueError(f"each of {', '.join(self.names)} must be used once, as a whole filter value")
             iterable = queryset._iterable_class
+            if queryset._prefetch_related_lookups:
+                raise ValueError("prefetch_related runs further queries: prepare those separately")
             if iterable is ModelIterable and not compiler.annotation_col_map and not queryset._known_related_objects:
                 klass_info = compiler.klass_info
                 start, end = klass_info["select_fields"][0], klass_info["select_fields"][-1] + 1

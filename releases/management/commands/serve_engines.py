@@ -69,8 +69,8 @@ class Engine:
     def __init__(self, backend_id: int):
         self.backend_id, self.process, self.port, self.failures, self.next_start = backend_id, None, 0, 0, 0.0
         self.commit = ""
-        self.started_at = 0.0  # when the process was started
-        self.last_answer = 0.0  # when a ready engine last answered /health
+        self.started_at = 0.0  # when the process was started (time.monotonic, as every time here)
+        self.first_miss, self.misses = None, 0  # a ready engine's unanswered /health probes in a row, since when
 
     def mark(self, url: str) -> None:
         InferenceBackend.objects.filter(pk=self.backend_id).update(url=url, updated_at=timezone.now())
@@ -112,7 +112,7 @@ class Command(BaseCommand):
             version = backend.version or backend.model.latest_version
             if version is None:
                 continue
-            now = time.time()
+            now = time.monotonic()
             if engine.process is not None and engine.process.poll() is not None:
                 self.fail(engine, f"engine for {backend.model.repo_id} exited with status {engine.process.returncode}")
             if engine.process is not None and engine.commit != version.commit:  # a new version to serve
@@ -122,28 +122,34 @@ class Command(BaseCommand):
             elif engine.process is not None and not backend.url:  # starting: loading, compiling, capturing
                 if self.ready(engine):
                     engine.mark(f"http://127.0.0.1:{engine.port}/v1")
-                    engine.failures, engine.last_answer = 0, time.time()
+                    engine.failures, engine.first_miss, engine.misses = 0, None, 0
                     self.stdout.write(f"engine for {backend.model.repo_id} is ready on port {engine.port}")
                 elif now - engine.started_at > settings.ENGINE_START_TIMEOUT_SECONDS:
                     self.fail(engine, f"engine for {backend.model.repo_id} was not ready after "
                                       f"{settings.ENGINE_START_TIMEOUT_SECONDS:g} s")
             elif engine.process is not None:  # serving: a busy engine still answers /health from its own thread
                 if self.ready(engine):
-                    engine.last_answer = time.time()
-                elif now - engine.last_answer > settings.ENGINE_UNRESPONSIVE_SECONDS:
+                    engine.first_miss, engine.misses = None, 0
+                    continue
+                # Hung only after probes kept failing for the whole span: the supervisor itself may have been busy
+                # (copying another model's weights) between two probes, which says nothing about the engine.
+                engine.first_miss = now if engine.first_miss is None else engine.first_miss
+                engine.misses += 1
+                if engine.misses >= 3 and now - engine.first_miss >= settings.ENGINE_UNRESPONSIVE_SECONDS:
                     self.fail(engine, f"engine for {backend.model.repo_id} has not answered /health for "
-                                      f"{settings.ENGINE_UNRESPONSIVE_SECONDS:g} s")
+                                      f"{now - engine.first_miss:.0f} s ({engine.misses} probes)")
 
     def fail(self, engine: Engine, why: str) -> None:
         """Down (the gateway answers 503 meanwhile), stopped if it still runs, started again after a backoff."""
         self.stderr.write(f"{why}; restarting")
         self.stop_engine(engine)
         engine.failures += 1
-        engine.next_start = time.time() + min(60, 2 ** engine.failures)
+        engine.first_miss, engine.misses = None, 0
+        engine.next_start = time.monotonic() + min(60, 2 ** engine.failures)
 
     def start_engine(self, engine: Engine, backend: InferenceBackend, version) -> None:
         folder = materialize(version)
-        engine.port, engine.commit, engine.started_at = _free_port(), version.commit, time.time()
+        engine.port, engine.commit, engine.started_at = _free_port(), version.commit, time.monotonic()
         log = open(Path(settings.VAR_DIR) / "engines" / f"{backend.model.organization.slug}--{backend.model.name}.log",
                    "a")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "platform"), str(ROOT)]))

@@ -83,3 +83,8 @@ def test_prepared_insert_and_update_write_what_save_and_update_write(register, a
         update(call.pk, status=201)  # every named field needs a value: nothing is written half
     stored.refresh_from_db()
     assert stored.status == 200
+
+
+def test_a_prefetching_queryset_is_refused(db):
+    with pytest.raises(ValueError, match="prefetch_related runs further queries"):
+        PreparedQuery(lambda name: Model.objects.filter(name=name).prefetch_related("versions"), name=str)(name="x")
