@@ -3,7 +3,7 @@
     python -m training train --data data/ --out runs/r1 --preset debug             # CPU or one GPU
     torchrun --nproc_per_node 8 -m training train --data data/ --out runs/r1 ...   # DDP, rank 0 does I/O
 
-AdamW (fused on CUDA) with warmup + cosine decay, gradient accumulation and clipping, optional bf16 autocast
+AdamW (fused, on CUDA and CPU) with warmup + cosine decay, gradient accumulation and clipping, optional bf16 autocast
 and torch.compile, periodic validation, exact checkpoint/resume (re-running the same command resumes),
 SIGTERM → checkpoint and exit with status 75. Events go to OUT/events.jsonl, one JSON object per line.
 Exit status: 0 done, 2 bad configuration or data, 75 stopped by a signal with a resumable checkpoint.
@@ -209,10 +209,10 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    # Fused on CPUs too (torch 2.4+): one pass over each tensor where the default makes six.
-    fused = env.device.type in ("cuda", "cpu")
+    # Fused on both devices a run can have, CPUs included (torch 2.4+): one pass over each tensor where the
+    # default makes six.
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  fused=fused)
+                                  fused=True)
 
     checkpoint_dir = out / "checkpoint"
     step, cursor, run_id = 0, 0, cfg.run_id or uuid.uuid4().hex[:12]
@@ -224,7 +224,7 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
                               "or delete the checkpoint")
         meta = load_checkpoint(checkpoint_dir, model=model, optimizer=optimizer)
         for group in optimizer.param_groups:  # a checkpoint carries its optimizer's flags; this run's choice wins
-            group["fused"] = fused
+            group["fused"] = True
         step, cursor, run_id = meta["step"], meta["cursor"], meta["run_id"]
         started_tokens, flops_done, device_seconds = meta["tokens"], meta["flops"], meta["device_seconds"]
 

@@ -169,7 +169,8 @@ def profile(args, data: Path, out: Path, variant: str, trace_dir: Path | None) -
     busy = sum(per_step(e) for e in kernels)
     kinds: dict[str, float] = {}
     for e in kernels:
-        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + per_step(e)
+        kind = kernel_kind(e.key)
+        kinds[kind] = kinds.get(kind, 0.0) + per_step(e)
     tokens = args.batch_size * args.seq_len
     print(f"\nProfile of {steps} trainer steps ({variant}, {'cuda' if gpu else 'cpu'}, {run['attention_kernel']}), "
           f"preset {args.preset}, batch {args.batch_size} x seq {args.seq_len}: {wall * 1000:.1f} ms a step between "
@@ -198,9 +199,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=4096, help="tokenizer vocabulary to train")
     parser.add_argument("--model-vocab", type=int, default=0, help="pad the model's vocabulary (50304 = GPT-2's)")
     parser.add_argument("--ours", default="default",
-                        help="comma-separated variants of our trainer, each timed: default, attention=KERNEL "
-                             "(cudnn, flash, efficient, math), compile_mode=MODE, or both joined by +; the first "
-                             "is the headline")
+                        help="comma-separated variants of our trainer, each timed: default, or settings joined "
+                             "by + (attention=KERNEL, compile_mode=MODE, residual_dtype=DTYPE, inductor.FLAG=VALUE); "
+                             "the first is the headline")
     parser.add_argument("--peer-runs", type=int, default=2, choices=(1, 2),
                         help="2: the peer runs before and after ours and its better figure is compared")
     parser.add_argument("--profile", action="store_true",

@@ -23,7 +23,7 @@ class PreparedQuery:
         """`build(**values)` returns the queryset for these values; `types` names each one's type, str or int."""
         if set(types.values()) - {str, int}:
             raise ValueError("placeholders are str or int")
-        self.build, self.names = build, tuple(types)
+        self.build = build
         # Values that no real call passes and that the ORM hands to the database as they are.
         self.placeholders = {name: f"\x00prepared:{name}\x00" if kind is str else -(2**62) - i
                              for i, (name, kind) in enumerate(types.items())}
@@ -41,11 +41,11 @@ class PreparedQuery:
             sql, params = compiler.as_sql()  # also sets compiler.select and klass_info, read below
             slots = {i: name for i, value in enumerate(params) for name, p in placeholders.items()
                      if type(value) is type(p) and value == p}
-            if sorted(slots.values()) != sorted(self.names):
-                raise ValueError(f"each of {', '.join(self.names)} must be used once, as a whole filter value")
-            iterable = queryset._iterable_class
+            if sorted(slots.values()) != sorted(placeholders):
+                raise ValueError(f"each of {', '.join(placeholders)} must be used once, as a whole filter value")
             if queryset._prefetch_related_lookups:
                 raise ValueError("prefetch_related runs further queries: prepare those separately")
+            iterable = queryset._iterable_class
             if iterable is ModelIterable and not compiler.annotation_col_map and not queryset._known_related_objects:
                 klass_info = compiler.klass_info
                 start, end = klass_info["select_fields"][0], klass_info["select_fields"][-1] + 1
