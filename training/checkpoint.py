@@ -39,6 +39,14 @@ def save_checkpoint(directory: Path, *, model: torch.nn.Module, optimizer: torch
     shutil.rmtree(old, ignore_errors=True)
 
 
+def recover_checkpoint(directory: Path) -> None:
+    """A crash between save_checkpoint's two renames leaves only the previous checkpoint, as .old: put it back."""
+    directory = Path(directory)
+    old = directory.with_name(directory.name + ".old")
+    if not directory.exists() and (old / "checkpoint.json").exists():
+        os.replace(old, directory)
+
+
 def read_checkpoint_meta(directory: Path) -> dict:
     directory = Path(directory)
     meta_path = directory / "checkpoint.json"

@@ -73,6 +73,9 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # an --out that is a file, a folder we may not write: the path and the reason
+        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 def _run(args) -> int:
@@ -83,8 +86,8 @@ def _run(args) -> int:
 
         inputs, license, groups = list(args.inputs), args.license, None
         if args.demo_corpus == "stdlib":
-            root, license = stdlib_corpus()
-            inputs.append(root)
+            roots, license = stdlib_corpus()
+            inputs.extend(roots)
         if args.mixture:
             try:
                 spec = json.loads(args.mixture.read_text())
@@ -136,21 +139,33 @@ def _run(args) -> int:
 
 
 def _merge(args) -> int:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from training.adapt import apply_method, merge_lora
-    from training.export import export, load_exported
+    from training.export import check_export_target, export, load_exported
 
     config_path = args.adapter / "adapter_config.json"
     if not config_path.exists():
         raise ConfigError(f"{args.adapter} is not a LoRA adapter export (no adapter_config.json)")
-    adapter_config = json.loads(config_path.read_text())
+    try:
+        adapter_config = json.loads(config_path.read_text())
+        rank, alpha, targets = adapter_config["r"], adapter_config["lora_alpha"], adapter_config["target_modules"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{config_path} is not a LoRA adapter config (needs r, lora_alpha, target_modules: "
+                          f"{exc.__class__.__name__} {exc})") from None
+    if args.out.resolve() in (args.base.resolve(), args.adapter.resolve()):
+        raise ConfigError("--out must be a new folder, not the base model or the adapter (they would be replaced)")
+    check_export_target(args.out)  # before the work, as export checks again before it writes
     model, _ = load_exported(args.base)
-    apply_method(model, "lora", lora_rank=adapter_config["r"], lora_alpha=adapter_config["lora_alpha"],
-                 lora_targets=tuple(adapter_config["target_modules"]))
-    state = {k.removeprefix("base_model.model.").replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B"): v
-             for k, v in load_file(str(args.adapter / "adapter_model.safetensors")).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    apply_method(model, "lora", lora_rank=rank, lora_alpha=alpha, lora_targets=tuple(targets))
+    try:
+        state = {k.removeprefix("base_model.model.").replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B"): v
+                 for k, v in load_file(str(args.adapter / "adapter_model.safetensors")).items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (SafetensorError, RuntimeError) as exc:
+        raise ConfigError(f"{args.adapter} does not fit {args.base}, or its weights are corrupt "
+                          f"({str(exc).splitlines()[-1].strip()})") from None
     if unexpected or len([m for m in missing if "lora_" in m]):
         raise ConfigError(f"{args.adapter} does not fit {args.base}")
     merge_lora(model)

@@ -93,6 +93,12 @@ class ModelConfig:
         if config.get("model_type") not in ("llama", None):
             raise ConfigError(f"config.json describes a {config.get('model_type')!r} model; only Llama-architecture "
                               "checkpoints are supported")
+        missing = [key for key in ("num_attention_heads", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                   "vocab_size") if key not in config]
+        if missing:
+            raise ConfigError(f"config.json lacks {', '.join(missing)}: not a complete Llama config")
+        if config.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"config.json: hidden_act {config['hidden_act']!r} is not supported (Llama uses silu)")
         heads = config["num_attention_heads"]
         head_dim = config.get("head_dim") or config["hidden_size"] // heads
         if head_dim * heads != config["hidden_size"]:

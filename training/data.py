@@ -234,9 +234,14 @@ def _write_split(out: Path, split: str, docs: list[tuple[int, str]], tokenizer, 
     return {"documents": written, "tokens": sum(s["tokens"] for s in shards), "shards": shards}
 
 
-def stdlib_corpus() -> tuple[Path, str]:
-    """The Python standard library's own sources: present on every machine, licensed PSF-2.0."""
-    return Path(sysconfig.get_paths()["stdlib"]), "PSF-2.0"
+def stdlib_corpus() -> tuple[list[Path], str]:
+    """The Python standard library's own sources: present on every machine, licensed PSF-2.0. Its folder may hold
+    site-packages (third-party code under other licences): only the standard library's own entries are taken."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    installed = {Path(sysconfig.get_paths()[key]).resolve() for key in ("purelib", "platlib")}
+    entries = [p for p in sorted(root.iterdir()) if p.name not in ("site-packages", "dist-packages")
+               and p.resolve() not in installed and (p.is_dir() or p.suffix == ".py")]
+    return entries, "PSF-2.0"
 
 
 def load_manifest(directory: Path) -> dict:

@@ -17,8 +17,8 @@ def _copy_items(rng: random.Random):
         word = "".join(rng.choice("abcdefghij") for _ in range(rng.randint(3, 6)))
         i = rng.randrange(len(word) - 1)
         wrong = word[:i] + word[i + 1] + word[i] + word[i + 2:]
-        if wrong == word:
-            wrong = word[::-1] + "x"
+        if wrong == word:  # two equal letters swapped: change one instead, keeping the length
+            wrong = word[:i] + rng.choice([c for c in "abcdefghij" if c != word[i]]) + word[i + 1:]
         yield f"copy: {word} ->", f" {word}", f" {wrong}"
 
 
@@ -39,8 +39,14 @@ def _balanced(text: str) -> bool:
 
 
 def _bracket_items(rng: random.Random):
-    for _ in range(TASK_SAMPLES):
-        text = "".join(rng.choice("()") for _ in range(rng.choice([2, 4, 6, 8])))
+    # Half balanced, half not: random strings are mostly unbalanced, and a model that always says "no" would
+    # score well above chance on them.
+    for i in range(TASK_SAMPLES):
+        length = rng.choice([2, 4, 6, 8])
+        while True:
+            text = "".join(rng.choice("()") for _ in range(length))
+            if _balanced(text) == (i % 2 == 0):
+                break
         right, wrong = (" yes", " no") if _balanced(text) else (" no", " yes")
         yield f"balanced: {text} ->", right, wrong
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from training.adapt import lora_modules, lora_state_for_peft
@@ -66,10 +67,22 @@ def load_exported(directory: Path, *, device="cpu") -> tuple[Transformer, dict]:
     config_path = directory / "config.json"
     if not config_path.exists():
         raise ConfigError(f"{directory} is not a model folder (no config.json)")
-    hf_config = json.loads(config_path.read_text())
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"{config_path} is not valid JSON ({exc})") from None
+    if not isinstance(hf_config, dict):
+        raise ConfigError(f"{config_path} is not a JSON object")
     model = Transformer(ModelConfig.from_hf(hf_config))
-    state = load_weights(directory)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        state = load_weights(directory)
+    except (SafetensorError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{directory}: the weights cannot be read, the files may be truncated or corrupt "
+                          f"({exc.__class__.__name__}: {exc})") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor of another shape than config.json says
+        raise ConfigError(f"{directory}: weights do not match config.json ({str(exc).splitlines()[-1].strip()})") from None
     allowed_missing = {"lm_head.weight"} if model.config.tie_embeddings else set()
     if set(missing) - allowed_missing or unexpected:
         raise ConfigError(f"{directory}: weights do not match config.json (missing {sorted(set(missing))[:3]}, "
@@ -104,10 +117,29 @@ def card_text(*, name: str, license: str, datasets: list[str], base_model: str |
     return "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n\n" + body
 
 
+def check_export_target(directory: Path) -> None:
+    """Only an empty folder or an earlier export may be replaced: --out pointing at a project folder must not wipe it."""
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise ConfigError(f"{directory} is a file: give an empty or new folder to export to")
+    if not any(directory.iterdir()):
+        return
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if not (isinstance(manifest, dict) and "format_version" in manifest and "files" in manifest):
+        raise ConfigError(f"{directory} is not empty and holds no earlier export: give an empty or new folder "
+                          "(nothing was written)")
+
+
 def export(model: Transformer, directory: Path, *, tokenizer_dir: Path, manifest: dict, card: str,
            adapter: bool = False, base_model_path: str = "", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Write the folder, then manifest.json with the sha256 of every other file in it."""
+    """Write the folder, then manifest.json with the sha256 of every other file in it. An earlier export there is
+    replaced whole; anything else there is refused, untouched."""
     directory = Path(directory)
+    check_export_target(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -52,7 +52,10 @@ def load_tokenizer(directory: Path) -> Tokenizer:
     path = Path(directory) / "tokenizer.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: prepare the data first or point at an exported model folder")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        raise ValueError(f"{path} is not a readable tokenizer ({exc})") from None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

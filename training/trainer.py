@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
 from training.adapt import apply_method
-from training.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from training.checkpoint import load_checkpoint, read_checkpoint_meta, recover_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig, preset
 from training.data import TokenStream, load_manifest
 from training.evaluate import run_tasks, validation_loss
@@ -160,14 +160,27 @@ def build_model(cfg: TrainConfig, data_manifest: dict) -> tuple[Transformer, dic
         raise ConfigError(f"--vocab-size {cfg.vocab_size} is smaller than the tokenizer's {vocab} tokens")
     if cfg.init_from:
         model, hf_config = load_exported(Path(cfg.init_from))
-        if model.config.vocab_size < vocab:
-            raise ConfigError(f"--init-from model has vocab_size {model.config.vocab_size} but the data was tokenized "
-                              f"with {vocab} tokens; prepare the data with --tokenizer-from {cfg.init_from}")
+        if model.config.vocab_size < vocab or not _same_tokenizer(Path(cfg.init_from), Path(cfg.data)):
+            raise ConfigError(f"the data was not tokenized with the --init-from model's tokenizer; prepare it with "
+                              f"--tokenizer-from {cfg.init_from}")
         base_manifest = Path(cfg.init_from) / "manifest.json"
         base = {"path": str(cfg.init_from),
                 "manifest": json.loads(base_manifest.read_text()) if base_manifest.exists() else None}
         return model, base
     return Transformer(preset(cfg.preset, vocab_size=cfg.vocab_size or vocab, max_seq_len=max(cfg.seq_len, 16))), {}
+
+
+def _same_tokenizer(model_dir: Path, data_dir: Path) -> bool:
+    """Token ids mean the same thing on both sides (the files may be serialised differently)."""
+    if not (model_dir / "tokenizer.json").exists():
+        return True  # a bare weights folder: only the vocabulary size can be checked
+    return load_tokenizer(model_dir).get_vocab() == load_tokenizer(data_dir).get_vocab()
+
+
+def _run_facts(cfg: TrainConfig, env, data_manifest: dict) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint for it to continue exactly."""
+    return {"data_sha256": data_manifest.get("content_sha256"), "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
+            "grad_accum": cfg.grad_accum, "world_size": env.world, "seed": cfg.seed}
 
 
 def train(cfg: TrainConfig, *, echo: bool = False) -> int:
@@ -217,16 +230,29 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
     checkpoint_dir = out / "checkpoint"
     step, cursor, run_id = 0, 0, cfg.run_id or uuid.uuid4().hex[:12]
     started_tokens, flops_done, device_seconds = 0, 0.0, 0.0
+    run_facts = _run_facts(cfg, env, data_manifest)
+    resumed = {}
+    if env.is_main:
+        recover_checkpoint(checkpoint_dir)
+    if env.world > 1:
+        dist.barrier()
     if checkpoint_dir.exists():
         meta = read_checkpoint_meta(checkpoint_dir)
         if meta["model_config"] != model.config.to_dict() or meta["method"] != cfg.method:
             raise ConfigError(f"{checkpoint_dir} was written for a different model or method; use another --out "
                               "or delete the checkpoint")
+        changed = [f"{key} {meta['run'][key]!r} -> {value!r}" for key, value in run_facts.items()
+                   if "run" in meta and meta["run"].get(key) != value]
+        if changed:
+            raise ConfigError(f"{checkpoint_dir} belongs to a run with other settings ({', '.join(changed)}); it "
+                              "would not continue exactly: rerun with the same settings, use another --out, or delete "
+                              "the checkpoint")
         meta = load_checkpoint(checkpoint_dir, model=model, optimizer=optimizer)
         for group in optimizer.param_groups:  # a checkpoint carries its optimizer's flags; this run's choice wins
             group["fused"] = True
         step, cursor, run_id = meta["step"], meta["cursor"], meta["run_id"]
         started_tokens, flops_done, device_seconds = meta["tokens"], meta["flops"], meta["device_seconds"]
+        resumed = meta
 
     train_stream = TokenStream(Path(cfg.data), "train", cfg.seq_len, seed=cfg.seed)
     val_stream = TokenStream(Path(cfg.data), "val", cfg.seq_len, seed=cfg.seed, shuffle=False)
@@ -260,9 +286,11 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
                 model_config=model.config.to_dict(), train_config=asdict(cfg))
     energy = _EnergyMeter(env.device)
     model.train()
-    metrics = {}
+    # A run resumed at its last step (its export interrupted, say) exports what the run measured, not nothing.
+    metrics = resumed.get("metrics", {})
     clock = _StepClock(events, energy, env, tokens_per_step, flops_per_token, peak,
                        totals=(started_tokens, flops_done, device_seconds))
+    clock.last_loss = resumed.get("train_loss", clock.last_loss)
 
     def to_device(batch):
         # Pinned host memory lets the copy overlap the GPU work already queued.
@@ -291,15 +319,24 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
             optimizer.zero_grad(set_to_none=True)
             cursor += cfg.batch_size * cfg.grad_accum * env.world
             step += 1
+            signalled = None
             if env.world > 1:
-                dist.all_reduce(total_loss, op=dist.ReduceOp.AVG)
+                # Ranks see a signal at different steps. Each one's flag travels with the loss, and all act on
+                # the sum once the clock has read it (a step later on a GPU): the same step on every rank, with
+                # no extra synchronisation.
+                flag = torch.full((), 1.0 if stop["signal"] else 0.0, device=env.device)  # a fill, not a host copy
+                packed = torch.stack([total_loss, flag])
+                dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+                total_loss, signalled = packed[0] / env.world, packed[1]
             # The step is queued, not done: its loss is read once the next step is queued too, so the host
             # never idles the GPU between steps. Evaluation, checkpoints and stops read it first.
-            clock.queued(step, total_loss, lr)
+            clock.queued(step, total_loss, lr, signalled)
+            # Read once: a signal arriving during evaluation must not stop a step that was not checkpointed.
+            stopping = clock.peer_signalled if env.world > 1 else stop["signal"] is not None
             finished = step == cfg.max_steps
             evaluate = step % cfg.eval_interval == 0 or finished
-            checkpoint = env.is_main and (step % cfg.checkpoint_interval == 0 or finished or stop["signal"])
-            if evaluate or checkpoint or stop["signal"]:
+            checkpoint = env.is_main and (step % cfg.checkpoint_interval == 0 or finished or stopping)
+            if evaluate or checkpoint or stopping:
                 clock.flush()
             if evaluate:
                 metrics = validation_loss(model, val_stream, batches=cfg.eval_batches, batch_size=cfg.batch_size,
@@ -309,12 +346,13 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
                 save_checkpoint(checkpoint_dir, model=model, optimizer=optimizer, state={
                     "step": step, "cursor": cursor, "run_id": run_id, "tokens": clock.tokens,
                     "flops": clock.flops, "device_seconds": clock.device_seconds,
-                    "model_config": model.config.to_dict(), "method": cfg.method})
+                    "model_config": model.config.to_dict(), "method": cfg.method, "run": run_facts,
+                    "metrics": metrics, "train_loss": clock.last_loss})
                 events.emit("checkpoint", step=step, path=str(checkpoint_dir))
             if env.world > 1:
                 dist.barrier()
-            if stop["signal"] and not finished:
-                events.emit("stopped", step=step, signal=stop["signal"], resumable=True)
+            if stopping and not finished:
+                events.emit("stopped", step=step, signal=stop["signal"] or "another rank's", resumable=True)
                 return EXIT_STOPPED
             if evaluate or checkpoint:
                 clock.restart()  # evaluation and checkpoint time is not training-step time
@@ -376,7 +414,7 @@ def _finish(cfg, out, model, run_id, data_manifest, base, trainable, metrics, la
         "data": [{key: data_manifest.get(key) for key in (
             "description", "license", "content_sha256", "documents", "documents_kept", "bytes",
             "exact_duplicates_removed", "exact_duplicate_rate", "personal_data_found", "personal_data_redacted",
-            "tokens", "tokenizer", "sources")}],
+            "tokens", "tokenizer", "sources", "splits", "groups")}],
         "metrics": {"train_loss": last_loss, **metrics}, "evaluations": evaluations,
         "tokens": tokens, "flops": flops, "flops_per_token": model.flops_per_token(cfg.seq_len),
         "device_hours": device_seconds / 3600, "hardware": {"device": device_name, "count": env.world,
@@ -406,19 +444,22 @@ class _StepClock:
         self.lag = 1 if env.device.type == "cuda" else 0
         self.tokens, self.flops, self.device_seconds = totals  # carried over from a resumed checkpoint
         self.last_loss = float("nan")
+        self.peer_signalled = False
         self.restart()
 
     def restart(self):
         self.done_at = time.perf_counter()
 
-    def queued(self, step: int, loss: torch.Tensor, lr: float):
+    def queued(self, step: int, loss: torch.Tensor, lr: float, signalled: torch.Tensor | None = None):
+        """signalled: under DDP, how many ranks had a stop signal at this step (read with the loss)."""
         done = None
         if self.env.device.type == "cuda":
             # A non-blocking copy off a GPU lands in pinned memory (PyTorch pins it), filled when the step gets there.
             loss = loss.detach().to("cpu", non_blocking=True)
+            signalled = signalled.to("cpu", non_blocking=True) if signalled is not None else None
             done = torch.cuda.Event()
             done.record()
-        self.pending.append((step, loss, lr, done))
+        self.pending.append((step, loss, lr, done, signalled))
         if len(self.pending) > self.lag:
             self._report(*self.pending.pop(0))
 
@@ -426,9 +467,11 @@ class _StepClock:
         while self.pending:
             self._report(*self.pending.pop(0))
 
-    def _report(self, step, loss, lr, done):
+    def _report(self, step, loss, lr, done, signalled):
         if done is not None:
             done.synchronize()  # this step's kernels, not the ones queued after it
+        if signalled is not None and float(signalled) > 0:
+            self.peer_signalled = True
         self.last_loss = float(loss)
         now = time.perf_counter()
         elapsed, self.done_at = now - self.done_at, now

@@ -1,0 +1,174 @@
+"""Bad inputs, changed settings and interrupted runs: each is refused with one clear line, or recovered, and
+nothing that was there is lost."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from training.config import ConfigError, ModelConfig
+from training.data import prepare, stdlib_corpus
+from training.evaluate import TASKS
+from training.export import check_export_target
+from training.trainer import EXIT_STOPPED, train
+
+from .conftest import events, quick_config
+
+import random
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "training", *map(str, args)], capture_output=True, text=True)
+
+
+def _strict_json(path: Path):
+    def refuse(constant):
+        raise ValueError(f"{path} holds {constant}, which is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_export_replaces_only_an_earlier_export(tmp_path, trained):
+    check_export_target(tmp_path / "new")
+    (tmp_path / "empty").mkdir()
+    check_export_target(tmp_path / "empty")
+    check_export_target(trained / "export")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="is not empty and holds no earlier export"):
+        check_export_target(project)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        check_export_target(tmp_path / "file")
+
+
+def test_signal_during_validation_still_checkpoints_the_step_it_stops_at(tmp_path, data_dir, monkeypatch):
+    import training.trainer as trainer
+
+    real = trainer.validation_loss
+
+    def validation_then_sigterm(*args, **kwargs):
+        result = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # lands while the step's stop decision has been taken
+        return result
+
+    monkeypatch.setattr(trainer, "validation_loss", validation_then_sigterm)
+    out = tmp_path / "run"
+    assert train(quick_config(data_dir, out, max_steps=30, eval_interval=10)) == EXIT_STOPPED
+    stopped = events(out, "stopped")[0]
+    checkpoint = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
+    assert checkpoint["step"] == stopped["step"] == 11  # the step after the evaluation, checkpointed first
+    assert [e["step"] for e in events(out, "checkpoint")] == [11]
+
+
+def test_resuming_with_other_settings_is_refused_and_touches_nothing(tmp_path, data_dir):
+    out = tmp_path / "run"
+    assert train(quick_config(data_dir, out, max_steps=3)) == 0
+    before = {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()}
+    log = (out / "events.jsonl").read_text()
+    with pytest.raises(ConfigError, match=r"other settings \(batch_size 8 -> 4, seed 1337 -> 5\).*same settings"):
+        train(quick_config(data_dir, out, max_steps=6, batch_size=4, seed=5))
+    assert {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()} == before
+    assert (out / "events.jsonl").read_text() == log
+
+
+def test_rerunning_a_finished_run_exports_what_it_measured(tmp_path, data_dir):
+    out = tmp_path / "run"
+    assert train(quick_config(data_dir, out, max_steps=4, eval_interval=2)) == 0
+    first = _strict_json(out / "export" / "manifest.json")
+    assert train(quick_config(data_dir, out, max_steps=4, eval_interval=2)) == 0
+    again = _strict_json(out / "export" / "manifest.json")
+    assert again["metrics"] == first["metrics"] and "val_loss" in again["metrics"]
+    assert again["files"]["model.safetensors"] == first["files"]["model.safetensors"]
+    assert "Validation loss" in (out / "export" / "README.md").read_text()
+
+
+def test_a_checkpoint_left_as_old_by_a_crash_is_resumed(tmp_path, data_dir):
+    out = tmp_path / "run"
+    assert train(quick_config(data_dir, out, max_steps=3)) == 0
+    os.replace(out / "checkpoint", out / "checkpoint.old")  # the crash between save_checkpoint's two renames
+    assert train(quick_config(data_dir, out, max_steps=5)) == 0
+    assert events(out, "start")[1]["resumed_from_step"] == 3
+    assert not (out / "checkpoint.old").exists()
+
+
+def test_init_from_refuses_data_tokenized_with_another_tokenizer(tmp_path, data_dir, trained, corpus):
+    other = tmp_path / "other-data"
+    prepare([corpus], other, vocab_size=400, license="PSF-2.0")  # fewer tokens, so the vocabulary size alone passes
+    with pytest.raises(ConfigError, match=f"prepare it with --tokenizer-from {trained / 'export'}"):
+        train(quick_config(other, tmp_path / "ft", init_from=str(trained / "export"), max_steps=4))
+    assert not (tmp_path / "ft" / "checkpoint").exists()
+
+
+def test_merge_never_overwrites_a_folder_that_is_not_an_export(tmp_path, trained):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    base_manifest = (trained / "export" / "manifest.json").read_text()
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    out = _cli("merge", adapter, "--base", trained / "export", "--out", project)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "is not empty and holds no earlier export" in out.stderr
+    assert (project / "notes.txt").read_text() == "mine"
+    out = _cli("merge", adapter, "--base", trained / "export", "--out", trained / "export")
+    assert out.returncode == 2 and "not the base model or the adapter" in out.stderr
+    assert (trained / "export" / "manifest.json").read_text() == base_manifest
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    out = _cli("merge", adapter, "--base", trained / "export", "--out", tmp_path / "merged")
+    assert out.returncode == 2 and "needs r, lora_alpha, target_modules" in out.stderr
+    assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-100]),
+     "the weights cannot be read, the files may be truncated or corrupt"),
+    (lambda d: (d / "tokenizer.json").write_text("{broken"), "tokenizer.json is not a readable tokenizer"),
+    (lambda d: (d / "config.json").write_text("{broken"), "config.json is not valid JSON"),
+    (lambda d: (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64})),
+     "config.json lacks num_attention_heads, intermediate_size, num_hidden_layers, vocab_size"),
+])
+def test_eval_of_a_damaged_export_fails_with_one_line(tmp_path, trained, damage, message):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained / "export", copy)
+    damage(copy)
+    out = _cli("eval", copy)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+
+
+def test_an_out_that_is_a_file_fails_with_one_line(tmp_path, data_dir):
+    (tmp_path / "taken").write_text("x")
+    out = _cli("train", "--data", data_dir, "--out", tmp_path / "taken", "--max-steps", "1", "--warmup-steps", "0",
+               "--seq-len", "64")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and str(tmp_path / "taken") in out.stderr
+    assert (tmp_path / "taken").read_text() == "x"
+
+
+def test_a_config_with_another_activation_is_refused():
+    config = json.loads(json.dumps(ModelConfig().to_hf()))
+    config["hidden_act"] = "gelu"
+    with pytest.raises(ConfigError, match="hidden_act 'gelu' is not supported"):
+        ModelConfig.from_hf(config)
+
+
+def test_the_stdlib_demo_corpus_leaves_out_installed_packages():
+    entries, license = stdlib_corpus()
+    root = Path(sysconfig.get_paths()["stdlib"])
+    installed = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")}
+    assert license == "PSF-2.0" and root / "json" in entries and root / "os.py" in entries
+    assert not any(e.name in ("site-packages", "dist-packages") or e.resolve() in installed for e in entries)
+
+
+def test_bracket_items_are_half_balanced_and_wrong_copies_keep_the_length():
+    answers = [right for _, right, _ in TASKS["brackets"](random.Random("0-brackets"))]
+    assert answers.count(" yes") == answers.count(" no") == len(answers) // 2  # always "no" scores 0.5
+    for _, right, wrong in TASKS["copy"](random.Random(1)):
+        assert len(right) == len(wrong) and right != wrong
