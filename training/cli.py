@@ -63,6 +63,8 @@ def main(argv=None) -> int:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8100)
     srv.add_argument("--max-batch", type=int, default=32, help="requests decoded together (KV cache slots)")
+    srv.add_argument("--max-waiting", type=int, default=256,
+                     help="requests that may wait for a slot; beyond it new ones get 503 + Retry-After")
     srv.add_argument("--device", default="auto")
     srv.add_argument("--decode", default="auto", choices=["auto", "dynamic", "static", "graphs", "compiled"],
                      help="decode step: CUDA graphs on a GPU, eager slices on a CPU (auto); compiled: torch.compile, then graphs")
@@ -127,9 +129,11 @@ def _run(args) -> int:
     if args.command == "serve":
         from training.serve import serve
 
+        if args.max_waiting < 1:
+            raise ConfigError(f"--max-waiting must be at least 1, not {args.max_waiting}")
         try:
             serve(str(args.model), model_id=args.model_id or args.model.resolve().name, host=args.host, port=args.port,
-                  max_batch=args.max_batch, device=args.device, decode=args.decode)
+                  max_batch=args.max_batch, device=args.device, decode=args.decode, max_waiting=args.max_waiting)
         except OSError as exc:  # the port is taken, say
             raise ConfigError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
         except KeyboardInterrupt:

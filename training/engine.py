@@ -13,6 +13,7 @@ Greedy decoding reproduces transformers' `generate` token for token; batched res
 here, so training and serving share one implementation of every layer.
 """
 import collections
+import dataclasses
 import json
 import math
 import queue
@@ -33,16 +34,18 @@ from training.model import apply_rope
 
 
 class EngineError(ValueError):
-    """A request the engine cannot serve (too long, bad parameters: 400; the engine has failed: 503)."""
+    """A request the engine cannot serve (too long, bad parameters: 400; the engine has failed or is full: 503,
+    with `retry_after` seconds when retrying soon is the remedy)."""
 
-    def __init__(self, message: str, code: str = "invalid_value", param: str | None = None, status: int = 400):
+    def __init__(self, message: str, code: str = "invalid_value", param: str | None = None, status: int = 400,
+                 retry_after: int | None = None):
         super().__init__(message)
-        self.code, self.param, self.status = code, param, status
+        self.code, self.param, self.status, self.retry_after = code, param, status, retry_after
 
 
 @dataclass
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: the rest of the context, as vLLM does when a chat request sets no limit
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -53,7 +56,7 @@ class SamplingParams:
     def validate(self) -> None:
         def bad(param, message):
             raise EngineError(message, param=param)
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             bad("max_tokens", "max_tokens must be a positive integer.")
         if not 0 <= self.temperature <= 2:
             bad("temperature", "temperature must be between 0 and 2.")
@@ -91,7 +94,7 @@ class Request:
 class Engine:
     def __init__(self, model_dir: str | Path, *, device: str = "auto", max_batch: int = 32,
                  max_seq_len: int | None = None, dtype: str = "auto", prefill_tokens: int | None = None,
-                 decode: str = "auto"):
+                 decode: str = "auto", max_waiting: int | None = None):
         model_dir = Path(model_dir)
         use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         self.device = torch.device(device if device.startswith("cuda") else "cuda" if use_cuda else "cpu")
@@ -103,7 +106,7 @@ class Engine:
         self.layers = [_LayerWeights.of(block, transposed=on_cpu) for block in self.model.model.layers]
         self.lm_head = _Linear.of([self.model.lm_head.weight], [None], transposed=on_cpu)
         self.model_dir = model_dir
-        self.tokenizer, self.chat_template, self.eos_ids = _load_tokenizer(model_dir, hf_config)
+        self.tokenizer, self.chat_template, self.special_tokens, self.eos_ids = _load_tokenizer(model_dir, hf_config)
         self.max_batch = max_batch
         self.max_seq_len = min(max_seq_len or self.config.max_seq_len, self.config.max_seq_len)
         # dynamic: each decode step slices the cache to the longest row (eager; the CPU default). static: one
@@ -139,6 +142,11 @@ class Engine:
         # (tests/bench/generate.py); a GPU needs far more positions per matmul to be busy.
         self.prefill_tokens = prefill_tokens or (4096 if use_cuda else 256)
         self.waiting: "collections.deque[Request]" = collections.deque()  # append/popleft are thread-safe
+        # At most this many requests wait for a slot (None: no bound); beyond it submit refuses with 503 rather than
+        # queue work no client will wait for. The lock makes the check and the append one step for the HTTP threads,
+        # and lets the engine's thread drop cancelled requests from the queue.
+        self.max_waiting = max_waiting
+        self._waiting_lock = threading.Lock()
         self.wake = threading.Event()
         self.stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "steps": 0}
         self._thread: threading.Thread | None = None
@@ -147,13 +155,18 @@ class Engine:
         self.on_failure = None  # called once after a failure (the server shuts down, so its supervisor restarts it)
 
     # --- Tokens -----------------------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """A prompt's token ids. By default with the special tokens the tokenizer's post-processor adds (the BOS of
+        a Llama checkpoint), as transformers and vLLM encode a completions prompt; chat prompts already hold theirs."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def render_chat(self, messages: list[dict]) -> str:
+        """The prompt text of a conversation, rendered as transformers' apply_chat_template renders it."""
+        from jinja2 import TemplateError
+
         if not self.chat_template:
             raise EngineError("This model has no chat template; use /v1/completions.", code="chat_unsupported")
         for message in messages:
@@ -161,7 +174,15 @@ class Engine:
                     or not isinstance(message.get("content"), str):
                 raise EngineError("messages must be a list of {role: system|user|assistant, content: string}.",
                                   param="messages")
-        return self.chat_template.render(messages=messages, add_generation_prompt=True)
+        try:
+            return self.chat_template.render(messages=messages, add_generation_prompt=True, **self.special_tokens)
+        except TemplateError as exc:  # raise_exception: the template refuses these messages (roles not alternating)
+            raise EngineError(f"This model's chat template refused the messages: {exc}", param="messages") from None
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        # The rendered template already holds its special tokens (the BOS of a Llama template): add none, as
+        # transformers' apply_chat_template does not.
+        return self.encode(self.render_chat(messages), add_special_tokens=False)
 
     # --- Requests ---------------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, *, stream: bool = False) -> Request:
@@ -171,6 +192,12 @@ class Engine:
         params.validate()
         if not prompt_ids:
             raise EngineError("The prompt is empty.", param="prompt")
+        if params.max_tokens is None:
+            if len(prompt_ids) >= self.max_seq_len:
+                raise EngineError(f"This model's context is {self.max_seq_len} tokens and the prompt has "
+                                  f"{len(prompt_ids)}, leaving none to generate. Shorten the prompt.",
+                                  code="context_length_exceeded", param=None)
+            params = dataclasses.replace(params, max_tokens=self.max_seq_len - len(prompt_ids))
         if len(prompt_ids) + params.max_tokens > self.max_seq_len:
             raise EngineError(f"This model's context is {self.max_seq_len} tokens; the prompt has {len(prompt_ids)} "
                               f"and max_tokens asks for {params.max_tokens} more. Shorten the prompt or lower "
@@ -178,7 +205,12 @@ class Engine:
         request = Request(prompt_ids=list(prompt_ids), params=params, stream=stream)
         if params.seed is not None:
             request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        self.waiting.append(request)
+        with self._waiting_lock:
+            if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
+                raise EngineError(f"The engine is at capacity ({len(self.active)} requests generating, "
+                                  f"{len(self.waiting)} waiting); retry shortly.", code="engine_overloaded",
+                                  status=503, retry_after=1)
+            self.waiting.append(request)
         self.wake.set()
         return request
 
@@ -276,6 +308,13 @@ class Engine:
         for slot, request in list(self.active.items()):
             if request.cancelled:
                 self._finish(request, "cancelled")
+        # Waiting ones too: a client that gave up must not hold a place in the bounded queue.
+        with self._waiting_lock:
+            gone = [r for r in self.waiting if r.cancelled]
+            if gone:
+                self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
+        for request in gone:
+            self._finish(request, "cancelled")
 
     def _advance(self, requests: list[Request], logits: torch.Tensor) -> None:
         next_ids = self._sample(requests, logits)
@@ -637,7 +676,6 @@ def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
 
 
 def _load_tokenizer(model_dir: Path, hf_config: dict):
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
     from tokenizers import Tokenizer
 
     path = model_dir / "tokenizer.json"
@@ -646,17 +684,64 @@ def _load_tokenizer(model_dir: Path, hf_config: dict):
     tokenizer = Tokenizer.from_file(str(path))
     config_path = model_dir / "tokenizer_config.json"
     tokenizer_config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    template = tokenizer_config.get("chat_template")
-    # Chat templates come with checkpoints from anywhere: render them sandboxed, as transformers does.
-    chat_template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template) \
-        if isinstance(template, str) else None
+    source = _chat_template_source(model_dir, tokenizer_config)
+    chat_template = _chat_environment().from_string(source) if source is not None else None
+    # The special tokens a template may write ({{ bos_token }} in Llama's), as strings: transformers passes its
+    # special_tokens_map. special_tokens_map.json fills in what an older checkpoint's config leaves out.
+    map_path = model_dir / "special_tokens_map.json"
+    token_map = json.loads(map_path.read_text()) if map_path.exists() else {}
+    special_tokens = {}
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = tokenizer_config.get(name) or token_map.get(name)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):  # unset ones stay undefined in the template (render as ""), never "None"
+            special_tokens[name] = value
     eos = set()
     generation = model_dir / "generation_config.json"
     for source in (hf_config, json.loads(generation.read_text()) if generation.exists() else {}):
         value = source.get("eos_token_id")
         eos.update(value if isinstance(value, list) else [value] if value is not None else [])
-    token = tokenizer_config.get("eos_token")
-    token = token.get("content") if isinstance(token, dict) else token
+    token = special_tokens.get("eos_token")
     if token and tokenizer.token_to_id(token) is not None:
         eos.add(tokenizer.token_to_id(token))
-    return tokenizer, chat_template, eos
+    return tokenizer, chat_template, special_tokens, eos
+
+
+def _chat_template_source(model_dir: Path, tokenizer_config: dict) -> str | None:
+    """Where transformers finds the template: chat_template.jinja (what recent versions save) before the config's
+    chat_template, which is a string or a list of named templates (of which the one named "default" is used)."""
+    path = model_dir / "chat_template.jinja"
+    if path.exists():
+        return path.read_text(encoding="utf-8")
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def _chat_environment():
+    """A jinja environment like transformers' for chat templates. Templates come with checkpoints from anywhere:
+    sandboxed, so one cannot reach Python's internals."""
+    import datetime
+
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        # A template's way to refuse a conversation (Llama 2: roles must alternate); render_chat answers it as 400.
+        raise jinja2.TemplateError(message)
+
+    def strftime_now(format):  # Llama 3.1's template writes today's date into the system prompt
+        return datetime.datetime.now().strftime(format)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # Jinja's own tojson escapes <, >, & and ' for HTML; transformers' (and so the model's training) does not.
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[jinja2.ext.loopcontrols])
+    environment.filters["tojson"] = tojson
+    environment.globals["raise_exception"] = raise_exception
+    environment.globals["strftime_now"] = strftime_now
+    return environment

@@ -5,17 +5,27 @@ it exactly as it talks to a vLLM server:
 
 GET /v1/models, /v1/models/{id}, /health, /metrics; POST /v1/completions and /v1/chat/completions (with
 `"stream": true` as server-sent events, `stream_options.include_usage` adding a usage chunk). Errors use
-OpenAI's shape. A client that goes away cancels its request at the next decode step.
+OpenAI's shape. A client that goes away cancels its request at the next decode step, streaming or not; when
+`max_waiting` requests already wait for a slot, a new one is refused with 503 and Retry-After instead of queued.
 """
 import json
+import queue
+import select
+import socket
+import sys
 import threading
 import time
+import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
 from training.engine import Engine, EngineError, Request, SamplingParams
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+# Requests waiting for a slot before new ones are refused: past a few hundred, a client would wait minutes.
+MAX_WAITING = 256
+# How often a handler waiting on the engine checks whether its client has gone (a cancel frees the slot).
+POLL_SECONDS = 0.1
 
 
 class ApiError(Exception):
@@ -40,10 +50,15 @@ def sampling_from(body: dict, *, chat: bool) -> SamplingParams:
     stop = (stop,) if isinstance(stop, str) else stop
     if not isinstance(stop, (list, tuple)):
         raise ApiError(400, "stop must be a string or a list of strings.", code="invalid_value", param="stop")
+    ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: generate exactly max_tokens (benchmarks)
+    if not isinstance(ignore_eos, bool):
+        raise ApiError(400, "ignore_eos must be true or false.", code="invalid_value", param="ignore_eos")
     limit = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-    return SamplingParams(max_tokens=number(limit, 256 if chat else 16, int), temperature=number("temperature", 1.0),
+    # Without a limit a chat may use the rest of the context (the engine computes it), as vLLM does; a fixed
+    # default would refuse every chat on a model whose context is shorter. Completions keep OpenAI's 16.
+    return SamplingParams(max_tokens=number(limit, None if chat else 16, int), temperature=number("temperature", 1.0),
                           top_p=number("top_p", 1.0), top_k=number("top_k", 0, int), stop=tuple(stop),
-                          seed=number("seed", None, int))
+                          seed=number("seed", None, int), ignore_eos=ignore_eos)
 
 
 class EngineServer(ThreadingHTTPServer):
@@ -66,24 +81,53 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     # --- plumbing -------------------------------------------------------------------------------------------
-    def _json(self, status: int, payload: dict) -> None:
+    def _json(self, status: int, payload: dict, headers: dict | None = None) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
     def _guard(self, handler) -> None:
+        self._streaming = False  # once an event stream has begun, an error can no longer be a JSON response
         try:
             handler()
         except ApiError as exc:
             self._json(exc.status, exc.body)
         except EngineError as exc:
+            headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
             self._json(exc.status, {"error": {"message": str(exc), "param": exc.param, "code": exc.code,
-                                              "type": "invalid_request_error" if exc.status < 500 else "server_error"}})
+                                              "type": "invalid_request_error" if exc.status < 500 else "server_error"}},
+                       headers)
         except (BrokenPipeError, ConnectionResetError):
             pass
+        except Exception:
+            # A bug: answer it as one. A dropped connection would read as "engine down" to the gateway (503) and
+            # be retried by the openai client; a 500 with OpenAI's shape says what happened.
+            print(f"engine: {self.command} {self.path} failed", file=sys.stderr, flush=True)
+            traceback.print_exc()
+            self.close_connection = True  # the body may be unread, or a stream half sent
+            if self._streaming:
+                return
+            try:
+                self._json(500, {"error": {"message": "The engine server failed on this request (a bug, logged on "
+                                                      "the server); retrying will not help until it is fixed.",
+                                           "type": "server_error", "param": None, "code": "internal_error"}})
+            except OSError:
+                pass
+
+    def _client_gone(self) -> bool:
+        """Whether the client has closed its connection: readable with nothing to read is end of file. (A client
+        that sends more while it waits, a pipelined request, is still there.)"""
+        try:
+            poller = select.poll()  # not select.select: it cannot watch descriptors past 1023, which a busy server has
+            poller.register(self.connection, select.POLLIN)
+            return bool(poller.poll(0)) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:  # reset, or already closed
+            return True
 
     def _body(self) -> dict:
         length = int(self.headers.get("Content-Length") or 0)
@@ -103,6 +147,9 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- routes ---------------------------------------------------------------------------------------------
     def do_GET(self):
+        self._guard(self._get)
+
+    def _get(self):
         path = unquote(self.path.split("?", 1)[0])
         engine = self.server.engine
         if path == "/health":
@@ -145,19 +192,24 @@ class Handler(BaseHTTPRequestHandler):
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise ApiError(400, "messages must be a non-empty list.", code="invalid_value", param="messages")
-            prompt = engine.render_chat(messages)
+            prompt_ids = engine.encode_chat(messages)
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
                 prompt = prompt[0]
             if not isinstance(prompt, str):
                 raise ApiError(400, "prompt must be a string.", code="invalid_value", param="prompt")
-        request = engine.submit(engine.encode(prompt), sampling_from(body, chat=chat), stream=bool(body.get("stream")))
+            prompt_ids = engine.encode(prompt)  # with the BOS the tokenizer adds, if it adds one
+        request = engine.submit(prompt_ids, sampling_from(body, chat=chat), stream=bool(body.get("stream")))
         ident = ("chatcmpl-" if chat else "cmpl-") + request.id
         if request.stream:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return self._stream(request, ident, chat=chat, include_usage=include_usage)
-        request.done.wait()
+        while not request.done.wait(timeout=POLL_SECONDS):
+            if self._client_gone():  # nobody will read the answer: free the slot at the next step
+                request.cancel()
+                self.close_connection = True
+                return
         if request.finish_reason == "error":
             raise EngineError(f"The engine failed while generating ({engine.failure}); retry shortly.",
                               code="engine_failed", status=503)
@@ -185,6 +237,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")  # the body ends when the connection does
         self.end_headers()
         self.close_connection = True
+        self._streaming = True
         created, model = int(request.created), self.server.model_id
         kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -196,7 +249,18 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if chat:
                 chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            while (delta := request.deltas.get()) is not None:
+            while True:
+                try:
+                    delta = request.deltas.get(timeout=POLL_SECONDS)
+                except queue.Empty:
+                    # Nothing to write (the request waits for a slot, say), so a write cannot tell us the client
+                    # left: look at the socket.
+                    if self._client_gone():
+                        request.cancel()
+                        return
+                    continue
+                if delta is None:
+                    break
                 if chat:
                     chunk([{"index": 0, "delta": {"content": delta}, "finish_reason": None}])
                 else:
@@ -219,8 +283,8 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def serve(model_dir: str, *, model_id: str, host: str = "127.0.0.1", port: int = 8100, max_batch: int = 32,
-          device: str = "auto", decode: str = "auto", ready=None) -> None:
-    engine = Engine(model_dir, device=device, max_batch=max_batch, decode=decode)
+          device: str = "auto", decode: str = "auto", max_waiting: int = MAX_WAITING, ready=None) -> None:
+    engine = Engine(model_dir, device=device, max_batch=max_batch, decode=decode, max_waiting=max_waiting)
     # Before the port opens: the supervisor marks the engine ready only once /health answers.
     started = time.perf_counter()
     if shapes := engine.warm_up():

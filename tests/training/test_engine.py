@@ -198,6 +198,32 @@ def test_cancelled_requests_free_their_slot(engine):
     assert request.finish_reason == "cancelled" and not engine.active and request.done.is_set()
 
 
+def test_a_full_queue_refuses_and_a_cancelled_waiter_leaves_it(engine, monkeypatch):
+    monkeypatch.setattr(engine, "max_waiting", 1)
+    first = engine.submit(engine.encode(PROMPTS[0]), SamplingParams(max_tokens=4, temperature=0))
+    with pytest.raises(EngineError, match="at capacity") as full:
+        engine.submit(engine.encode(PROMPTS[1]), SamplingParams(max_tokens=4, temperature=0))
+    assert (full.value.status, full.value.retry_after, list(engine.waiting)) == (503, 1, [first])
+    first.cancel()  # its client left before it got a slot: it must not keep holding the place
+    with monkeypatch.context() as busy:
+        busy.setattr(engine, "_admit", lambda: [])  # as if every slot were taken: only the purge can remove it
+        engine.step()
+    assert first.finish_reason == "cancelled" and first.done.is_set() and not engine.waiting
+    second = engine.submit(engine.encode(PROMPTS[1]), SamplingParams(max_tokens=4, temperature=0))
+    engine.run_until_idle()
+    assert second.finish_reason == "length"
+
+
+def test_no_max_tokens_means_the_rest_of_the_context(engine):
+    prompt = engine.encode(PROMPTS[0])
+    request = engine.submit(prompt, SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))
+    engine.run_until_idle()
+    assert len(prompt) + len(request.output_ids) == engine.max_seq_len and request.finish_reason == "length"
+    with pytest.raises(EngineError, match="leaving none") as full:
+        engine.submit(list(range(engine.max_seq_len)), SamplingParams(max_tokens=None))
+    assert full.value.code == "context_length_exceeded"
+
+
 def test_chat_template_renders_roles_and_refuses_bad_messages(engine):
     text = engine.render_chat([{"role": "user", "content": "hi"}])
     assert text.startswith("<|user|>\nhi") and text.endswith("<|assistant|>\n")

@@ -1,4 +1,5 @@
-"""The engine's HTTP server: OpenAI shapes, errors, and a client that leaves cancelling its request."""
+"""The engine's HTTP server: OpenAI shapes, errors (4xx, 500, 503 when full), and a client that leaves cancelling
+its request, streaming or not."""
 import json
 import time
 
@@ -26,6 +27,7 @@ def test_models_health_metrics_and_errors(server):
                                ({"prompt": 3}, 400, "invalid_value"),
                                ({"prompt": "x", "max_tokens": "many"}, 400, "invalid_value"),
                                ({"prompt": "x", "n": 2}, 400, "invalid_value"),
+                               ({"prompt": "x", "ignore_eos": "yes"}, 400, "invalid_value"),
                                ({"prompt": "x", "max_tokens": 10_000}, 400, "context_length_exceeded")]:
         response = httpx.post(base + "/v1/completions", json=body)
         assert (response.status_code, response.json()["error"]["code"]) == (status, code), body
@@ -33,20 +35,89 @@ def test_models_health_metrics_and_errors(server):
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_a_client_that_goes_away_cancels_its_request(server):
+def slow_and_recorded(engine, monkeypatch) -> list:
+    """Each decode step takes 20 ms more (a 60-token answer takes over a second, so the client surely leaves first),
+    and the requests submitted are recorded, to see how they ended."""
+    submitted = []
+    submit, advance = engine.submit, engine._advance
+
+    def recording(*args, **kwargs):
+        submitted.append(submit(*args, **kwargs))
+        return submitted[-1]
+
+    def slow(*args):
+        time.sleep(0.02)
+        return advance(*args)
+    monkeypatch.setattr(engine, "submit", recording)
+    monkeypatch.setattr(engine, "_advance", slow)
+    return submitted
+
+
+def assert_cancelled(request) -> None:
+    assert request.done.wait(timeout=10), "the request was never ended"
+    assert request.finish_reason == "cancelled" and len(request.output_ids) < 60
+
+
+def test_a_streaming_client_that_goes_away_cancels_its_request(server, monkeypatch):
     base, engine_server = server
-    engine = engine_server.engine
-    before = engine.stats["completion_tokens"]
+    submitted = slow_and_recorded(engine_server.engine, monkeypatch)
+    # ignore_eos: the request cannot end by itself before the client leaves
     with httpx.stream("POST", base + "/v1/completions", json={"prompt": "def", "max_tokens": 60, "temperature": 0,
-                                                              "stream": True}) as response:
+                                                              "ignore_eos": True, "stream": True}) as response:
         first = next(response.iter_lines())
         assert first.startswith("data: ") and json.loads(first[6:])["object"] == "text_completion"
-    # The engine notices at its next write, frees the slot and stops generating for it.
+    assert_cancelled(submitted[0])  # noticed at the next write; the slot is freed at the next step
+
+
+def test_a_non_streaming_client_that_goes_away_cancels_its_request(server, monkeypatch):
+    base, engine_server = server
+    submitted = slow_and_recorded(engine_server.engine, monkeypatch)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(base + "/v1/chat/completions", timeout=0.3, json={
+            "messages": [{"role": "user", "content": "def"}], "max_tokens": 50, "temperature": 0, "ignore_eos": True})
+    assert_cancelled(submitted[0])  # noticed by polling the socket while the answer is generated
     for _ in range(100):
-        if not engine.active:
+        if not engine_server.engine.active:
             break
         time.sleep(0.05)
-    assert not engine.active and engine.stats["completion_tokens"] - before < 60
+    assert not engine_server.engine.active
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_queues_nothing(server, monkeypatch):
+    base, engine_server = server
+    engine = engine_server.engine
+    before = dict(engine.stats)
+    monkeypatch.setattr(engine, "max_waiting", 0)  # as if the queue were full
+    response = httpx.post(base + "/v1/completions", json={"prompt": "def", "max_tokens": 4})
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "engine_overloaded") and "retry" in error["message"]
+    assert engine.stats == before and not engine.waiting
+
+
+def test_an_unexpected_error_is_a_500_in_openai_shape_and_logged(server, monkeypatch, capsys):
+    base, engine_server = server
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the engine")
+    monkeypatch.setattr(engine_server.engine, "encode_chat", broken)
+    response = httpx.post(base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 500, response.text
+    assert response.json()["error"]["type"] == "server_error" and response.json()["error"]["code"] == "internal_error"
+    assert "RuntimeError: a bug in the engine" in capsys.readouterr().err
+    assert httpx.get(base + "/health").json()["status"] == "ok"  # the server goes on serving
+
+
+def test_a_chat_without_max_tokens_may_use_the_rest_of_the_context(server):
+    base, engine_server = server
+    context = engine_server.engine.max_seq_len  # 64 here: a fixed default of 256 refused every such chat
+    response = httpx.post(base + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "def"}], "temperature": 0, "ignore_eos": True})
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["total_tokens"] == context
+    assert response.json()["choices"][0]["finish_reason"] == "length"
+    too_long = httpx.post(base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x " * 80}]})
+    assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
 
 
 def test_a_failed_engine_answers_503_and_stops_serving(trained):
