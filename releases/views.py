@@ -8,7 +8,7 @@ from django.contrib.auth.decorators import login_required
 from django.db.models import Count, Q, Sum
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
-from django.urls import path
+from django.urls import path, reverse
 from django.views.decorators.http import require_http_methods, require_POST, require_safe
 
 from gatehouse.accounts.models import Membership
@@ -138,9 +138,24 @@ def downgrade_page(request, model):
 @require_http_methods(["GET", "HEAD", "POST"])
 @with_visible_model
 def playground(request, model):
-    """Try a model the signed-in user may use, and copy the `openai` snippet that does the same."""
+    """Try a model the signed-in user may use, and copy the `openai` snippet that does the same. Anyone else is told
+    why they may not and what to do instead of getting a form (and a snippet) that can only be refused."""
     context = {"model": model, "base_url": request.build_absolute_uri("/v1"), "message": "", "answer": None,
                "error": None, "max_tokens": 64, "temperature": 0.7}
+    if not backend_served(model):
+        context["unavailable"] = (f"{model.repo_id} is not served by the inference API: no inference backend is "
+                                  "enabled for it. Its organization's administrators can enable one.")
+        return render(request, "releases/playground.html", context, status=404)
+    access_policy = access.access_policy_of(model)
+    decision = policy.inference_access(
+        repo_id=model.repo_id, tier=model.tier, audience=access_policy.audience,
+        acceptable_use=bool(access_policy.acceptable_use), request_url=access.access_request_url(request, model),
+        caller=access.caller_facts(user=request.user, token=None, model=model))
+    if not decision.allowed:  # the decision's message says why and what to do (request access, accept the policy)
+        context["unavailable"] = decision.message
+        if policy.needs_grant(access_policy.audience, bool(access_policy.acceptable_use)):
+            context["access_url"] = reverse("web-access-request", args=[model.organization.slug, model.name])
+        return render(request, "releases/playground.html", context, status=decision.status)
     status = 200
     if request.method == "POST":
         try:

@@ -61,6 +61,16 @@ def _calls(scope: str, key: int):
     return InferenceCall.objects.filter(organization_id=key)
 
 
+def quota_organization(model, organization_ids: list[int]) -> int | None:
+    """The organization whose quota a call counts against. A member calling their organization's own model works for
+    it; otherwise the lowest id, so that each caller's calls always land on the same organization: memberships come
+    from the database in no set order, and an arbitrary pick could spread one person's calls over several
+    organizations' quotas (each of them then seeing only part of the use)."""
+    if model.organization_id in organization_ids:
+        return model.organization_id
+    return min(organization_ids, default=None)
+
+
 def quota_check(*, user, token, organization_id: int | None) -> QuotaRefusal | None:
     """Per token (a signed-in session counts as one token of its user) and per the caller's organization."""
     now = timezone.now()
@@ -85,8 +95,14 @@ def inference_call_start(*, user, token, organization_id, model, endpoint: str, 
     return call
 
 
+def _tokens(usage, name: str) -> int:
+    """A count from the backend's usage: what a backend sends is not trusted to be a count at all."""
+    value = usage.get(name) if isinstance(usage, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
 def inference_call_finish(call: InferenceCall, *, status: int, usage: dict | None = None, error_code: str = "") -> None:
-    usage = usage or {}
-    _finish_call(call.pk, status=status, error_code=error_code[:64], prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                 completion_tokens=int(usage.get("completion_tokens") or 0),
+    _finish_call(call.pk, status=status, error_code=error_code[:64], prompt_tokens=_tokens(usage, "prompt_tokens"),
+                 completion_tokens=_tokens(usage, "completion_tokens"),
                  latency_ms=(time.perf_counter() - call.started) * 1000)
+    call.status = status  # finished: the gateway's last-resort handler leaves it alone

@@ -110,3 +110,29 @@ def check_generation_parameters(endpoint: str, body: dict, *, context_length: in
         except (ValueError, RecursionError):
             raise InvalidParameter(str(name), f"{name} contains NaN or Infinity (or nests without bound); send "
                                               "finite JSON numbers.") from None
+
+
+# Parameters our own engine (training.serve) does not implement: it would answer as if they had not been sent, and a
+# caller asking for log probabilities, penalties or several choices would take that answer for what it asked. Each
+# with the test of a value that asks for something (its default, or leaving it out, asks for nothing). vLLM does
+# implement them: an upstream backend gets them untouched.
+ENGINE_UNSUPPORTED = (
+    ("n", lambda v: v > 1),
+    ("best_of", lambda v: v > 1),
+    ("logprobs", lambda v: v is not False),  # chat: true; completions: a number, 0 too (the chosen tokens' own)
+    ("top_logprobs", lambda v: v != 0),
+    ("echo", bool),
+    ("suffix", bool),
+    ("logit_bias", bool),
+    ("presence_penalty", lambda v: v != 0),
+    ("frequency_penalty", lambda v: v != 0),
+)
+
+
+def check_engine_support(body: dict) -> None:
+    """For a model served by our engine, after check_generation_parameters: raise InvalidParameter for the first
+    parameter set to something the engine would silently ignore."""
+    for name, asks in ENGINE_UNSUPPORTED:
+        if body.get(name) is not None and asks(body[name]):
+            raise InvalidParameter(name, f"{name}={str(body[name])[:40]} is not supported by this model's engine; "
+                                         f"leave {name} out (or at its default).", code="unsupported_parameter")

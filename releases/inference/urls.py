@@ -1,5 +1,5 @@
 """/v1: the OpenAI-compatible inference API."""
-from django.urls import path
+from django.urls import path, re_path
 
 from releases.inference import views
 
@@ -8,4 +8,5 @@ urlpatterns = [
     path("models/<path:model_id>", views.model_detail, name="openai-model"),
     path("completions", views.completions, name="openai-completions"),
     path("chat/completions", views.chat_completions, name="openai-chat-completions"),
+    re_path(r"^(?P<path>.*)$", views.no_route),  # last: anything else under /v1/ is OpenAI's 404, never a web page
 ]

@@ -2,29 +2,38 @@
 Gatehouse token. Each call is authenticated, judged by releases.policy.inference_access (tier, gating,
 acceptable use, the token's `inference` scope), held to quotas, metered, and forwarded to the model's backend
 (an engine process of ours or an upstream such as vLLM). Streams are relayed chunk by chunk, unbuffered.
-This module never imports torch. Errors use OpenAI's shape: {"error": {message, type, param, code}}.
+This module never imports torch. Every answer under /v1, errors included (an unknown path, a wrong method, a bug),
+uses OpenAI's shape: {"error": {message, type, param, code}}, so the client raises its own exception with our message.
 """
+import functools
 import json
+import logging
 
 import httpx
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_http_methods
 
 from gatehouse.accounts.authentication import client_address, token_from_header
 from gatehouse.core.errors import NotAuthenticated, Throttled
 from gatehouse.core.prepared import PreparedQuery
+from gatehouse.core.unavailable import dependency_down
 from gatehouse.registry.models import Model
 from gatehouse.registry.selectors import model_visible_queryset
 from releases import access, policy
-from releases.inference.metering import inference_call_finish, inference_call_start, quota_check
-from releases.inference.params import InvalidParameter, check_generation_parameters
+from releases.inference.metering import inference_call_finish, inference_call_start, quota_check, quota_organization
+from releases.inference.params import InvalidParameter, check_engine_support, check_generation_parameters
 from releases.models import InferenceBackend
 
+log = logging.getLogger("gatehouse.inference")
 TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
-         404: "invalid_request_error", 429: "rate_limit_exceeded", 503: "server_error"}
+         404: "invalid_request_error", 405: "invalid_request_error", 422: "invalid_request_error",
+         429: "rate_limit_exceeded", 500: "server_error", 502: "upstream_error", 503: "server_error"}
+# What a backend answering these to the gateway means: the caller was authenticated and authorized by us already, so
+# it is our backend's configuration that is wrong (its api_key, its upstream_model or URL), for an administrator to
+# fix. Passed through, they would tell the caller that their own key is wrong or that a model we list does not exist.
+MISCONFIGURED = {401: "its api_key", 403: "its api_key", 404: "its upstream_model or URL"}
 MAX_BODY_BYTES = 4 * 1024 * 1024
 _backend_client: httpx.Client | None = None
 
@@ -55,15 +64,33 @@ class OpenAIError(Exception):
 def openai_view(methods):
     def decorate(view):
         @csrf_exempt
-        @require_http_methods(methods)
+        @functools.wraps(view)
         def wrapper(request, *args, **kwargs):
+            if request.method not in methods:  # not Django's empty 405: the client shows our message
+                return OpenAIError(405, f"{request.method} is not allowed on {request.path}; use "
+                                        f"{' or '.join(methods)}.", "method_not_allowed",
+                                   headers={"Allow": ", ".join(methods)}).response()
             try:
                 return view(request, *args, **kwargs)
             except OpenAIError as exc:
                 return exc.response()
-        wrapper.__name__ = view.__name__
+            except Exception as exc:
+                if dependency_down(exc):
+                    raise  # the database or broker is down: UnavailableMiddleware answers 503 with Retry-After
+                # A bug: Django's HTML 500 page would reach the client as an unreadable error.
+                log.exception("inference gateway: unexpected error on %s %s", request.method, request.path)
+                return OpenAIError(500, "The gateway failed unexpectedly; the error has been logged.",
+                                   "internal_error").response()
         return wrapper
     return decorate
+
+
+@csrf_exempt
+def no_route(request, path=""):
+    """Any other path under /v1: a JSON 404, not the web site's HTML page (nor a model page for org "v1")."""
+    return OpenAIError(404, f"No endpoint {request.method} {request.path}. This gateway serves GET /v1/models, "
+                            "GET /v1/models/{id}, POST /v1/completions and POST /v1/chat/completions.",
+                       "unknown_url").response()
 
 
 def _caller(request):
@@ -95,8 +122,9 @@ def _decide(request, model: Model, user, token, organization_ids) -> policy.Acce
 _CALL_FIELDS = ("id", "name", "tier", "created_at", "organization__id", "organization__slug",
                 "latest_version__id", "latest_version__context_length",
                 "access_policy__id", "access_policy__audience", "access_policy__acceptable_use",
-                "access_policy__cooldown_days", "inference_backend__id", "inference_backend__url",
-                "inference_backend__upstream_model", "inference_backend__api_key", "inference_backend__enabled")
+                "access_policy__cooldown_days", "inference_backend__id", "inference_backend__kind",
+                "inference_backend__url", "inference_backend__upstream_model", "inference_backend__api_key",
+                "inference_backend__enabled")
 
 
 def _for_calls(models):
@@ -188,19 +216,21 @@ def generate(request, endpoint: str, *, user, token, body):
         raise OpenAIError(400, "Name the model: {\"model\": \"org/name\", …}.", "invalid_value", param="model")
     organization_ids = access.user_organization_ids(user)
     model = _model_for(request, body["model"], user, token, organization_ids)
+    backend: InferenceBackend = model.inference_backend
     latest = model.latest_version
     try:
         check_generation_parameters(endpoint, body, context_length=latest.context_length if latest else None)
+        if backend.kind == InferenceBackend.Kind.LOCAL:  # an upstream (vLLM) gets them untouched
+            check_engine_support(body)
     except InvalidParameter as exc:
         raise OpenAIError(400, exc.message, exc.code, param=exc.param) from None
-    organization_id = organization_ids[0] if organization_ids else None
+    organization_id = quota_organization(model, organization_ids)
     refusal = quota_check(user=user, token=token, organization_id=organization_id)
     if refusal:
         retry = {"Retry-After": str(refusal.retry_after)}
         if refusal.code == "insufficient_quota":
             retry["x-should-retry"] = "false"
         raise OpenAIError(429, refusal.message, refusal.code, headers=retry)
-    backend: InferenceBackend = model.inference_backend
     if not backend.url:
         raise OpenAIError(503, f"The engine for {model.repo_id} is not running yet; retry shortly.",
                           "engine_unavailable", headers={"Retry-After": "5"})
@@ -211,6 +241,17 @@ def generate(request, endpoint: str, *, user, token, body):
         upstream_body["stream_options"] = (body.get("stream_options") or {}) | {"include_usage": True}
     call = inference_call_start(user=user, token=token, organization_id=organization_id, model=model,
                                 endpoint=endpoint, stream=stream)
+    try:
+        return _forward(call, model, backend, endpoint, upstream_body, stream=stream, wants_usage=wants_usage)
+    except Exception:
+        if not call.status:  # a bug or an answer not foreseen: the row must not stay "in flight" (status 0) forever
+            inference_call_finish(call, status=500, error_code="internal_error")
+        raise
+
+
+def _forward(call, model: Model, backend: InferenceBackend, endpoint: str, upstream_body: dict, *, stream: bool,
+             wants_usage: bool):
+    """Send the call to the backend and answer with what it answers; every outcome finishes the call's row."""
     headers = {"Authorization": f"Bearer {backend.api_key}"} if backend.api_key else {}
     url = backend.url.rstrip("/") + "/" + endpoint
     client = backend_client()
@@ -220,57 +261,124 @@ def generate(request, endpoint: str, *, user, token, body):
         inference_call_finish(call, status=503, error_code="engine_unavailable")
         raise OpenAIError(503, f"The engine for {model.repo_id} is not answering; retry shortly.",
                           "engine_unavailable", headers={"Retry-After": "5"}) from None
-    if upstream.status_code != 200 or not stream:
-        try:
-            payload = json.loads(upstream.read() or b"{}")
-        except ValueError:
-            payload = {}
-        finally:
-            upstream.close()
-        if upstream.status_code != 200:
-            error = payload.get("error") if isinstance(payload.get("error"), dict) else {}
-            inference_call_finish(call, status=upstream.status_code, error_code=str(error.get("code") or ""))
-            status = upstream.status_code if 400 <= upstream.status_code < 500 else 502
-            return OpenAIError(status, error.get("message") or f"The engine answered {upstream.status_code}.",
-                               str(error.get("code") or "engine_error"), param=error.get("param")).response()
-        inference_call_finish(call, status=200, usage=payload.get("usage"))
-        payload["model"] = model.repo_id
-        return JsonResponse(payload)
-    response = StreamingHttpResponse(_relay(upstream, call, model.repo_id, wants_usage),
-                                     content_type="text/event-stream")
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
-    return response
+    if upstream.status_code == 200 and stream:
+        response = StreamingHttpResponse(_relay(upstream, call, model.repo_id, wants_usage),
+                                         content_type="text/event-stream")
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
+        return response
+    try:
+        payload = json.loads(upstream.read() or b"{}")
+    except (httpx.HTTPError, ValueError):  # cut off while sending its body, or not JSON
+        payload = None
+    finally:
+        upstream.close()
+    if upstream.status_code != 200:
+        raise _upstream_refusal(call, model, upstream, payload)
+    if not isinstance(payload, dict) or not isinstance(payload.get("choices"), list):
+        inference_call_finish(call, status=502, error_code="engine_bad_answer")
+        raise OpenAIError(502, f"The engine for {model.repo_id} sent an answer that is not a completion; retry "
+                               "shortly.", "engine_bad_answer")
+    inference_call_finish(call, status=200, usage=payload.get("usage"))
+    payload["model"] = model.repo_id
+    return JsonResponse(payload)
+
+
+def _error_of(payload) -> dict:
+    """A backend's error object: OpenAI's {"error": {...}}, or vLLM's own top-level {"object": "error", ...}."""
+    if isinstance(payload, dict):
+        if isinstance(payload.get("error"), dict):
+            return payload["error"]
+        if payload.get("object") == "error":
+            return payload
+    return {}
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) and value else None  # vLLM's code is the HTTP status, an int
+
+
+def _upstream_refusal(call, model: Model, upstream: httpx.Response, payload) -> OpenAIError:
+    error, status = _error_of(payload), upstream.status_code
+    message = _text(error.get("message")) or f"The engine answered {status}."
+    if status in MISCONFIGURED:
+        log.warning("inference backend of %s answered %s: %s", model.repo_id, status, message[:500])
+        inference_call_finish(call, status=502, error_code=f"upstream_{status}")
+        return OpenAIError(502, f"The inference backend of {model.repo_id} is misconfigured: it refused the gateway "
+                                f"(HTTP {status}). An administrator must fix {MISCONFIGURED[status]}; retrying will "
+                                "not help until then.", "backend_misconfigured")
+    # The caller's own (bad parameters: 400, 422), a rate limit (429), or a busy engine (503, its queue full): passed
+    # on with their Retry-After, so the client backs off as the engine asks. Any other failure is a bad gateway.
+    passed = 400 <= status < 500 or status == 503
+    code = _text(error.get("code")) or ("engine_error" if passed else f"upstream_{status}")
+    inference_call_finish(call, status=status if passed else 502, error_code=code)
+    headers = {"Retry-After": upstream.headers["Retry-After"]} if "Retry-After" in upstream.headers else {}
+    return OpenAIError(status if passed else 502, message, code, param=_text(error.get("param")),
+                       headers=headers)
+
+
+def _error_event(message: str, code: str) -> bytes:
+    """OpenAI's mid-stream failure: the client raises openai.APIError with this object as its body."""
+    error = {"message": message, "type": "server_error", "param": None, "code": code}
+    return f"data: {json.dumps({'error': error})}\n\n".encode()
+
+
+def _content_chunks(event: dict) -> int:
+    """The choices of a chunk that carry generated text. Our engine and vLLM send one per token (ours now and then a
+    few tokens in one, held back while they could start a stop sequence), so this counts completion tokens, from
+    below, when no usage chunk came: a client that leaves early must not have its tokens for free."""
+    choices = event.get("choices")
+    if not isinstance(choices, list):
+        return 0
+    return sum(1 for c in choices if isinstance(c, dict) and (
+        (isinstance(c.get("delta"), dict) and c["delta"].get("content")) or c.get("text")))
 
 
 def _relay(upstream, call, repo_id: str, wants_usage: bool):
-    """Relay server-sent events as they come; meter from the usage chunk; a client that leaves closes us."""
-    usage, status, error_code = None, 200, ""
+    """Relay server-sent events as they come; meter from the usage chunk (else from the chunks relayed); a client
+    that leaves closes us. An answer is complete only with `data: [DONE]`: a stream that ends without it was cut
+    short, and the client is told so (an error event) rather than left to take what it got for the whole answer."""
+    usage, status, error_code, done, generated = None, 200, "", False, 0
     try:
         for line in upstream.iter_lines():
             if not line.startswith("data: "):
                 continue
             data = line[6:]
-            if data != "[DONE]":
-                try:
-                    event = json.loads(data)
-                except ValueError:
+            if data == "[DONE]":
+                done = True
+                yield b"data: [DONE]\n\n"
+                break
+            try:
+                event = json.loads(data)
+            except ValueError:
+                continue
+            if not isinstance(event, dict):
+                continue
+            if error := _error_of(event):  # relayed in OpenAI's shape, whichever the backend used
+                status, error_code = 502, _text(error.get("code")) or "engine_error"
+                yield _error_event(_text(error.get("message")) or "The engine failed while generating.", error_code)
+                continue
+            if isinstance(event.get("usage"), dict):
+                usage = event["usage"]
+                if not event.get("choices") and not wants_usage:
                     continue
-                if isinstance(event.get("error"), dict):
-                    status, error_code = 502, str(event["error"].get("code") or "engine_error")
-                if event.get("usage"):
-                    usage = event["usage"]
-                    if not event.get("choices") and not wants_usage:
-                        continue
-                if "model" in event:
-                    event["model"] = repo_id
-                data = json.dumps(event)
-            yield f"data: {data}\n\n".encode()
-    except httpx.HTTPError:
+            generated += _content_chunks(event)
+            if "model" in event:
+                event["model"] = repo_id
+            yield f"data: {json.dumps(event)}\n\n".encode()
+        if not done and status == 200:
+            status, error_code = 502, "engine_incomplete"
+            yield _error_event("The engine's answer ended before it was complete; retry.", error_code)
+    except (httpx.HTTPError, httpx.StreamError):
         status, error_code = 502, "engine_disconnected"
-        yield (b'data: {"error": {"message": "The engine stopped in the middle of the answer.", '
-               b'"type": "server_error", "param": null, "code": "engine_disconnected"}}\n\n')
+        yield _error_event("The engine stopped in the middle of the answer.", error_code)
+    except Exception:
+        log.exception("inference gateway: unexpected error relaying a stream for %s", repo_id)
+        status, error_code = 500, "internal_error"
+        yield _error_event("The gateway failed in the middle of the answer; the error has been logged.", error_code)
     finally:
         upstream.close()  # also when the client went away: the engine sees the disconnect and cancels
-        inference_call_finish(call, status=status if usage or status != 200 else 499, usage=usage,
-                              error_code=error_code or ("" if usage else "client_disconnected"))
+        if status == 200 and not done and usage is None:  # the client left before the end
+            status, error_code = 499, "client_disconnected"
+        inference_call_finish(call, status=status, error_code=error_code,
+                              usage=usage or {"completion_tokens": generated})

@@ -4,10 +4,13 @@ streaming with usage, the client's own exceptions where they belong, quotas, and
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.releases.upstream import FakeUpstream, chat_chunk
 
 from .conftest import free_port, wait_for_http
 from .test_hub_clients import tiny_hf_folder
@@ -21,6 +24,7 @@ import json, os
 from pathlib import Path
 from gatehouse.accounts.models import Membership, Organization, User
 from gatehouse.accounts.services import api_token_create
+from gatehouse.registry.models import Model
 from gatehouse.registry.services.ingest import files_from_directory, model_version_ingest
 from gatehouse.registry.services.versions import model_version_verify
 from releases.models import AccessGrant, AccessPolicy, InferenceBackend
@@ -39,6 +43,9 @@ for name, tier, audience in [("tiny-served", "api", "public"), ("tiny-gated", "o
     InferenceBackend.objects.create(model=version.model, kind="upstream", url=url, upstream_model="tiny")
     if name == "tiny-gated":
         AccessGrant.objects.create(model=version.model, user=people["dave"])
+# Served by a stand-in whose pace the test sets (no weights needed).
+slow = Model.objects.create(organization=aurora, name="tiny-slow", tier="api")
+InferenceBackend.objects.create(model=slow, kind="upstream", url=os.environ["SLOW_URL"], upstream_model="slow")
 scopes = ["read", "inference"]
 tokens = {name: api_token_create(user=user, name="e2e", scopes=scopes).secret for name, user in people.items()}
 tokens["alice"] = api_token_create(user=alice, name="e2e", scopes=scopes).secret
@@ -58,8 +65,10 @@ def gateway(deployment, tmp_path):
                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     deployment["processes"].append(engine)
     engine_url = f"http://127.0.0.1:{engine_port}/v1"
+    slow = FakeUpstream()
     setup = subprocess.run([*manage, "shell", "-c", SETUP], env=env | {"SETUP_FOLDER": str(folder),
-                                                                        "ENGINE_URL": engine_url},
+                                                                        "ENGINE_URL": engine_url,
+                                                                        "SLOW_URL": slow.url},
                            cwd=ROOT, capture_output=True, text=True)
     assert setup.returncode == 0, setup.stderr
     port = free_port()
@@ -78,8 +87,9 @@ def gateway(deployment, tmp_path):
                               "'error_code'))))"], env=env, cwd=ROOT, capture_output=True, text=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    return {"base": base + "/v1", "engine": engine_url,
-            "tokens": json.loads(setup.stdout.split("TOKENS ", 1)[1]), "calls": calls}
+    yield {"base": base + "/v1", "engine": engine_url, "slow": slow,
+           "tokens": json.loads(setup.stdout.split("TOKENS ", 1)[1]), "calls": calls}
+    slow.close()
 
 
 def client(gateway, who, **kwargs):
@@ -90,9 +100,9 @@ def client(gateway, who, **kwargs):
 
 def test_openai_client_lists_completes_chats_and_streams_with_metered_usage(gateway):
     carol = client(gateway, "carol")
-    assert [m.id for m in carol.models.list()] == ["aurora/tiny-offline", "aurora/tiny-served"]
+    assert [m.id for m in carol.models.list()] == ["aurora/tiny-offline", "aurora/tiny-served", "aurora/tiny-slow"]
     assert {m.id for m in client(gateway, "dave").models.list()} == {
-        "aurora/tiny-gated", "aurora/tiny-offline", "aurora/tiny-served"}
+        "aurora/tiny-gated", "aurora/tiny-offline", "aurora/tiny-served", "aurora/tiny-slow"}
     assert {m.id for m in client(gateway, "alice").models.list()} >= {"aurora/tiny-secret"}
     assert carol.models.retrieve("aurora/tiny-served").id == "aurora/tiny-served"
 
@@ -122,6 +132,23 @@ def test_openai_client_lists_completes_chats_and_streams_with_metered_usage(gate
     assert metered[0]["completion_tokens"] == completion.usage.completion_tokens
     assert metered[1]["prompt_tokens"] == chat.usage.prompt_tokens
     assert metered[2]["completion_tokens"] == chat.usage.completion_tokens and metered[3]["completion_tokens"] > 0
+
+
+def test_streams_are_relayed_as_they_come_not_buffered(gateway):
+    slow = gateway["slow"]
+    words = ["one", " two", " three", " four"]
+    slow.events = [chat_chunk(""), *map(chat_chunk, words), chat_chunk(finish="stop"),
+                   chat_chunk(usage={"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6}), "[DONE]"]
+    slow.gap = 0.4  # 2.8 s from the first event to the last
+    stream = client(gateway, "carol").chat.completions.create(
+        model="aurora/tiny-slow", messages=[{"role": "user", "content": "Count."}], stream=True)
+    stamps, text = [], ""
+    for chunk in stream:
+        stamps.append(time.monotonic())
+        text += chunk.choices[0].delta.content or ""
+    assert text == "one two three four" and len(stamps) == 6  # role, 4 words, finish (usage not asked for)
+    # Each chunk as the upstream sends it: a gateway that buffered would hand them all over at once, at the end.
+    assert stamps[-1] - stamps[0] > 1.5 and all(b - a > 0.2 for a, b in zip(stamps[1:], stamps[2:]))
 
 
 def test_openai_client_raises_its_own_errors_where_they_belong(gateway):

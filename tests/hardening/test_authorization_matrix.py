@@ -129,6 +129,15 @@ def _web_page(p: Persona, tier: str, *, login: bool = False, allowed=None) -> st
     return "refused" if allowed is not None and p.relation not in allowed else "ok"
 
 
+def _playground(p: Persona, tier: str) -> str:
+    """The playground page: refused (saying why and what to do) to the signed-in who may not use the model."""
+    if p.relation == "anonymous":
+        return "ok"  # a redirect to the login page
+    if not _visible(p, tier):
+        return "hidden"
+    return "refused" if tier == "gated" and p.relation not in MEMBERS | {"approved"} else "ok"
+
+
 # (route name, method) → rule(persona, tier). Methods a route does not serve answer 405 for everyone who may
 # know the model: checked once per route below.
 RULES = {
@@ -167,7 +176,7 @@ RULES = {
     ("openai-model", "get"): _inference_model,
     ("web-model-detail", "get"): lambda p, t: _web_page(p, t),
     ("web-access-request", "get"): lambda p, t: _web_page(p, t, login=True),
-    ("model-playground", "get"): lambda p, t: _web_page(p, t, login=True),
+    ("model-playground", "get"): _playground,
     ("release-downgrade", "get"): lambda p, t: _web_page(p, t, login=True, allowed=APPROVERS),
 }
 WEB = {"web-model-detail", "web-access-request", "model-playground", "release-downgrade"}

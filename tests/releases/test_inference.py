@@ -1,12 +1,18 @@
 """The inference gate as a table (pure policy), and quotas counted from metered calls."""
 from datetime import timedelta
 
+import json
+from types import SimpleNamespace
+
 import pytest
+from django.test import Client
 from django.utils import timezone
 
+from gatehouse.accounts.models import Membership, Organization
 from releases import policy
 from releases.inference.metering import quota_check
-from releases.models import InferenceCall
+from releases.models import AccessPolicy, InferenceBackend, InferenceCall
+from tests.releases.upstream import FakeUpstream, chat_chunk
 
 OUTSIDER = policy.CallerFacts(authenticated=True, scopes=frozenset({"inference"}))
 GRANTED = policy.CallerFacts(authenticated=True, scopes=frozenset({"inference"}), grant="active")
@@ -96,42 +102,16 @@ def test_each_scope_counts_only_its_own_calls(calls, alice, carol, northwind, se
 
 @pytest.fixture
 def upstream():
-    """An OpenAI-compatible backend answering every completion with one token (the engine itself is tested in
-    tests/training and, behind the gateway, in tests/e2e/test_inference_clients.py)."""
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            body = json.dumps({"id": "cmpl-1", "object": "text_completion", "model": "m", "choices": [
-                {"index": 0, "text": "x", "finish_reason": "length"}],
-                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+    server = FakeUpstream()
+    yield server
+    server.close()
 
 
 def test_a_gateway_call_costs_a_fixed_number_of_queries(register, aurora, alice, carol, northwind, token_for,
                                                         upstream, settings, django_assert_num_queries):
-    from django.test import Client
-
-    from releases.models import InferenceBackend
-
     settings.INFERENCE_RPM_PER_ORGANIZATION, settings.INFERENCE_TOKENS_PER_DAY_PER_ORGANIZATION = 1000, 10 ** 6
     model = register(aurora, "m", alice, tier="api").model
-    InferenceBackend.objects.create(model=model, kind="upstream", url=upstream, upstream_model="m")
+    InferenceBackend.objects.create(model=model, kind="upstream", url=upstream.url, upstream_model="m")
     client = Client(HTTP_AUTHORIZATION=f"Bearer {token_for(carol, ('inference',))}")
 
     def call():
@@ -146,3 +126,230 @@ def test_a_gateway_call_costs_a_fixed_number_of_queries(register, aurora, alice,
     with django_assert_num_queries(7):
         assert call()["usage"]["completion_tokens"] == 1
     assert InferenceCall.objects.filter(organization=northwind, status=200, completion_tokens=1).count() == 2
+
+
+@pytest.fixture
+def served(register, aurora, alice, carol, token_for, upstream):
+    """aurora/m (API-only, public) served by the upstream stand-in, and carol's inference client."""
+    model = register(aurora, "m", alice, tier="api").model
+    backend = InferenceBackend.objects.create(model=model, kind="upstream", url=upstream.url, upstream_model="m")
+    client = Client(HTTP_AUTHORIZATION=f"Bearer {token_for(carol, ('inference',))}")
+    return SimpleNamespace(model=model, backend=backend, client=client, upstream=upstream)
+
+
+def _chat(served, **extra):
+    return served.client.post("/v1/chat/completions", {"model": "aurora/m", "messages": [
+        {"role": "user", "content": "hi"}], "max_tokens": 8, **extra}, content_type="application/json")
+
+
+def _error(response) -> dict:
+    assert response["Content-Type"] == "application/json", response.content[:200]
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def _events(chunks) -> list:
+    """The `data:` payloads of a relayed stream, JSON decoded (but "[DONE]")."""
+    lines = b"".join(chunks).decode().split("\n\n")
+    return [line[6:] if line == "data: [DONE]" else json.loads(line[6:]) for line in lines if line]
+
+
+def test_every_v1_failure_is_openai_error_json(served):
+    for method, path in [("get", "/v1/nope"), ("post", "/v1/engines/m/completions"), ("get", "/v1/models/")]:
+        response = getattr(served.client, method)(path)
+        assert response.status_code == 404 and _error(response)["code"] == "unknown_url"
+    for method, path, allowed in [("get", "/v1/chat/completions", "POST"), ("delete", "/v1/models", "GET"),
+                                  ("put", "/v1/models/aurora/m", "GET")]:
+        response = getattr(served.client, method)(path)
+        assert response.status_code == 405 and response["Allow"] == allowed
+        assert _error(response)["code"] == "method_not_allowed"
+    assert not served.upstream.requests and not InferenceCall.objects.exists()
+
+
+def test_an_unexpected_error_is_a_json_500_and_finishes_the_call(served, monkeypatch):
+    from releases.inference import views
+
+    def bug(*args, **kwargs):  # stands for any bug past the call's start
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(views, "_forward", bug)
+    response = Client(raise_request_exception=False, **served.client.defaults).post(
+        "/v1/completions", {"model": "aurora/m", "prompt": "x"}, content_type="application/json")
+    assert response.status_code == 500 and _error(response) == {
+        "message": "The gateway failed unexpectedly; the error has been logged.", "type": "server_error",
+        "param": None, "code": "internal_error"}
+    assert list(InferenceCall.objects.values_list("status", "error_code")) == [(500, "internal_error")]
+
+
+@pytest.mark.parametrize("body", [b"[1, 2]", b"not json", b'{"object": "chat.completion"}'])
+def test_an_upstream_answer_that_is_not_a_completion_is_a_502(served, body):
+    served.upstream.body = body
+    response = _chat(served)
+    assert response.status_code == 502 and _error(response)["code"] == "engine_bad_answer"
+    assert list(InferenceCall.objects.values_list("status", "error_code")) == [(502, "engine_bad_answer")]
+
+
+def test_an_upstream_cut_off_in_the_middle_of_its_body_is_a_502(served):
+    served.upstream.cut = True
+    response = _chat(served)
+    assert response.status_code == 502 and _error(response)["code"] == "engine_bad_answer"
+    served.upstream.events = [chat_chunk("a"), chat_chunk("b")]  # then the connection breaks, mid-stream
+    events = _events(_chat(served, stream=True).streaming_content)
+    assert [e["choices"][0]["delta"]["content"] for e in events[:2]] == ["a", "b"]
+    assert events[2]["error"]["code"] == "engine_disconnected" and len(events) == 3
+    assert list(InferenceCall.objects.order_by("id").values_list("status", "error_code", "completion_tokens")) == [
+        (502, "engine_bad_answer", 0), (502, "engine_disconnected", 2)]
+
+
+@pytest.mark.parametrize("status,payload,what", [
+    (401, {"error": {"message": "Invalid API key", "type": "invalid_request_error", "code": "invalid_api_key"}},
+     "its api_key"),
+    (403, {"error": {"message": "Forbidden"}}, "its api_key"),
+    (404, {"object": "error", "message": "The model `m` does not exist.", "type": "NotFoundError", "param": None,
+           "code": 404}, "its upstream_model or URL"),  # vLLM's own shape
+])
+def test_an_upstream_refusing_the_gateway_is_a_misconfigured_backend_not_the_callers_error(served, status,
+                                                                                            payload, what):
+    served.upstream.status, served.upstream.body = status, json.dumps(payload).encode()
+    response = _chat(served)
+    error = _error(response)
+    assert response.status_code == 502 and (error["type"], error["code"]) == ("upstream_error", "backend_misconfigured")
+    assert "misconfigured" in error["message"] and what in error["message"]
+    assert "Invalid API key" not in error["message"] and "does not exist" not in error["message"]  # not the caller's
+    assert list(InferenceCall.objects.values_list("status", "error_code")) == [(502, f"upstream_{status}")]
+
+
+def test_client_errors_and_rate_limits_of_an_upstream_are_passed_through(served):
+    served.upstream.status = 400
+    served.upstream.body = json.dumps({"object": "error", "message": "best_of must be 1 with beam search off",
+                                       "type": "BadRequestError", "param": "best_of", "code": 400}).encode()
+    response = _chat(served, best_of=2)
+    assert response.status_code == 400 and _error(response) == {
+        "message": "best_of must be 1 with beam search off", "type": "invalid_request_error", "param": "best_of",
+        "code": "engine_error"}
+    served.upstream.status, served.upstream.headers = 429, {"Retry-After": "7"}
+    served.upstream.body = json.dumps({"error": {"message": "Slow down", "code": "rate_limit_exceeded"}}).encode()
+    response = _chat(served)
+    assert response.status_code == 429 and response["Retry-After"] == "7"
+    assert _error(response)["code"] == "rate_limit_exceeded"
+    assert list(InferenceCall.objects.order_by("id").values_list("status", flat=True)) == [400, 429]
+
+
+def test_a_busy_engine_is_passed_on_as_503_with_its_retry_after(served):
+    served.upstream.status, served.upstream.headers = 503, {"Retry-After": "1"}
+    served.upstream.body = json.dumps({"error": {"message": "The engine is at capacity; retry shortly.",
+                                                 "type": "server_error", "code": "engine_overloaded"}}).encode()
+    response = _chat(served)
+    assert response.status_code == 503 and response["Retry-After"] == "1"
+    assert _error(response)["code"] == "engine_overloaded"
+    assert list(InferenceCall.objects.values_list("status", "error_code")) == [(503, "engine_overloaded")]
+
+
+def test_a_stream_cut_short_is_an_error_not_a_normal_end(served):
+    served.upstream.events = [chat_chunk(""), chat_chunk("a"), chat_chunk("b")]  # no finish, no usage, no [DONE]
+    events = _events(_chat(served, stream=True).streaming_content)
+    assert events[-1]["error"]["code"] == "engine_incomplete" and "[DONE]" not in events
+    assert list(InferenceCall.objects.values_list("status", "error_code", "completion_tokens")) == [
+        (502, "engine_incomplete", 2)]
+
+
+def test_a_complete_stream_is_relayed_and_metered_from_its_usage(served):
+    usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    served.upstream.events = [chat_chunk(""), chat_chunk("a"), chat_chunk("b"), chat_chunk(finish="stop"),
+                              chat_chunk(usage=usage), "[DONE]"]
+    events = _events(_chat(served, stream=True).streaming_content)
+    assert events[-1] == "[DONE]" and all("usage" not in e for e in events[:-1])  # the client did not ask for it
+    assert served.upstream.requests[0]["stream_options"] == {"include_usage": True}
+    assert list(InferenceCall.objects.values_list("status", "prompt_tokens", "completion_tokens")) == [(200, 5, 3)]
+
+
+def test_a_client_that_leaves_before_the_usage_chunk_is_metered_for_what_was_relayed(served):
+    served.upstream.events = [chat_chunk(""), chat_chunk("a"), chat_chunk("b"), chat_chunk("c"),
+                              chat_chunk(finish="stop"), chat_chunk(usage={"completion_tokens": 3}), "[DONE]"]
+    response = _chat(served, stream=True)
+    relayed = iter(response.streaming_content)
+    assert [next(relayed) for _ in range(3)]  # the role chunk, "a", "b": then the client goes away
+    response.close()
+    assert list(InferenceCall.objects.values_list("status", "error_code", "completion_tokens")) == [
+        (499, "client_disconnected", 2)]
+
+
+def test_the_organization_charged_is_the_models_own_for_its_members_else_the_lowest_id(served, register, alice,
+                                                                                     carol, settings):
+    settings.INFERENCE_RPM_PER_ORGANIZATION = 1000
+    low, high, zeta = (Organization.objects.create(slug=slug, name=slug) for slug in ("low", "high", "zeta"))
+    Membership.objects.create(user=alice, organization=zeta, role=Membership.Role.ADMIN)
+    model = register(zeta, "z", alice, tier="api").model
+    InferenceBackend.objects.create(model=model, kind="upstream", url=served.upstream.url, upstream_model="z")
+    for org in (high, low):  # joined the lowest id last
+        Membership.objects.create(user=carol, organization=org, role=Membership.Role.MEMBER)
+    assert _chat(served).status_code == 200  # not a member of aurora: her lowest id
+    Membership.objects.create(user=carol, organization=zeta, role=Membership.Role.MEMBER)
+    response = served.client.post("/v1/completions", {"model": "zeta/z", "prompt": "x"},
+                                  content_type="application/json")
+    assert response.status_code == 200  # a member of zeta: zeta's own model counts against zeta, not her lowest id
+    assert list(InferenceCall.objects.order_by("id").values_list("organization__slug", flat=True)) == ["low", "zeta"]
+
+
+@pytest.mark.parametrize("param,value", [
+    ("logprobs", True), ("top_logprobs", 2), ("presence_penalty", 0.5), ("frequency_penalty", -1),
+    ("logit_bias", {"50256": -100}), ("n", 2),
+])
+def test_a_local_engine_refuses_chat_parameters_it_would_ignore(served, param, value):
+    InferenceBackend.objects.filter(pk=served.backend.pk).update(kind="local")
+    response = _chat(served, **{param: value})
+    error = _error(response)
+    assert response.status_code == 400 and (error["param"], error["code"]) == (param, "unsupported_parameter")
+    assert "not supported by this model's engine" in error["message"]
+    assert not served.upstream.requests and not InferenceCall.objects.exists()  # never reached the engine
+
+
+@pytest.mark.parametrize("param,value", [("logprobs", 0), ("echo", True), ("best_of", 3), ("suffix", "}")])
+def test_a_local_engine_refuses_completion_parameters_it_would_ignore(served, param, value):
+    InferenceBackend.objects.filter(pk=served.backend.pk).update(kind="local")
+    response = served.client.post("/v1/completions", {"model": "aurora/m", "prompt": "x", param: value},
+                                  content_type="application/json")
+    assert response.status_code == 400 and _error(response)["param"] == param
+    assert not served.upstream.requests and not InferenceCall.objects.exists()
+
+
+def test_defaults_reach_a_local_engine_and_everything_reaches_an_upstream(served):
+    defaults = {"logprobs": False, "top_logprobs": 0, "presence_penalty": 0, "frequency_penalty": 0.0,
+                "logit_bias": {}, "n": 1}
+    InferenceBackend.objects.filter(pk=served.backend.pk).update(kind="local")
+    assert _chat(served, **defaults).status_code == 200
+    InferenceBackend.objects.filter(pk=served.backend.pk).update(kind="upstream")  # vLLM does them all
+    asked = {"logprobs": True, "top_logprobs": 2, "presence_penalty": 0.5, "logit_bias": {"50256": -100}, "n": 2}
+    assert _chat(served, **asked).status_code == 200
+    assert [{k: r[k] for k in asked} for r in served.upstream.requests[1:]] == [asked]
+
+
+@pytest.fixture
+def browser(carol):
+    client = Client()
+    client.force_login(carol)
+    return client
+
+
+def test_the_playground_shows_its_form_and_snippet_to_whoever_may_use_the_model(served, browser):
+    page = browser.get("/releases/models/aurora/m/playground")
+    assert page.status_code == 200
+    assert b'<textarea id="message"' in page.content and b"OpenAI(base_url=" in page.content
+
+
+def test_the_playground_tells_who_may_not_use_the_model_why_and_what_to_do(served, browser):
+    AccessPolicy.objects.create(model=served.model, audience="gated-manual")
+    page = browser.get("/releases/models/aurora/m/playground")
+    assert page.status_code == 403 and b"needs approval: request access" in page.content
+    assert b'href="/aurora/m/access"' in page.content
+    assert b'<textarea id="message"' not in page.content and b"OpenAI(base_url=" not in page.content
+    posted = browser.post("/releases/models/aurora/m/playground", {"message": "hi", "max_tokens": "4"})
+    assert posted.status_code == 403 and not served.upstream.requests and not InferenceCall.objects.exists()
+
+
+def test_the_playground_of_a_model_not_served_says_so(served, browser):
+    InferenceBackend.objects.filter(pk=served.backend.pk).update(enabled=False)
+    page = browser.get("/releases/models/aurora/m/playground")
+    assert page.status_code == 404 and b"not served by the inference API" in page.content
+    assert b'<textarea id="message"' not in page.content and b"OpenAI(base_url=" not in page.content

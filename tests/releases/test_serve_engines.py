@@ -93,3 +93,46 @@ def test_a_running_engine_that_stops_answering_is_taken_for_hung(supervisor, set
     backend.refresh_from_db()
     assert backend.url == ""  # 4 misses over 75 s: hung; the gateway answers 503 with Retry-After meanwhile
     assert started[0].wait(timeout=10) is not None and engines[backend.pk].failures == 1
+
+
+def test_a_backend_that_cannot_start_is_marked_down_and_retried_while_the_others_run(supervisor, register, aurora,
+                                                                                     alice, monkeypatch, tmp_path):
+    command, engines, backend, started, answers, clock = supervisor
+    broken = InferenceBackend.objects.create(model=register(aurora, "broken", alice, tier="api").model, kind="local",
+                                             url="http://127.0.0.1:9/v1")  # a stale URL from an earlier run
+
+    def materialize(version):  # the broken model's weights cannot be copied out (storage down, disk full)
+        if version.model_id == broken.model_id:
+            raise OSError("No space left on device")
+        return tmp_path
+
+    monkeypatch.setattr(serve_engines, "materialize", materialize)
+    answers["health"] = True
+    command.reconcile(engines)  # does not raise: the other engine starts
+    command.reconcile(engines)
+    broken.refresh_from_db()
+    backend.refresh_from_db()
+    assert len(started) == 1 and started[0].poll() is None and backend.url  # started and routed to
+    assert broken.url == "" and engines[broken.pk].failures == 1 and engines[broken.pk].process is None
+    command.reconcile(engines)
+    assert engines[broken.pk].failures == 1  # not retried before the backoff (2 s)
+    clock["now"] += 3
+    command.reconcile(engines)
+    assert engines[broken.pk].failures == 2 and started[0].poll() is None and len(started) == 1
+
+
+def test_an_engine_stopped_or_restarted_closes_its_log(supervisor, settings):
+    command, engines, backend, started, answers, clock = supervisor
+    settings.ENGINE_START_TIMEOUT_SECONDS = 10
+    command.reconcile(engines)
+    first_log = engines[backend.pk].log
+    assert not first_log.closed
+    clock["now"] += 11
+    command.reconcile(engines)  # not ready in time: stopped
+    assert first_log.closed and engines[backend.pk].log is None
+    clock["now"] += 3
+    command.reconcile(engines)  # restarted: a new handle, closed in turn when stopped
+    second_log = engines[backend.pk].log
+    assert len(started) == 2 and not second_log.closed
+    command.stop_engine(engines[backend.pk])
+    assert second_log.closed

@@ -7,6 +7,7 @@ into VAR_DIR/engines/<commit>/, an engine on a free loopback port, and its URL r
 the engine answers /health, so the gateway starts routing to it. An engine that exits, that is not ready within
 GATEHOUSE_ENGINE_START_TIMEOUT_SECONDS, or that stops answering /health for GATEHOUSE_ENGINE_UNRESPONSIVE_SECONDS
 while it runs (hung) is marked down (the gateway answers 503 with Retry-After), stopped and restarted with backoff.
+So is one whose files could not be copied out or whose process could not be started: the others keep running.
 SIGTERM/SIGINT stop every engine.
 """
 import os
@@ -69,6 +70,7 @@ class Engine:
     def __init__(self, backend_id: int):
         self.backend_id, self.process, self.port, self.failures, self.next_start = backend_id, None, 0, 0, 0.0
         self.commit = ""
+        self.log = None  # the engine's log file, open while it runs
         self.started_at = 0.0  # when the process was started (time.monotonic, as every time here)
         self.first_miss, self.misses = None, 0  # a ready engine's unanswered /health probes in a row, since when
 
@@ -109,35 +111,41 @@ class Command(BaseCommand):
             self.stop_engine(engines.pop(backend_id))
         for backend_id, backend in backends.items():
             engine = engines.setdefault(backend_id, Engine(backend_id))
-            version = backend.version or backend.model.latest_version
-            if version is None:
-                continue
-            now = time.monotonic()
-            if engine.process is not None and engine.process.poll() is not None:
-                self.fail(engine, f"engine for {backend.model.repo_id} exited with status {engine.process.returncode}")
-            if engine.process is not None and engine.commit != version.commit:  # a new version to serve
-                self.stop_engine(engine)
-            if engine.process is None and now >= engine.next_start:
-                self.start_engine(engine, backend, version)
-            elif engine.process is not None and not backend.url:  # starting: loading, compiling, capturing
-                if self.ready(engine):
-                    engine.mark(f"http://127.0.0.1:{engine.port}/v1")
-                    engine.failures, engine.first_miss, engine.misses = 0, None, 0
-                    self.stdout.write(f"engine for {backend.model.repo_id} is ready on port {engine.port}")
-                elif now - engine.started_at > settings.ENGINE_START_TIMEOUT_SECONDS:
-                    self.fail(engine, f"engine for {backend.model.repo_id} was not ready after "
-                                      f"{settings.ENGINE_START_TIMEOUT_SECONDS:g} s")
-            elif engine.process is not None:  # serving: a busy engine still answers /health from its own thread
-                if self.ready(engine):
-                    engine.first_miss, engine.misses = None, 0
-                    continue
-                # Hung only after probes kept failing for the whole span: the supervisor itself may have been busy
-                # (copying another model's weights) between two probes, which says nothing about the engine.
-                engine.first_miss = now if engine.first_miss is None else engine.first_miss
-                engine.misses += 1
-                if engine.misses >= 3 and now - engine.first_miss >= settings.ENGINE_UNRESPONSIVE_SECONDS:
-                    self.fail(engine, f"engine for {backend.model.repo_id} has not answered /health for "
-                                      f"{now - engine.first_miss:.0f} s ({engine.misses} probes)")
+            try:
+                self.reconcile_one(engine, backend)
+            except Exception as exc:  # one backend's trouble (storage, disk, a bad folder) must not stop the others
+                self.fail(engine, f"engine for {backend.model.repo_id} failed: {exc.__class__.__name__}: {exc}")
+
+    def reconcile_one(self, engine: Engine, backend: InferenceBackend) -> None:
+        version = backend.version or backend.model.latest_version
+        if version is None:
+            return
+        now = time.monotonic()
+        if engine.process is not None and engine.process.poll() is not None:
+            self.fail(engine, f"engine for {backend.model.repo_id} exited with status {engine.process.returncode}")
+        if engine.process is not None and engine.commit != version.commit:  # a new version to serve
+            self.stop_engine(engine)
+        if engine.process is None and now >= engine.next_start:
+            self.start_engine(engine, backend, version)
+        elif engine.process is not None and not backend.url:  # starting: loading, compiling, capturing
+            if self.ready(engine):
+                engine.mark(f"http://127.0.0.1:{engine.port}/v1")
+                engine.failures, engine.first_miss, engine.misses = 0, None, 0
+                self.stdout.write(f"engine for {backend.model.repo_id} is ready on port {engine.port}")
+            elif now - engine.started_at > settings.ENGINE_START_TIMEOUT_SECONDS:
+                self.fail(engine, f"engine for {backend.model.repo_id} was not ready after "
+                                  f"{settings.ENGINE_START_TIMEOUT_SECONDS:g} s")
+        elif engine.process is not None:  # serving: a busy engine still answers /health from its own thread
+            if self.ready(engine):
+                engine.first_miss, engine.misses = None, 0
+                return
+            # Hung only after probes kept failing for the whole span: the supervisor itself may have been busy
+            # (copying another model's weights) between two probes, which says nothing about the engine.
+            engine.first_miss = now if engine.first_miss is None else engine.first_miss
+            engine.misses += 1
+            if engine.misses >= 3 and now - engine.first_miss >= settings.ENGINE_UNRESPONSIVE_SECONDS:
+                self.fail(engine, f"engine for {backend.model.repo_id} has not answered /health for "
+                                  f"{now - engine.first_miss:.0f} s ({engine.misses} probes)")
 
     def fail(self, engine: Engine, why: str) -> None:
         """Down (the gateway answers 503 meanwhile), stopped if it still runs, started again after a backoff."""
@@ -150,12 +158,12 @@ class Command(BaseCommand):
     def start_engine(self, engine: Engine, backend: InferenceBackend, version) -> None:
         folder = materialize(version)
         engine.port, engine.commit, engine.started_at = _free_port(), version.commit, time.monotonic()
-        log = open(Path(settings.VAR_DIR) / "engines" / f"{backend.model.organization.slug}--{backend.model.name}.log",
-                   "a")
+        engine.log = open(Path(settings.VAR_DIR) / "engines" /
+                          f"{backend.model.organization.slug}--{backend.model.name}.log", "a")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "platform"), str(ROOT)]))
         engine.process = subprocess.Popen(
             [sys.executable, "-m", "training", "serve", "--model", str(folder), "--model-id", backend.model.repo_id,
-             "--port", str(engine.port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+             "--port", str(engine.port)], cwd=ROOT, env=env, stdout=engine.log, stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent)
         InferenceBackend.objects.filter(pk=backend.pk).update(url="", upstream_model=backend.model.repo_id)
         self.stdout.write(f"starting the engine for {backend.model.repo_id}@{version.commit[:12]} on port {engine.port}")
@@ -172,3 +180,6 @@ class Command(BaseCommand):
             except subprocess.TimeoutExpired:
                 engine.process.kill()
         engine.process = None
+        if engine.log is not None:  # one handle per start: a supervisor restarting for weeks must not run out
+            engine.log.close()
+            engine.log = None
