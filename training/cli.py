@@ -28,8 +28,13 @@ def _train_parser(sub):
     parser.add_argument("--echo", action="store_true", help="also print events to stdout")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints its usage too: every failure here is one line
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training", description="Gatehouse training module")
+    parser = _Parser(prog="python -m training", description="Gatehouse training module")
     sub = parser.add_subparsers(dest="command", required=True)
 
     prep = sub.add_parser("prepare", help="tokenize text files, folders and JSONL into shards + manifest")
@@ -65,6 +70,8 @@ def main(argv=None) -> int:
     srv.add_argument("--max-batch", type=int, default=32, help="requests decoded together (KV cache slots)")
     srv.add_argument("--max-waiting", type=int, default=256,
                      help="requests that may wait for a slot; beyond it new ones get 503 + Retry-After")
+    srv.add_argument("--max-seq-len", type=int, help="context served, prompt and answer (default the model's "
+                     "max_position_embeddings; the KV cache holds --max-batch x this many positions)")
     srv.add_argument("--device", default="auto")
     srv.add_argument("--decode", default="auto", choices=["auto", "dynamic", "static", "graphs", "compiled"],
                      help="decode step: CUDA graphs on a GPU, eager slices on a CPU (auto); compiled: torch.compile, then graphs")
@@ -131,9 +138,11 @@ def _run(args) -> int:
 
         if args.max_waiting < 1:
             raise ConfigError(f"--max-waiting must be at least 1, not {args.max_waiting}")
+        if args.max_seq_len is not None and args.max_seq_len < 2:
+            raise ConfigError(f"--max-seq-len must be at least 2, not {args.max_seq_len}")
         try:
             serve(str(args.model), model_id=args.model_id or args.model.resolve().name, host=args.host, port=args.port,
-                  max_batch=args.max_batch, device=args.device, decode=args.decode, max_waiting=args.max_waiting)
+                  max_batch=args.max_batch, device=args.device, decode=args.decode, max_waiting=args.max_waiting, max_seq_len=args.max_seq_len)
         except OSError as exc:  # the port is taken, say
             raise ConfigError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
         except KeyboardInterrupt:

@@ -23,6 +23,9 @@ class ModelConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     init_std: float = 0.02
+    # Long-context RoPE of public checkpoints, as config.json gives it: {"rope_type": "llama3" | "linear", "factor",
+    # and for llama3 "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}. None: plain RoPE.
+    rope_scaling: dict | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -40,6 +43,8 @@ class ModelConfig:
             raise ConfigError(f"ModelConfig: head_dim {self.head_dim} (hidden_size / num_heads) must be even for RoPE")
         if not self.rope_theta > 0 or not self.rms_norm_eps > 0 or not self.init_std > 0:
             raise ConfigError("ModelConfig: rope_theta, rms_norm_eps and init_std must be positive")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
 
     @property
     def head_dim(self) -> int:
@@ -81,6 +86,7 @@ class ModelConfig:
             "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
             "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim,
             "max_position_embeddings": self.max_seq_len, "rope_theta": self.rope_theta,
+            **({"rope_scaling": dict(self.rope_scaling)} if self.rope_scaling else {}),
             "rms_norm_eps": self.rms_norm_eps, "tie_word_embeddings": self.tie_embeddings,
             "attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias, "hidden_act": "silu",
             "initializer_range": self.init_std, "attention_dropout": 0.0, "torch_dtype": torch_dtype,
@@ -103,18 +109,43 @@ class ModelConfig:
         head_dim = config.get("head_dim") or config["hidden_size"] // heads
         if head_dim * heads != config["hidden_size"]:
             raise ConfigError("config.json: head_dim x num_attention_heads must equal hidden_size")
-        if config.get("rope_scaling"):
-            raise ConfigError("config.json: rope_scaling is not supported yet")
+        # transformers 5 writes rope_parameters (theta and scaling in one object); earlier versions rope_theta and
+        # rope_scaling. Read both: a theta silently left at its default would give wrong logits.
+        rope = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), dict) else {}
+        scaling = config.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
+        scaling = dict(scaling) if isinstance(scaling, dict) else scaling
+        if isinstance(scaling, dict) and "type" in scaling and "rope_type" not in scaling:
+            scaling["rope_type"] = scaling.pop("type")  # the older spelling
+        if isinstance(scaling, dict) and scaling.get("rope_type", "default") == "default":
+            scaling = None
+        theta = config.get("rope_theta") or rope.get("rope_theta") or 10000.0
         return cls(
             vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
             intermediate_size=config["intermediate_size"], num_layers=config["num_hidden_layers"],
             num_heads=heads, num_kv_heads=config.get("num_key_value_heads") or heads,
-            max_seq_len=config.get("max_position_embeddings", 2048), rope_theta=float(config.get("rope_theta", 10000.0)),
+            max_seq_len=config.get("max_position_embeddings", 2048), rope_theta=float(theta), rope_scaling=scaling,
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
             attention_bias=bool(config.get("attention_bias", False)), mlp_bias=bool(config.get("mlp_bias", False)),
             init_std=float(config.get("initializer_range", 0.02)),
         )
+
+
+ROPE_SCALING_KEYS = {"linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def _check_rope_scaling(scaling) -> None:
+    kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
+    if kind not in ROPE_SCALING_KEYS:
+        raise ConfigError(f"rope scaling {kind or scaling!r} is not supported (supported: "
+                          f"{', '.join(ROPE_SCALING_KEYS)}); the model would compute wrong positions")
+    for key in ROPE_SCALING_KEYS[kind]:
+        value = scaling.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            raise ConfigError(f"{kind} rope scaling needs a positive {key}, not {value!r}")
+    if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise ConfigError("llama3 rope scaling needs high_freq_factor > low_freq_factor")
 
 
 # Named shapes. The vocabulary comes from the tokenizer at training time.
@@ -205,6 +236,10 @@ class TrainConfig:
             raise ConfigError(f"--min-lr must be positive and at most --lr ({self.lr})")
         if self.method not in ("full", "lora", "last-layer", "bias"):
             raise ConfigError(f"--method must be full, lora, last-layer or bias, not {self.method!r}")
+        if self.method == "lora" and not self.lora_alpha > 0:
+            raise ConfigError(f"--lora-alpha must be positive, not {self.lora_alpha}")
+        if self.method == "lora" and not self.lora_targets:
+            raise ConfigError("--lora-targets is empty: name the projections to adapt, e.g. q_proj,v_proj")
         if self.method != "full" and not self.init_from:
             raise ConfigError(f"--method {self.method} adapts an existing model: give --init-from EXPORT_DIR")
         if self.device not in ("auto", "cpu", "cuda"):

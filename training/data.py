@@ -165,10 +165,12 @@ def prepare(paths: list[Path], out: Path, *, vocab_size: int = 2048, val_fractio
         tokenizer = load_tokenizer(tokenizer_from)
     else:
         tokenizer = train_tokenizer((text for _, text in train_docs), vocab_size)
-    save_tokenizer(tokenizer, out, model_max_length=seq_len_hint)
     eos = tokenizer.token_to_id(EOS)
     if eos is None:
         raise DataError(f"the tokenizer has no {EOS} token")
+    # The folder is about to change: until the new manifest is written last, it must not claim to be complete.
+    (out / "manifest.json").unlink(missing_ok=True)
+    save_tokenizer(tokenizer, out, model_max_length=seq_len_hint)
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
 
     weights = [g.weight for g in groups]

@@ -283,8 +283,10 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def serve(model_dir: str, *, model_id: str, host: str = "127.0.0.1", port: int = 8100, max_batch: int = 32,
-          device: str = "auto", decode: str = "auto", max_waiting: int = MAX_WAITING, ready=None) -> None:
-    engine = Engine(model_dir, device=device, max_batch=max_batch, decode=decode, max_waiting=max_waiting)
+          device: str = "auto", decode: str = "auto", max_waiting: int = MAX_WAITING, max_seq_len: int | None = None,
+          ready=None) -> None:
+    engine = Engine(model_dir, device=device, max_batch=max_batch, decode=decode, max_waiting=max_waiting,
+                    max_seq_len=max_seq_len)
     # Before the port opens: the supervisor marks the engine ready only once /health answers.
     started = time.perf_counter()
     if shapes := engine.warm_up():

@@ -266,6 +266,14 @@ def _forward(call, model: Model, backend: InferenceBackend, endpoint: str, upstr
                                          content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
+
+        def never_relayed():
+            # A client gone before the first event: the relay never ran, so its own cleanup did not either. Close
+            # the engine's stream (it cancels) and finish the row. Runs after the relay's close, a no-op then.
+            upstream.close()
+            if not call.status:
+                inference_call_finish(call, status=499, error_code="client_disconnected")
+        response._resource_closers.append(never_relayed)  # Django's hook for what close() must release
         return response
     try:
         payload = json.loads(upstream.read() or b"{}")

@@ -246,6 +246,14 @@ def test_a_busy_engine_is_passed_on_as_503_with_its_retry_after(served):
     assert list(InferenceCall.objects.values_list("status", "error_code")) == [(503, "engine_overloaded")]
 
 
+def test_a_client_gone_before_the_first_event_is_metered_and_the_engine_stream_closed(served):
+    served.upstream.events = [chat_chunk(""), chat_chunk("a"), "[DONE]"]
+    response = _chat(served, stream=True)
+    assert list(InferenceCall.objects.values_list("status", flat=True)) == [0]  # in flight
+    response.close()  # what the server does when the client has left: the relay never ran
+    assert list(InferenceCall.objects.values_list("status", "error_code")) == [(499, "client_disconnected")]
+
+
 def test_a_stream_cut_short_is_an_error_not_a_normal_end(served):
     served.upstream.events = [chat_chunk(""), chat_chunk("a"), chat_chunk("b")]  # no finish, no usage, no [DONE]
     events = _events(_chat(served, stream=True).streaming_content)

@@ -172,3 +172,44 @@ def test_bracket_items_are_half_balanced_and_wrong_copies_keep_the_length():
     assert answers.count(" yes") == answers.count(" no") == len(answers) // 2  # always "no" scores 0.5
     for _, right, wrong in TASKS["copy"](random.Random(1)):
         assert len(right) == len(wrong) and right != wrong
+
+
+def test_argparse_mistakes_are_one_line_too():
+    out = _cli("train", "--no-such-flag")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert out.stderr == "error: python -m training: unrecognized arguments: --no-such-flag (see --help)\n"
+    out = _cli("train", "--batch-size", "many")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--batch-size: invalid int value" in out.stderr
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(lora_alpha=0.0), "--lora-alpha must be positive, not 0.0"),
+    (dict(lora_targets=()), "--lora-targets is empty: name the projections to adapt"),
+])
+def test_lora_settings_that_cannot_train_are_refused(tmp_path, overrides, message):
+    config = quick_config(tmp_path, tmp_path / "r", method="lora", init_from=str(tmp_path), **overrides)
+    with pytest.raises(ConfigError, match=message):
+        config.validate()
+
+
+def test_an_interrupted_prepare_leaves_no_manifest_claiming_the_folder_complete(tmp_path, corpus, monkeypatch):
+    import training.data as data
+
+    out = tmp_path / "data"
+    prepare([corpus], out, vocab_size=300, license="PSF-2.0")
+    assert (out / "manifest.json").exists()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # killed while the shards are being rewritten
+
+    monkeypatch.setattr(data, "_write_split", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([corpus], out, vocab_size=320, license="PSF-2.0")
+    assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("flag, message", [("--max-seq-len", "--max-seq-len must be at least 2, not 1"),
+                                           ("--max-waiting", "--max-waiting must be at least 1, not 0")])
+def test_serve_settings_that_cannot_serve_are_one_line(trained, flag, message):
+    out = _cli("serve", "--model", trained / "export", flag, "1" if flag == "--max-seq-len" else "0")
+    assert out.returncode == 2 and out.stderr == f"error: {message}\n"

@@ -141,3 +141,17 @@ def test_a_failed_engine_answers_503_and_stops_serving(trained):
         time.sleep(0.2)
     else:
         pytest.fail("the server kept serving after its engine failed")
+
+
+def test_the_served_context_can_be_shorter_than_the_models(trained):
+    # A public checkpoint says 131,072 positions; the KV cache holds max_batch x the served context.
+    server = serve_in_thread(str(trained / "export"), model_id="short", device="cpu", max_batch=2, max_seq_len=40)
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        response = httpx.post(base + "/v1/completions", json={"prompt": "x = 1", "max_tokens": 39})
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["code"] == "context_length_exceeded"
+        assert "context is 40 tokens" in error["message"]
+        assert httpx.post(base + "/v1/completions", json={"prompt": "x = 1", "max_tokens": 8}).status_code == 200
+    finally:
+        server.shutdown()
