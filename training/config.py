@@ -221,7 +221,7 @@ class TrainConfig:
     run_id: str = ""
     license: str = ""  # the exported card's license; defaults to the data's license
     datasets: tuple[str, ...] = ()  # registry dataset ids (org/name) named in the exported card
-    base_model_id: str = ""  # the base's registry id (org/name) for the card; defaults to the folder name
+    base_model_id: str = ""  # the base's registry id (org/name): the card's base_model (without it, named in the text)
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:

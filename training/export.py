@@ -91,7 +91,9 @@ def load_exported(directory: Path, *, device="cpu") -> tuple[Transformer, dict]:
 
 
 def card_text(*, name: str, license: str, datasets: list[str], base_model: str | None, method: str,
-              evaluations: list[dict], metrics: dict, description: str, adapter: bool) -> str:
+              evaluations: list[dict], metrics: dict, description: str, adapter: bool, base_label: str = "") -> str:
+    """base_model: the base's repository id (org/name), the card's metadata; base_label: how the text names a base
+    known only as a local folder (a Hub or registry would refuse an id that names nothing there)."""
     metadata = {"license": license or "other", "library_name": "peft" if adapter else "transformers",
                 "pipeline_tag": "text-generation", "tags": ["gatehouse", "llama"] + (["lora"] if adapter else [])}
     if datasets:
@@ -110,7 +112,7 @@ def card_text(*, name: str, license: str, datasets: list[str], base_model: str |
         metadata["model-index"] = [{"name": name, "results": results}]
     rows = "\n".join(f"| {e['task']} | {e['metric']} | {e['value']:.3f} | {e['samples']} |" for e in evaluations)
     body = (f"# {name}\n\n{description or 'Trained with the Gatehouse training module.'}\n\n"
-            f"## Training\n\nMethod: {method}.{' Base model: ' + base_model + '.' if base_model else ''}\n\n"
+            f"## Training\n\nMethod: {method}.{' Base model: ' + (base_model or base_label) + '.' if base_model or base_label else ''}\n\n"
             f"## Evaluation\n\n| task | metric | value | samples |\n|---|---|---|---|\n{rows}\n")
     if "val_loss" in metrics:
         body += f"\nValidation loss {metrics['val_loss']:.4f} (perplexity {metrics['val_perplexity']:.2f}).\n"

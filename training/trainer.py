@@ -144,11 +144,15 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * (cfg.lr - cfg.min_lr)
 
 
-def code_version() -> str:
+def code_version(directory: Path = Path(__file__).parent) -> str:
+    """The commit the trainer runs, "+dirty" when its files differ from it (the commit alone would not say what ran)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).parent)
-        return out.stdout.strip() or "unknown"
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=directory)
+        if not head.stdout.strip():
+            return "unknown"
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+                                 capture_output=True, text=True, timeout=5, cwd=directory)
+        return head.stdout.strip() + ("+dirty" if changed.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -397,10 +401,12 @@ def _finish(cfg, out, model, run_id, data_manifest, base, trainable, metrics, la
     evaluations = run_tasks(model, tokenizer, seed=cfg.seed)
     events.emit("evaluation", results=evaluations)
     adapter = cfg.method == "lora"
-    base_name = cfg.base_model_id or (Path(cfg.init_from).name if cfg.init_from else None)
+    # Only a repository id goes in the card's metadata; a local base is named in its text (its run's name).
+    base_label = ((base.get("manifest") or {}).get("name") or Path(cfg.init_from).name) if cfg.init_from else ""
     license = cfg.license or data_manifest.get("license") or ""
     name = Path(cfg.out).name
-    card = card_text(name=name, license=license, datasets=list(cfg.datasets), base_model=base_name, method=cfg.method,
+    card = card_text(name=name, license=license, datasets=list(cfg.datasets), base_model=cfg.base_model_id or None,
+                     base_label=base_label, method=cfg.method,
                      evaluations=evaluations, metrics=metrics, description=data_manifest.get("description", ""),
                      adapter=adapter)
     device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else platform.processor() or "CPU"

@@ -54,7 +54,14 @@ def test_lora_manifest_records_base_method_and_trainable_count(lora_run, trained
     # rank 4 on q (64→64), v (64→32) and down (176→64) in 2 layers
     assert manifest["trainable_parameters"] == 2 * (4 * (64 + 64) + 4 * (64 + 32) + 4 * (176 + 64))
     card = (lora_run / "export" / "README.md").read_text()
-    assert "base_model_relation: adapter" in card and "library_name: peft" in card
+    assert "library_name: peft" in card and "Base model: base-run." in card  # the base run's name
+    # A local folder is no repository id (a Hub or the registry would refuse it): metadata only with --base-model-id.
+    assert "base_model:" not in card
+    from training.export import card_text
+
+    card = card_text(name="x", license="mit", datasets=[], base_model="aurora/base", base_label="base-run",
+                     method="lora", evaluations=[], metrics={}, description="", adapter=True)
+    assert "base_model: aurora/base\nbase_model_relation: adapter" in card and "Base model: aurora/base." in card
 
 
 def test_merged_adapter_equals_base_plus_adapter(lora_run, trained, tmp_path):

@@ -213,3 +213,20 @@ def test_an_interrupted_prepare_leaves_no_manifest_claiming_the_folder_complete(
 def test_serve_settings_that_cannot_serve_are_one_line(trained, flag, message):
     out = _cli("serve", "--model", trained / "export", flag, "1" if flag == "--max-seq-len" else "0")
     assert out.returncode == 2 and out.stderr == f"error: {message}\n"
+
+
+def test_code_version_says_when_the_files_differ_from_the_commit(tmp_path):
+    from training.trainer import code_version
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-q", "-m", "one")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert code_version(tmp_path) == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert code_version(tmp_path) == head + "+dirty"
+    assert code_version(tmp_path.parent / "nowhere") == "unknown"
