@@ -40,11 +40,19 @@ def save_checkpoint(directory: Path, *, model: torch.nn.Module, optimizer: torch
 
 
 def recover_checkpoint(directory: Path) -> None:
-    """A crash between save_checkpoint's two renames leaves only the previous checkpoint, as .old: put it back."""
+    """After a crash in save_checkpoint: a crash between its two renames leaves no checkpoint, the new one complete
+    in .tmp (checkpoint.json is written last) and the previous one in .old; take the newest complete one. With a
+    checkpoint in place, leftovers are removed, so that deleting the checkpoint never brings back a stale one."""
     directory = Path(directory)
-    old = directory.with_name(directory.name + ".old")
-    if not directory.exists() and (old / "checkpoint.json").exists():
-        os.replace(old, directory)
+    tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
+    if not directory.exists():
+        for candidate in (tmp, old):
+            if (candidate / "checkpoint.json").exists():
+                os.replace(candidate, directory)
+                break
+    if directory.exists():
+        for leftover in (tmp, old):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def read_checkpoint_meta(directory: Path) -> dict:

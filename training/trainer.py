@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from training.adapt import apply_method
 from training.checkpoint import load_checkpoint, read_checkpoint_meta, recover_checkpoint, save_checkpoint
-from training.config import ConfigError, TrainConfig, preset
+from training.config import ConfigError, ModelConfig, TrainConfig, preset
 from training.data import TokenStream, load_manifest
 from training.evaluate import run_tasks, validation_loss
 from training.export import card_text, export, load_exported
@@ -242,11 +242,17 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
         dist.barrier()
     if checkpoint_dir.exists():
         meta = read_checkpoint_meta(checkpoint_dir)
-        if meta["model_config"] != model.config.to_dict() or meta["method"] != cfg.method:
+        # Compared as configs, not dicts: a checkpoint from before a field existed holds that field's default.
+        try:
+            same_model = ModelConfig.from_dict(meta["model_config"]) == model.config
+        except (ConfigError, TypeError):
+            same_model = False
+        if not same_model or meta["method"] != cfg.method:
             raise ConfigError(f"{checkpoint_dir} was written for a different model or method; use another --out "
                               "or delete the checkpoint")
-        changed = [f"{key} {meta['run'][key]!r} -> {value!r}" for key, value in run_facts.items()
-                   if "run" in meta and meta["run"].get(key) != value]
+        recorded = meta.get("run") or {}  # checkpoints from before these facts were kept are taken on trust
+        changed = [f"{key} {recorded[key]!r} -> {value!r}" for key, value in run_facts.items()
+                   if key in recorded and recorded[key] != value]
         if changed:
             raise ConfigError(f"{checkpoint_dir} belongs to a run with other settings ({', '.join(changed)}); it "
                               "would not continue exactly: rerun with the same settings, use another --out, or delete "

@@ -253,6 +253,9 @@ INFERENCE_BACKEND_TIMEOUT_SECONDS = float(os.environ.get("GATEHOUSE_INFERENCE_BA
 # its port (minutes); a running engine that stops answering /health this long is taken for hung and restarted.
 ENGINE_START_TIMEOUT_SECONDS = float(os.environ.get("GATEHOUSE_ENGINE_START_TIMEOUT_SECONDS", "1800"))
 ENGINE_UNRESPONSIVE_SECONDS = float(os.environ.get("GATEHOUSE_ENGINE_UNRESPONSIVE_SECONDS", "60"))
+# The context a local engine serves at most: its KV cache holds --max-batch times it, and public checkpoints
+# declare up to 131,072 positions (a cache that size for 32 requests of an 8B model would be ~0.5 TB).
+ENGINE_MAX_SEQ_LEN = int(os.environ.get("GATEHOUSE_ENGINE_MAX_SEQ_LEN", "8192"))
 
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage",

@@ -20,6 +20,7 @@ def supervisor(register, aurora, alice, monkeypatch, tmp_path, settings):
 
     def popen(command, **kwargs):  # the real start_engine, with a sleeper in place of `python -m training serve`
         started.append(real_popen([sys.executable, "-c", "import time; time.sleep(120)"], **kwargs))
+        started[-1].command = command  # what would have run
         return started[-1]
 
     monkeypatch.setattr(serve_engines.subprocess, "Popen", popen)
@@ -136,3 +137,11 @@ def test_an_engine_stopped_or_restarted_closes_its_log(supervisor, settings):
     assert len(started) == 2 and not second_log.closed
     command.stop_engine(engines[backend.pk])
     assert second_log.closed
+
+
+def test_an_engine_serves_at_most_the_configured_context(supervisor, settings):
+    command, engines, backend, started, answers, clock = supervisor
+    settings.ENGINE_MAX_SEQ_LEN = 4096  # a checkpoint declaring 131,072 positions would size its cache by that
+    command.reconcile(engines)
+    argv = started[0].command
+    assert argv[argv.index("--max-seq-len") + 1] == "4096" and argv[1:4] == ["-m", "training", "serve"]

@@ -87,13 +87,49 @@ def test_rerunning_a_finished_run_exports_what_it_measured(tmp_path, data_dir):
     assert "Validation loss" in (out / "export" / "README.md").read_text()
 
 
-def test_a_checkpoint_left_as_old_by_a_crash_is_resumed(tmp_path, data_dir):
+def test_a_crash_inside_save_checkpoint_resumes_from_the_newest_complete_copy(tmp_path, data_dir):
+    import shutil
+
     out = tmp_path / "run"
     assert train(quick_config(data_dir, out, max_steps=3)) == 0
-    os.replace(out / "checkpoint", out / "checkpoint.old")  # the crash between save_checkpoint's two renames
+    shutil.copytree(out / "checkpoint", out / "step3")
     assert train(quick_config(data_dir, out, max_steps=5)) == 0
-    assert events(out, "start")[1]["resumed_from_step"] == 3
+    # The crash between save_checkpoint's two renames: the new checkpoint complete in .tmp, the previous in .old.
+    os.replace(out / "checkpoint", out / "checkpoint.tmp")
+    os.replace(out / "step3", out / "checkpoint.old")
+    assert train(quick_config(data_dir, out, max_steps=6)) == 0
+    assert events(out, "start")[-1]["resumed_from_step"] == 5
+    assert not (out / "checkpoint.tmp").exists() and not (out / "checkpoint.old").exists()
+    # Only the previous one survived (the new one was still being written): that one.
+    os.replace(out / "checkpoint", out / "checkpoint.old")
+    (out / "checkpoint.tmp").mkdir()
+    (out / "checkpoint.tmp" / "model.safetensors").write_bytes(b"half")
+    assert train(quick_config(data_dir, out, max_steps=7)) == 0
+    assert events(out, "start")[-1]["resumed_from_step"] == 6
+
+
+def test_leftovers_beside_a_checkpoint_are_removed_so_deleting_it_starts_over(tmp_path, data_dir):
+    import shutil
+
+    out = tmp_path / "run"
+    assert train(quick_config(data_dir, out, max_steps=3)) == 0
+    shutil.copytree(out / "checkpoint", out / "checkpoint.old")
+    assert train(quick_config(data_dir, out, max_steps=4)) == 0
     assert not (out / "checkpoint.old").exists()
+    shutil.rmtree(out / "checkpoint")  # what the refusals advise: delete the checkpoint to start over
+    assert train(quick_config(data_dir, out, max_steps=4)) == 0
+    assert events(out, "start")[-1]["resumed_from_step"] is None
+
+
+def test_a_checkpoint_from_before_newer_fields_still_resumes(tmp_path, data_dir):
+    out = tmp_path / "run"
+    assert train(quick_config(data_dir, out, max_steps=3)) == 0
+    meta_path = out / "checkpoint" / "checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["model_config"]["rope_scaling"], meta["run"], meta["metrics"], meta["train_loss"]
+    meta_path.write_text(json.dumps(meta))  # as the trainer of the previous release wrote it
+    assert train(quick_config(data_dir, out, max_steps=5)) == 0
+    assert events(out, "start")[-1]["resumed_from_step"] == 3
 
 
 def test_init_from_refuses_data_tokenized_with_another_tokenizer(tmp_path, data_dir, trained, corpus):

@@ -163,8 +163,8 @@ class Command(BaseCommand):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "platform"), str(ROOT)]))
         engine.process = subprocess.Popen(
             [sys.executable, "-m", "training", "serve", "--model", str(folder), "--model-id", backend.model.repo_id,
-             "--port", str(engine.port)], cwd=ROOT, env=env, stdout=engine.log, stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent)
+             "--port", str(engine.port), "--max-seq-len", str(settings.ENGINE_MAX_SEQ_LEN)],
+            cwd=ROOT, env=env, stdout=engine.log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         InferenceBackend.objects.filter(pk=backend.pk).update(url="", upstream_model=backend.model.repo_id)
         self.stdout.write(f"starting the engine for {backend.model.repo_id}@{version.commit[:12]} on port {engine.port}")
 
