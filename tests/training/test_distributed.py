@@ -1,4 +1,5 @@
 """DDP under torchrun (gloo on CPU) and gradient accumulation compute the same steps as one big batch."""
+import json
 import subprocess
 import sys
 
@@ -38,3 +39,48 @@ def test_ddp_on_two_processes_matches_one_process(tmp_path, data_dir):
     replicas = events(tmp_path / "two", "replicas")[0]  # two processes, one model: identical weights at the end
     assert replicas["in_sync"] and len(replicas["weights_sha256"]) == 2
     assert replicas["weights_sha256"][0] == replicas["weights_sha256"][1]
+
+
+def _worker(agent_pid: int, rank: int) -> int | None:
+    """The pid of torchrun's worker process of this rank (from its environment), or None yet."""
+    from pathlib import Path
+
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) != agent_pid:
+                continue
+            if f"RANK={rank}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                return int(proc.name)
+        except OSError:  # gone meanwhile
+            continue
+    return None
+
+
+@pytest.mark.e2e
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_checkpointed_step(tmp_path, data_dir):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "two"
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "training", "train", "--out", str(out), "--data", str(data_dir), "--preset",
+                              "debug", "--seq-len", "64", "--batch-size", "4", "--max-steps", "5000",
+                              "--warmup-steps", "2", "--eval-interval", "100000", "--checkpoint-interval", "100000"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((out / "events.jsonl").exists() and
+                                              (out / "events.jsonl").read_text().count('"event": "step"') >= 5):
+            time.sleep(0.1)
+        rank1 = _worker(agent.pid, 1)
+        assert rank1, "torchrun's rank-1 worker not found"
+        os.kill(rank1, signal.SIGTERM)  # rank 1 only: rank 0 learns it with the next step's all-reduce
+        agent.wait(timeout=120)  # no rank waits forever in a collective the other left
+    finally:
+        agent.kill()
+    stopped = events(out, "stopped")
+    assert len(stopped) == 1 and stopped[0]["signal"] == "another rank's" and stopped[0]["resumable"]
+    checkpoint = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
+    assert checkpoint["step"] == stopped[0]["step"] and 5 <= checkpoint["step"] < 5000
+    assert not (out / "export").exists()
