@@ -4,7 +4,8 @@ it exactly as it talks to a vLLM server:
     python -m training serve --model runs/r1/export --model-id aurora/coder --port 8100
 
 GET /v1/models, /v1/models/{id}, /health, /metrics; POST /v1/completions and /v1/chat/completions (with
-`"stream": true` as server-sent events, `stream_options.include_usage` adding a usage chunk). Errors use
+`"stream": true` as server-sent events, `stream_options.include_usage` adding a usage chunk, and
+`continuous_usage_stats` too, as vLLM, usage in every chunk). Errors use
 OpenAI's shape. A client that goes away cancels its request at the next decode step, streaming or not; when
 `max_waiting` requests already wait for a slot, a new one is refused with 503 and Retry-After instead of queued.
 """
@@ -203,8 +204,12 @@ class Handler(BaseHTTPRequestHandler):
         request = engine.submit(prompt_ids, sampling_from(body, chat=chat), stream=bool(body.get("stream")))
         ident = ("chatcmpl-" if chat else "cmpl-") + request.id
         if request.stream:
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return self._stream(request, ident, chat=chat, include_usage=include_usage)
+            options = body.get("stream_options") or {}
+            include_usage = bool(options.get("include_usage"))
+            # vLLM's continuous_usage_stats: usage in every chunk, so whoever meters a client that leaves early
+            # knows the prompt it paid for, not only the tokens it saw.
+            continuous = include_usage and bool(options.get("continuous_usage_stats"))
+            return self._stream(request, ident, chat=chat, include_usage=include_usage, continuous=continuous)
         while not request.done.wait(timeout=POLL_SECONDS):
             if self._client_gone():  # nobody will read the answer: free the slot at the next step
                 request.cancel()
@@ -230,7 +235,7 @@ class Handler(BaseHTTPRequestHandler):
         return {"id": ident, "object": "text_completion", "created": created, "model": model, "choices": [choice],
                 "usage": self._usage(request)}
 
-    def _stream(self, request: Request, ident: str, *, chat: bool, include_usage: bool) -> None:
+    def _stream(self, request: Request, ident: str, *, chat: bool, include_usage: bool, continuous: bool = False) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -242,6 +247,8 @@ class Handler(BaseHTTPRequestHandler):
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(choices, **extra):
+            if continuous and choices:
+                extra.setdefault("usage", self._usage(request))
             event = {"id": ident, "object": kind, "created": created, "model": model, "choices": choices, **extra}
             self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
             self.wfile.flush()

@@ -235,10 +235,15 @@ def generate(request, endpoint: str, *, user, token, body):
         raise OpenAIError(503, f"The engine for {model.repo_id} is not running yet; retry shortly.",
                           "engine_unavailable", headers={"Retry-After": "5"})
     stream = bool(body.get("stream"))
-    wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+    # Which usage the client asked for: none, the last chunk's ("last"), or every chunk's ("every", vLLM's option).
+    wants_usage = ("every" if options.get("continuous_usage_stats") else "last") if options.get("include_usage") else ""
     upstream_body = body | {"model": backend.upstream_model or model.repo_id}
     if stream:  # we always ask for usage upstream, to meter; the client sees it only if it asked
-        upstream_body["stream_options"] = (body.get("stream_options") or {}) | {"include_usage": True}
+        # The usage chunk comes last: with our engine, usage in every chunk too, so a client that leaves early is
+        # metered for its prompt as well (vLLM has the option as well, but not every OpenAI-compatible upstream).
+        extra = {"continuous_usage_stats": True} if backend.kind == InferenceBackend.Kind.LOCAL else {}
+        upstream_body["stream_options"] = (body.get("stream_options") or {}) | {"include_usage": True} | extra
     call = inference_call_start(user=user, token=token, organization_id=organization_id, model=model,
                                 endpoint=endpoint, stream=stream)
     try:
@@ -250,7 +255,7 @@ def generate(request, endpoint: str, *, user, token, body):
 
 
 def _forward(call, model: Model, backend: InferenceBackend, endpoint: str, upstream_body: dict, *, stream: bool,
-             wants_usage: bool):
+             wants_usage: str):
     """Send the call to the backend and answer with what it answers; every outcome finishes the call's row."""
     headers = {"Authorization": f"Bearer {backend.api_key}"} if backend.api_key else {}
     url = backend.url.rstrip("/") + "/" + endpoint
@@ -342,11 +347,11 @@ def _content_chunks(event: dict) -> int:
         (isinstance(c.get("delta"), dict) and c["delta"].get("content")) or c.get("text")))
 
 
-def _relay(upstream, call, repo_id: str, wants_usage: bool):
+def _relay(upstream, call, repo_id: str, wants_usage: str):
     """Relay server-sent events as they come; meter from the usage chunk (else from the chunks relayed); a client
     that leaves closes us. An answer is complete only with `data: [DONE]`: a stream that ends without it was cut
     short, and the client is told so (an error event) rather than left to take what it got for the whole answer."""
-    usage, status, error_code, done, generated = None, 200, "", False, 0
+    usage, status, error_code, done, generated, answered = None, 200, "", False, 0, False
     try:
         for line in upstream.iter_lines():
             if not line.startswith("data: "):
@@ -368,8 +373,11 @@ def _relay(upstream, call, repo_id: str, wants_usage: bool):
                 continue
             if isinstance(event.get("usage"), dict):
                 usage = event["usage"]
+                answered = answered or not event.get("choices")  # the closing usage chunk: the answer was whole
                 if not event.get("choices") and not wants_usage:
                     continue
+                if event.get("choices") and wants_usage != "every":
+                    del event["usage"]  # asked of the engine for metering, not by this client
             generated += _content_chunks(event)
             if "model" in event:
                 event["model"] = repo_id
@@ -386,7 +394,7 @@ def _relay(upstream, call, repo_id: str, wants_usage: bool):
         yield _error_event("The gateway failed in the middle of the answer; the error has been logged.", error_code)
     finally:
         upstream.close()  # also when the client went away: the engine sees the disconnect and cancels
-        if status == 200 and not done and usage is None:  # the client left before the end
+        if status == 200 and not done and not answered:  # the client left before the end
             status, error_code = 499, "client_disconnected"
         inference_call_finish(call, status=status, error_code=error_code,
                               usage=usage or {"completion_tokens": generated})

@@ -283,6 +283,26 @@ def test_a_client_that_leaves_before_the_usage_chunk_is_metered_for_what_was_rel
         (499, "client_disconnected", 2)]
 
 
+def test_our_engine_sends_usage_in_every_chunk_so_a_client_leaving_early_pays_for_its_prompt(served):
+    served.backend.kind = "local"  # our engine, at the stand-in's address
+    served.backend.save()
+    usage = lambda n: {"prompt_tokens": 40, "completion_tokens": n, "total_tokens": 40 + n}  # noqa: E731
+    events = [chat_chunk("a"), chat_chunk("b"), chat_chunk("c"), chat_chunk(finish="stop")]
+    served.upstream.events = [e[:-1] + f', "usage": {json.dumps(usage(n))}}}' for n, e in enumerate(events, 1)] + [
+        chat_chunk(usage=usage(3)), "[DONE]"]
+    response = _chat(served, stream=True)
+    relayed = iter(response.streaming_content)
+    first_two = _events([next(relayed), next(relayed)])
+    response.close()
+    assert served.upstream.requests[0]["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    assert all("usage" not in e for e in first_two)  # asked for metering, not by this client
+    assert list(InferenceCall.objects.values_list("status", "prompt_tokens", "completion_tokens")) == [(499, 40, 2)]
+    # A client that asks for every chunk's usage gets it.
+    events = _events(_chat(served, stream=True, stream_options={"include_usage": True,
+                                                                "continuous_usage_stats": True}).streaming_content)
+    assert [e["usage"]["completion_tokens"] for e in events[:-1]] == [1, 2, 3, 4, 3]
+
+
 def test_the_organization_charged_is_the_models_own_for_its_members_else_the_lowest_id(served, register, alice,
                                                                                      carol, settings):
     settings.INFERENCE_RPM_PER_ORGANIZATION = 1000

@@ -155,3 +155,23 @@ def test_the_served_context_can_be_shorter_than_the_models(trained):
         assert httpx.post(base + "/v1/completions", json={"prompt": "x = 1", "max_tokens": 8}).status_code == 200
     finally:
         server.shutdown()
+
+
+def test_continuous_usage_stats_put_usage_in_every_chunk(server):
+    base, _ = server
+
+    def chunks(options):
+        with httpx.stream("POST", base + "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": options}) as response:
+            lines = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        return [json.loads(line) for line in lines[:-1]]
+
+    every = chunks({"include_usage": True, "continuous_usage_stats": True})
+    prompt = every[-1]["usage"]["prompt_tokens"]
+    assert prompt > 0 and all(c["usage"]["prompt_tokens"] == prompt for c in every)
+    completions = [c["usage"]["completion_tokens"] for c in every]
+    assert completions == sorted(completions) and completions[-1] == 5  # grows as the answer does
+    plain = chunks({"include_usage": True})
+    assert [("usage" in c) for c in plain] == [False] * (len(plain) - 1) + [True]  # only the closing usage chunk
