@@ -3,8 +3,10 @@ from datetime import timedelta
 
 import json
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
+from django.core.signals import request_finished
 from django.test import Client
 from django.utils import timezone
 
@@ -149,6 +151,13 @@ def _error(response) -> dict:
     return error
 
 
+def _client_leaves(response) -> None:
+    """What the server does when the client has gone: close the response, without the request_finished that would
+    close the test's own database connection (on PostgreSQL) in the middle of its transaction."""
+    with mock.patch.object(request_finished, "send"):
+        response.close()
+
+
 def _events(chunks) -> list:
     """The `data:` payloads of a relayed stream, JSON decoded (but "[DONE]")."""
     lines = b"".join(chunks).decode().split("\n\n")
@@ -250,7 +259,7 @@ def test_a_client_gone_before_the_first_event_is_metered_and_the_engine_stream_c
     served.upstream.events = [chat_chunk(""), chat_chunk("a"), "[DONE]"]
     response = _chat(served, stream=True)
     assert list(InferenceCall.objects.values_list("status", flat=True)) == [0]  # in flight
-    response.close()  # what the server does when the client has left: the relay never ran
+    _client_leaves(response)  # the relay never ran
     assert list(InferenceCall.objects.values_list("status", "error_code")) == [(499, "client_disconnected")]
 
 
@@ -278,7 +287,7 @@ def test_a_client_that_leaves_before_the_usage_chunk_is_metered_for_what_was_rel
     response = _chat(served, stream=True)
     relayed = iter(response.streaming_content)
     assert [next(relayed) for _ in range(3)]  # the role chunk, "a", "b": then the client goes away
-    response.close()
+    _client_leaves(response)
     assert list(InferenceCall.objects.values_list("status", "error_code", "completion_tokens")) == [
         (499, "client_disconnected", 2)]
 
@@ -293,7 +302,7 @@ def test_our_engine_sends_usage_in_every_chunk_so_a_client_leaving_early_pays_fo
     response = _chat(served, stream=True)
     relayed = iter(response.streaming_content)
     first_two = _events([next(relayed), next(relayed)])
-    response.close()
+    _client_leaves(response)
     assert served.upstream.requests[0]["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
     assert all("usage" not in e for e in first_two)  # asked for metering, not by this client
     assert list(InferenceCall.objects.values_list("status", "prompt_tokens", "completion_tokens")) == [(499, 40, 2)]
