@@ -143,7 +143,8 @@ def _run(args) -> int:
             raise ConfigError(f"--max-seq-len must be at least 2, not {args.max_seq_len}")
         try:
             serve(str(args.model), model_id=args.model_id or args.model.resolve().name, host=args.host, port=args.port,
-                  max_batch=args.max_batch, device=args.device, decode=args.decode, max_waiting=args.max_waiting, max_seq_len=args.max_seq_len)
+                  max_batch=args.max_batch, device=args.device, decode=args.decode, max_waiting=args.max_waiting,
+                  max_seq_len=args.max_seq_len)
         except OSError as exc:  # the port is taken, say
             raise ConfigError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
         except KeyboardInterrupt:

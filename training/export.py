@@ -111,8 +111,9 @@ def card_text(*, name: str, license: str, datasets: list[str], base_model: str |
     if results:
         metadata["model-index"] = [{"name": name, "results": results}]
     rows = "\n".join(f"| {e['task']} | {e['metric']} | {e['value']:.3f} | {e['samples']} |" for e in evaluations)
+    base = base_model or base_label
     body = (f"# {name}\n\n{description or 'Trained with the Gatehouse training module.'}\n\n"
-            f"## Training\n\nMethod: {method}.{' Base model: ' + (base_model or base_label) + '.' if base_model or base_label else ''}\n\n"
+            f"## Training\n\nMethod: {method}.{' Base model: ' + base + '.' if base else ''}\n\n"
             f"## Evaluation\n\n| task | metric | value | samples |\n|---|---|---|---|\n{rows}\n")
     if "val_loss" in metrics:
         body += f"\nValidation loss {metrics['val_loss']:.4f} (perplexity {metrics['val_perplexity']:.2f}).\n"

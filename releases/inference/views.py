@@ -243,7 +243,7 @@ def generate(request, endpoint: str, *, user, token, body):
         # The usage chunk comes last: with our engine, usage in every chunk too, so a client that leaves early is
         # metered for its prompt as well (vLLM has the option as well, but not every OpenAI-compatible upstream).
         extra = {"continuous_usage_stats": True} if backend.kind == InferenceBackend.Kind.LOCAL else {}
-        upstream_body["stream_options"] = (body.get("stream_options") or {}) | {"include_usage": True} | extra
+        upstream_body["stream_options"] = options | {"include_usage": True} | extra
     call = inference_call_start(user=user, token=token, organization_id=organization_id, model=model,
                                 endpoint=endpoint, stream=stream)
     try:
@@ -373,10 +373,11 @@ def _relay(upstream, call, repo_id: str, wants_usage: str):
                 continue
             if isinstance(event.get("usage"), dict):
                 usage = event["usage"]
-                answered = answered or not event.get("choices")  # the closing usage chunk: the answer was whole
-                if not event.get("choices") and not wants_usage:
-                    continue
-                if event.get("choices") and wants_usage != "every":
+                if not event.get("choices"):  # the closing usage chunk: the answer was whole
+                    answered = True
+                    if not wants_usage:
+                        continue
+                elif wants_usage != "every":
                     del event["usage"]  # asked of the engine for metering, not by this client
             generated += _content_chunks(event)
             if "model" in event:

@@ -2,6 +2,7 @@
 nothing that was there is lost."""
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -17,8 +18,6 @@ from training.export import check_export_target
 from training.trainer import EXIT_STOPPED, train
 
 from .conftest import events, quick_config
-
-import random
 
 
 def _cli(*args):
