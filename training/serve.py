@@ -201,10 +201,13 @@ class Handler(BaseHTTPRequestHandler):
             if not isinstance(prompt, str):
                 raise ApiError(400, "prompt must be a string.", code="invalid_value", param="prompt")
             prompt_ids = engine.encode(prompt)  # with the BOS the tokenizer adds, if it adds one
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):  # checked before anything is queued
+            raise ApiError(400, 'stream_options must be an object, e.g. {"include_usage": true}.',
+                           code="invalid_value", param="stream_options")
         request = engine.submit(prompt_ids, sampling_from(body, chat=chat), stream=bool(body.get("stream")))
         ident = ("chatcmpl-" if chat else "cmpl-") + request.id
         if request.stream:
-            options = body.get("stream_options") or {}
             include_usage = bool(options.get("include_usage"))
             # vLLM's continuous_usage_stats: usage in every chunk, so whoever meters a client that leaves early
             # knows the prompt it paid for, not only the tokens it saw.

@@ -17,7 +17,8 @@ def server(trained):
 
 
 def test_models_health_metrics_and_errors(server):
-    base, _ = server
+    base, running = server
+    admitted = running.engine.stats["requests"]
     assert httpx.get(base + "/v1/models").json()["data"][0]["id"] == "acme/coder"
     assert httpx.get(base + "/v1/models/acme%2Fcoder").json()["id"] == "acme/coder"  # ids with / arrive encoded
     assert httpx.get(base + "/health").json() | {"active": 0} == {"status": "ok", "model": "acme/coder", "active": 0,
@@ -28,9 +29,12 @@ def test_models_health_metrics_and_errors(server):
                                ({"prompt": "x", "max_tokens": "many"}, 400, "invalid_value"),
                                ({"prompt": "x", "n": 2}, 400, "invalid_value"),
                                ({"prompt": "x", "ignore_eos": "yes"}, 400, "invalid_value"),
+                               ({"prompt": "x", "stream": True, "stream_options": "usage"}, 400, "invalid_value"),
                                ({"prompt": "x", "max_tokens": 10_000}, 400, "context_length_exceeded")]:
         response = httpx.post(base + "/v1/completions", json=body)
         assert (response.status_code, response.json()["error"]["code"]) == (status, code), body
+    time.sleep(0.3)  # the engine's thread admits within a step: none of them was queued
+    assert running.engine.stats["requests"] == admitted and not running.engine.waiting
     bad = httpx.post(base + "/v1/completions", content=b"{nope", headers={"Content-Type": "application/json"})
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
 
