@@ -7,17 +7,24 @@ Gatehouse's /v1, served by gunicorn as in production with quotas checked, and st
     python tests/bench/generate.py                          # CPU, 'small' shape, 128 new tokens
     python tests/bench/generate.py --device cuda --preset 124m --concurrency 1,64
 
-transformers gets its best case for concurrency: all prompts as one batch to a single generate call. Both
-generate exactly the same number of tokens (EOS ignored) greedily from prompts of the same length.
+Two workloads. Uniform: transformers gets its best case for concurrency, all prompts as one batch to a single
+generate call; both generate exactly the same number of tokens (EOS ignored) greedily from prompts of the same
+length, so a step does the same matmuls on both sides. Serving: what continuous batching is for, and what vLLM's
+comparisons with transformers measure (ShareGPT conversations): prompt and answer lengths that vary as real ones
+do, sent by N clients in a closed loop (each sends its next request when its last is answered); generate serves
+them as a server built on it does, the waiting requests as one left-padded batch run until its longest answer ends.
 """
 import argparse
 import json
+import math
 import os
+import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,6 +83,112 @@ def transformers_generate(model, batch: list[list[int]], new_tokens: int, device
         elapsed = time.perf_counter() - start
     return {"tokens_per_s": len(batch) * new_tokens / elapsed, "ttft_ms": ttft * 1000,
             "outputs": out[:, ids.shape[1]:].tolist()}
+
+
+# ShareGPT's means in the vLLM paper (Kwon et al. 2023, table 1): 161 prompt and 338 answer tokens, both long-tailed.
+# A quarter of each here, drawn from a lognormal (sigma 1), so the bench's small model gets through it on two cores.
+SERVING_PROMPT_MEAN, SERVING_ANSWER_MEAN, SERVING_SIGMA = 161 / 4, 338 / 4, 1.0
+SERVING_PROMPT_CAP, SERVING_ANSWER_CAP = 256, 512
+
+
+def serving_lengths(n: int, seed: int = 0) -> list[tuple[int, int]]:
+    """(prompt tokens, answer tokens) for n requests, the same for every run with the same seed."""
+    rng = random.Random(seed)
+
+    def draw(mean: float, cap: int) -> int:
+        return max(4, min(cap, round(rng.lognormvariate(math.log(mean) - SERVING_SIGMA ** 2 / 2, SERVING_SIGMA))))
+    return [(draw(SERVING_PROMPT_MEAN, SERVING_PROMPT_CAP), draw(SERVING_ANSWER_MEAN, SERVING_ANSWER_CAP))
+            for _ in range(n)]
+
+
+def serving_requests(engine, n: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    text = engine.encode("".join(f"def function_{i}(value):\n    return value * {i} + 1\n" for i in range(80)))
+    return [((text[i % 97:] + text)[:prompt], answer) for i, (prompt, answer) in enumerate(serving_lengths(n, seed))]
+
+
+def ours_serving(engine, work: list[tuple[list[int], int]], clients: int) -> dict:
+    """`clients` closed-loop clients against the engine stepping as `serve` does: new requests join between steps."""
+    from training.engine import SamplingParams
+
+    pending, live, latencies, outputs = deque(enumerate(work)), {}, [], [None] * len(work)
+    start = time.perf_counter()
+    while pending or live:
+        while pending and len(live) < clients:
+            i, (prompt, answer) = pending.popleft()
+            params = SamplingParams(max_tokens=answer, temperature=0, ignore_eos=True)
+            live[i] = (engine.submit(prompt, params), time.perf_counter())
+        engine.step()
+        now = time.perf_counter()
+        for i, (request, sent) in list(live.items()):
+            if request.done.is_set():
+                outputs[i] = request.output_ids
+                latencies.append(now - sent)
+                del live[i]
+    elapsed = time.perf_counter() - start
+    assert all(len(out) == answer for out, (_, answer) in zip(outputs, work))
+    return {"tokens_per_s": sum(answer for _, answer in work) / elapsed, "latency_p50_s": statistics.median(latencies),
+            "outputs": outputs}
+
+
+def generate_serving(model, work: list[tuple[list[int], int]], clients: int, device) -> dict:
+    """The same clients served by generate: all waiting requests as one batch, left-padded, run until the batch's
+    longest answer is done (generate takes one max_new_tokens; rows that asked for less are cut), then the next."""
+    import torch
+
+    latencies, outputs = [], []
+    start = time.perf_counter()
+    for first in range(0, len(work), clients):
+        group = work[first:first + clients]
+        width, most = max(len(p) for p, _ in group), max(answer for _, answer in group)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in group], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in group], device=device)
+        sent = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=most, min_new_tokens=most, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)
+        latencies += [time.perf_counter() - sent] * len(group)
+        outputs += [row[width:width + answer].tolist() for row, (_, answer) in zip(out, group)]
+    elapsed = time.perf_counter() - start
+    return {"tokens_per_s": sum(answer for _, answer in work) / elapsed, "latency_p50_s": statistics.median(latencies),
+            "outputs": outputs}
+
+
+def generate_one_by_one(model, work: list[tuple[list[int], int]], device) -> float:
+    """Answer tokens per second of generate serving the requests one at a time (no padding, no waiting for others)."""
+    import torch
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        for prompt, answer in work:
+            model.generate(torch.tensor([prompt], device=device), max_new_tokens=answer, min_new_tokens=answer,
+                           do_sample=False, eos_token_id=None, pad_token_id=0)
+    return sum(answer for _, answer in work) / (time.perf_counter() - start)
+
+
+def serving_rows(engines: dict, hf, levels: list[int], rounds: int, sequential: int, device) -> list[dict]:
+    """Per number of clients: ours against the better of generate's two ways of serving them."""
+    rows = []
+    for clients in [n for n in levels if n > 1]:
+        work = serving_requests(next(iter(engines.values())), clients * rounds, seed=clients)
+        peer = generate_serving(hf, work, clients, device)
+        # Long answers make a padded batch wait for its longest: one at a time can be the better way. Its rate
+        # does not depend on how many wait, so the first requests (drawn like all the others) measure it.
+        one_by_one = generate_one_by_one(hf, work[:max(1, sequential)], device)
+        best = max(peer["tokens_per_s"], one_by_one)
+        for mode, engine in engines.items():
+            ours_serving(engine, work[:clients], clients)  # warm-up: the shapes a server in steady state has seen
+            us = ours_serving(engine, work, clients)
+            same = sum(a == b for o, p in zip(us["outputs"], peer["outputs"]) for a, b in zip(o, p))
+            rows.append({"concurrency": clients, "decode": engine.decode_mode, "requests": len(work),
+                         "answer_tokens": sum(answer for _, answer in work),
+                         "mean_prompt": statistics.mean(len(p) for p, _ in work),
+                         "mean_answer": statistics.mean(answer for _, answer in work),
+                         "ours_tokens_per_s": us["tokens_per_s"], "transformers_tokens_per_s": peer["tokens_per_s"],
+                         "transformers_sequential_tokens_per_s": one_by_one, "ratio": us["tokens_per_s"] / best,
+                         "ours_latency_p50_s": us["latency_p50_s"],
+                         "transformers_latency_p50_s": peer["latency_p50_s"],
+                         "same_tokens": same / sum(answer for _, answer in work)})
+    return rows
 
 
 def gateway_overhead(model_dir: Path, requests: int) -> dict:
@@ -153,6 +266,8 @@ def main() -> None:
                              "graphs, compiled")
     parser.add_argument("--sequential-prompts", type=int, default=32,
                         help="prompts generate serves one by one to measure that rate (at most the concurrency)")
+    parser.add_argument("--serving-rounds", type=int, default=3,
+                        help="requests each client sends in the serving workload (0 skips it)")
     args = parser.parse_args()
 
     import torch
@@ -163,7 +278,8 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     modes = args.decode.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_checkpoint(Path(tmp), args.preset, args.prompt_tokens + args.new_tokens + 64)
+        context = max(args.prompt_tokens + args.new_tokens, SERVING_PROMPT_CAP + SERVING_ANSWER_CAP) + 64
+        model_dir = make_checkpoint(Path(tmp), args.preset, context)
         engines = {mode: Engine(model_dir, device=args.device, max_batch=max(levels), decode=mode) for mode in modes}
         engine = engines[modes[0]]
         device = engine.device
@@ -195,6 +311,8 @@ def main() -> None:
                              "transformers_sequential_tokens_per_s": sequential,
                              "ratio_vs_sequential": us["tokens_per_s"] / sequential, "ours_ttft_ms": us["ttft_ms"],
                              "transformers_ttft_ms": best["ttft_ms"]})
+        serving = serving_rows(engines, hf, levels, args.serving_rounds, args.sequential_prompts, device) \
+            if args.serving_rounds else []
         overhead = gateway_overhead(model_dir, args.gateway_requests) if args.gateway_requests else None
     c = engine.config
     print(f"\nGeneration, preset {args.preset} ({c.num_layers}L x {c.hidden_size}, vocab {c.vocab_size}), device "
@@ -208,12 +326,26 @@ def main() -> None:
         print(f"{r['concurrency']:>10} {r['decode']:>9} {r['ours_tokens_per_s']:>11.0f} {r['transformers_tokens_per_s']:>14.0f} "
               f"{r['ratio']:>6.2f}x {r['transformers_sequential_tokens_per_s']:>17.0f} {r['ratio_vs_sequential']:>6.2f}x "
               f"{r['ours_ttft_ms']:>13.1f} {r['transformers_ttft_ms']:>17.1f}")
+    if serving:
+        print(f"\nServing workload: lengths shaped like ShareGPT's (lognormal, means {SERVING_PROMPT_MEAN:.0f} prompt and "
+              f"{SERVING_ANSWER_MEAN:.0f} answer tokens, at most {SERVING_PROMPT_CAP} and {SERVING_ANSWER_CAP}), "
+              f"{args.serving_rounds} requests per client, closed loop. generate (batched) = the waiting requests as one "
+              "left-padded batch at a time; ratio = ours / the better of generate's two ways; p50 = a request's latency")
+        print(f"{'clients':>10} {'decode':>9} {'requests':>9} {'answer tokens':>14} {'ours tok/s':>11} "
+              f"{'batched tok/s':>14} {'one-by-one tok/s':>17} {'ratio':>7} {'ours p50 s':>11} {'batched p50 s':>14} "
+              f"{'same tokens':>12}")
+        for r in serving:
+            print(f"{r['concurrency']:>10} {r['decode']:>9} {r['requests']:>9} {r['answer_tokens']:>14} "
+                  f"{r['ours_tokens_per_s']:>11.0f} {r['transformers_tokens_per_s']:>14.0f} "
+                  f"{r['transformers_sequential_tokens_per_s']:>17.0f} {r['ratio']:>6.2f}x "
+                  f"{r['ours_latency_p50_s']:>11.2f} {r['transformers_latency_p50_s']:>14.2f} {r['same_tokens']:>11.1%}")
     if overhead:
         print(f"gateway overhead: p50 {overhead['overhead_p50_ms']:.2f} ms (gateway {overhead['gateway_p50_ms']:.2f} ms, "
               f"engine direct {overhead['engine_p50_ms']:.2f} ms, one-token completions; median of paired differences "
               f"{overhead['paired_overhead_p50_ms']:.2f} ms)")
     print(json.dumps({"bench": "generate", "preset": args.preset, "device": str(device), "rows": [
         {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in rows],
+        "serving": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in serving],
         "gateway": {k: round(v, 3) for k, v in overhead.items()} if overhead else None}))
 
 

@@ -1,5 +1,6 @@
-"""The training bench's own logic: variant parsing, kernel kinds, and the profile of the trainer's loop (on a CPU,
-where it profiles aten operators instead of kernels)."""
+"""The benches' own logic: the training bench's variant parsing, kernel kinds and profile of the trainer's loop (on a
+CPU, where it profiles aten operators instead of kernels); the generation bench's serving workload."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,30 @@ def test_profile_of_the_trainers_loop_covers_three_steps(tmp_path):
     matmuls = next(line for line in out.stdout.splitlines() if line.startswith("aten::mm "))
     assert int(matmuls.split()[2]) == (2 * 7 + 1) * 3
     assert (tmp_path / "train_step_trace.json").stat().st_size > 0
+
+
+def test_serving_workload_is_fixed_by_its_seed_and_within_the_context():
+    import generate
+
+    lengths = generate.serving_lengths(200, seed=3)
+    assert lengths == generate.serving_lengths(200, seed=3) != generate.serving_lengths(200, seed=4)
+    assert all(4 <= p <= generate.SERVING_PROMPT_CAP and 4 <= a <= generate.SERVING_ANSWER_CAP for p, a in lengths)
+    # Long-tailed as asked: answers vary several-fold around the mean (a uniform workload would give no spread).
+    answers = sorted(a for _, a in lengths)
+    assert answers[-10] > 3 * answers[100] and 40 < sum(answers) / 200 < 130
+
+
+def test_serving_bench_runs_both_sides_on_the_same_requests():
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "bench" / "generate.py"), "--preset", "debug",
+                          "--concurrency", "4", "--new-tokens", "4", "--sequential-prompts", "1",
+                          "--gateway-requests", "0", "--serving-rounds", "2"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import generate
+
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    [row] = result["serving"]
+    # 4 clients x 2 rounds, every answer exactly as long as asked, greedy tokens equal to generate's in fp32.
+    assert row["requests"] == 8
+    assert row["answer_tokens"] == sum(a for _, a in generate.serving_lengths(8, seed=4))
+    assert row["same_tokens"] == 1.0 and row["ours_tokens_per_s"] > 0 and row["transformers_tokens_per_s"] > 0

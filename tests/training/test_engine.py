@@ -79,6 +79,29 @@ def test_a_burst_is_prefilled_in_padded_groups_into_scattered_slots_and_equals_u
     assert all(shape[0] * shape[1] <= engine.prefill_tokens for shape, _ in groups)
 
 
+def test_rows_of_different_lengths_in_scattered_slots_decode_over_a_view_and_equal_unbatched(engine, monkeypatch):
+    alone = [generate_alone(engine, p, max_tokens=24, temperature=0).output_ids for p in PROMPTS]
+    placed = []
+    index_copy = torch.Tensor.index_copy_
+
+    def spying(self, dim, index, source):  # the decode step placing its rows' queries at their slots in the view
+        placed.append(index.tolist())
+        return index_copy(self, dim, index, source)
+    monkeypatch.setattr(torch.Tensor, "index_copy_", spying)
+    # Four rows, the second done after two tokens: slots 0, 2 and 3 then decode at different lengths around a free
+    # slot, until a fifth request takes it while the others go on.
+    first = [engine.submit(engine.encode(p), SamplingParams(max_tokens=n, temperature=0))
+             for p, n in zip(PROMPTS, (24, 2, 24, 24))]
+    for _ in range(4):
+        engine.step()
+    assert sorted(engine.active) == [0, 2, 3] and placed and placed[-1] == [0, 2, 3]
+    late = engine.submit(engine.encode(PROMPTS[1]), SamplingParams(max_tokens=24, temperature=0))
+    engine.run_until_idle()
+    assert [first[0].output_ids, first[2].output_ids, first[3].output_ids, late.output_ids] == \
+        [alone[0], alone[2], alone[3], alone[1]]
+    assert first[1].output_ids == alone[1][:2]
+
+
 def test_the_fixed_shape_decode_step_equals_the_dynamic_one(engine, export_dir):
     """The step CUDA graphs capture, run eagerly here: padded batch, masked context, scattered slots."""
     fixed = Engine(export_dir, device="cpu", max_batch=8, decode="static")
