@@ -278,7 +278,8 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     modes = args.decode.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        context = max(args.prompt_tokens + args.new_tokens, SERVING_PROMPT_CAP + SERVING_ANSWER_CAP) + 64
+        context = max(args.prompt_tokens + args.new_tokens,
+                      SERVING_PROMPT_CAP + SERVING_ANSWER_CAP if args.serving_rounds else 0) + 64
         model_dir = make_checkpoint(Path(tmp), args.preset, context)
         engines = {mode: Engine(model_dir, device=args.device, max_batch=max(levels), decode=mode) for mode in modes}
         engine = engines[modes[0]]
