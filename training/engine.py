@@ -757,8 +757,22 @@ def _chat_environment():
         # Jinja's own tojson escapes <, >, & and ' for HTML; transformers' (and so the model's training) does not.
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
+    class Generation(jinja2.ext.Extension):
+        """transformers' `{% generation %}…{% endgeneration %}`: marks the assistant's text for training masks
+        (return_assistant_tokens_mask); rendering a prompt, it is the text inside. Templates that use it (SmolLM3's,
+        TRL's) failed to compile, and the engine did not load."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_inside"), [], [], body).set_lineno(lineno)
+
+        def _inside(self, caller):
+            return caller()
+
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=[jinja2.ext.loopcontrols])
+                                                extensions=[jinja2.ext.loopcontrols, Generation])
     environment.filters["tojson"] = tojson
     environment.globals["raise_exception"] = raise_exception
     environment.globals["strftime_now"] = strftime_now

@@ -118,6 +118,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "gatehouse.core.ops.RequestIdMiddleware",
     "gatehouse.core.unavailable.UnavailableMiddleware",  # database/broker/storage down: 503 + Retry-After
+    "gatehouse.core.badinput.NulCharacterMiddleware",  # a NUL in the URL: 400 before any view or query
     "gatehouse.core.ops.ContentSecurityPolicyMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 
 from django.conf import settings
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import Min
 from django.utils import timezone
 
@@ -81,6 +81,42 @@ def quota_check(*, user, token, organization_id: int | None) -> QuotaRefusal | N
         refusal = _refusal("organization", organization_id, settings.INFERENCE_RPM_PER_ORGANIZATION,
                            settings.INFERENCE_TOKENS_PER_DAY_PER_ORGANIZATION, "organization", now)
     return refusal
+
+
+# PostgreSQL advisory locks, one per quota scope: (class, object id), the class naming the kind of scope.
+_LOCK_CLASSES = {"token": 0x47485101, "session": 0x47485102, "organization": 0x47485103}
+
+
+def _quota_scopes(*, user, token, organization_id: int | None) -> list[tuple[str, int]]:
+    """The scopes whose limits this call is held to, token (or session) first: every caller locks in this order."""
+    scopes = []
+    if settings.INFERENCE_RPM_PER_TOKEN or settings.INFERENCE_TOKENS_PER_DAY_PER_TOKEN:
+        scopes.append(("token", token.pk) if token is not None else ("session", user.pk))
+    if organization_id and (settings.INFERENCE_RPM_PER_ORGANIZATION or
+                            settings.INFERENCE_TOKENS_PER_DAY_PER_ORGANIZATION):
+        scopes.append(("organization", organization_id))
+    return scopes
+
+
+def inference_call_admit(*, user, token, organization_id, model, endpoint: str,
+                         stream: bool) -> InferenceCall | QuotaRefusal:
+    """Hold the call to its quotas and record it, as one step per scope: checked apart, a burst of concurrent calls
+    all passed a check that none of them was yet counted in, and a limit of 60 a minute let through as many calls
+    as arrived together. Calls of one token (or organization) queue here for the check and the insert only."""
+    scopes = _quota_scopes(user=user, token=token, organization_id=organization_id)
+    if not scopes:
+        return inference_call_start(user=user, token=token, organization_id=organization_id, model=model,
+                                    endpoint=endpoint, stream=stream)
+    with transaction.atomic():  # on SQLite, IMMEDIATE: the write lock is taken first, so callers queue anyway
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT " + ", ".join(["pg_advisory_xact_lock(%s, %s)"] * len(scopes)),
+                               [n for kind, key in scopes for n in (_LOCK_CLASSES[kind], key % 2 ** 31)])
+        refusal = quota_check(user=user, token=token, organization_id=organization_id)
+        if refusal is not None:
+            return refusal
+        return inference_call_start(user=user, token=token, organization_id=organization_id, model=model,
+                                    endpoint=endpoint, stream=stream)
 
 
 # Each call writes twice; statements built once, as save() and update() compile them again every time.

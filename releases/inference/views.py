@@ -22,7 +22,7 @@ from gatehouse.core.unavailable import dependency_down
 from gatehouse.registry.models import Model
 from gatehouse.registry.selectors import model_visible_queryset
 from releases import access, policy
-from releases.inference.metering import inference_call_finish, inference_call_start, quota_check, quota_organization
+from releases.inference.metering import QuotaRefusal, inference_call_admit, inference_call_finish, quota_organization
 from releases.inference.params import InvalidParameter, check_engine_support, check_generation_parameters
 from releases.models import InferenceBackend
 
@@ -224,13 +224,6 @@ def generate(request, endpoint: str, *, user, token, body):
             check_engine_support(body)
     except InvalidParameter as exc:
         raise OpenAIError(400, exc.message, exc.code, param=exc.param) from None
-    organization_id = quota_organization(model, organization_ids)
-    refusal = quota_check(user=user, token=token, organization_id=organization_id)
-    if refusal:
-        retry = {"Retry-After": str(refusal.retry_after)}
-        if refusal.code == "insufficient_quota":
-            retry["x-should-retry"] = "false"
-        raise OpenAIError(429, refusal.message, refusal.code, headers=retry)
     if not backend.url:
         raise OpenAIError(503, f"The engine for {model.repo_id} is not running yet; retry shortly.",
                           "engine_unavailable", headers={"Retry-After": "5"})
@@ -244,8 +237,13 @@ def generate(request, endpoint: str, *, user, token, body):
         # metered for its prompt as well (vLLM has the option as well, but not every OpenAI-compatible upstream).
         extra = {"continuous_usage_stats": True} if backend.kind == InferenceBackend.Kind.LOCAL else {}
         upstream_body["stream_options"] = options | {"include_usage": True} | extra
-    call = inference_call_start(user=user, token=token, organization_id=organization_id, model=model,
-                                endpoint=endpoint, stream=stream)
+    call = inference_call_admit(user=user, token=token, organization_id=quota_organization(model, organization_ids),
+                                model=model, endpoint=endpoint, stream=stream)
+    if isinstance(call, QuotaRefusal):
+        retry = {"Retry-After": str(call.retry_after)}
+        if call.code == "insufficient_quota":
+            retry["x-should-retry"] = "false"
+        raise OpenAIError(429, call.message, call.code, headers=retry)
     try:
         return _forward(call, model, backend, endpoint, upstream_body, stream=stream, wants_usage=wants_usage)
     except Exception:

@@ -2,16 +2,20 @@
 from datetime import timedelta
 
 import json
+import threading
+import time
 from types import SimpleNamespace
 from unittest import mock
 
 import pytest
 from django.core.signals import request_finished
+from django.db import connection
 from django.test import Client
 from django.utils import timezone
 
 from gatehouse.accounts.models import Membership, Organization
 from releases import policy
+from releases.inference import metering
 from releases.inference.metering import quota_check
 from releases.models import AccessPolicy, InferenceBackend, InferenceCall
 from tests.releases.upstream import FakeUpstream, chat_chunk
@@ -124,10 +128,48 @@ def test_a_gateway_call_costs_a_fixed_number_of_queries(register, aurora, alice,
 
     call()  # the token's first use is recorded once
     # token, memberships, model (with organization, policy, backend and latest version in one), quota per token,
-    # quota per organization, the call's row at the start and its completion: nothing loaded lazily.
-    with django_assert_num_queries(7):
+    # quota per organization, the call's row at the start and its completion: nothing loaded lazily. The quota
+    # check and the start are one transaction (a savepoint inside the test's; BEGIN and COMMIT when serving), under
+    # one statement taking both scopes' locks on PostgreSQL.
+    locks = 1 if connection.vendor == "postgresql" else 0
+    with django_assert_num_queries(7 + 2 + locks):
         assert call()["usage"]["completion_tokens"] == 1
     assert InferenceCall.objects.filter(organization=northwind, status=200, completion_tokens=1).count() == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_calls_of_one_token_never_pass_its_per_minute_limit(register, aurora, alice, carol, token_for,
+                                                                      settings, monkeypatch):
+    if connection.vendor != "postgresql":
+        pytest.skip("concurrent connections are exercised on PostgreSQL (SQLite's writers queue on its one lock)")
+    settings.INFERENCE_RPM_PER_TOKEN = 3
+    model = register(aurora, "m", alice, tier="api").model
+    token_for(carol, ("inference",))
+    token = carol.api_tokens.get()
+    check = metering.quota_check
+
+    def slow_check(**kwargs):  # the window between a call's check and the insert that counts it, widened
+        refusal = check(**kwargs)
+        time.sleep(0.2)
+        return refusal
+    monkeypatch.setattr(metering, "quota_check", slow_check)
+    outcomes, barrier = [], threading.Barrier(6)
+
+    def call():
+        barrier.wait()
+        try:
+            outcomes.append(metering.inference_call_admit(user=carol, token=token, organization_id=None, model=model,
+                                                          endpoint="completions", stream=False))
+        finally:
+            connection.close()
+    threads = [threading.Thread(target=call) for _ in range(6)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    admitted = [o for o in outcomes if isinstance(o, InferenceCall)]
+    refused = [o for o in outcomes if isinstance(o, metering.QuotaRefusal)]
+    assert len(admitted) == 3 and len(refused) == 3
+    assert all(r.code == "rate_limit_exceeded" and r.retry_after > 0 for r in refused)
+    assert InferenceCall.objects.filter(token=token).count() == 3
 
 
 @pytest.fixture

@@ -34,6 +34,13 @@ JINJA_FILE = (
     "{{ message['role'] }}: {{ message['content'] | tojson }}{{ eos_token }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
+# The assistant's part marked for training masks, as SmolLM3's and TRL's templates do.
+GENERATION_TAG = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}<|assistant|>\n{% generation %}"
+    "{{ message['content'] }}{{ eos_token }}{% endgeneration %}\n"
+    "{% else %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 CONVERSATIONS = [
     [{"role": "user", "content": "def add(a, b):"}],
     [{"role": "system", "content": "Answer in <code> & 'prose'."}, {"role": "user", "content": " hi "},
@@ -154,3 +161,15 @@ def test_chat_template_jinja_is_preferred_and_has_transformers_helpers(llama_dir
     assert "\"and <b> & 'c'?\"" not in engine.render_chat(CONVERSATIONS[1])  # the loop broke after three
     # tojson as transformers': no HTML escapes (jinja's own writes \u003c for <)
     assert "system: \"Answer in <code> & 'prose'.\"</s>" in engine.render_chat(CONVERSATIONS[1])
+
+
+def test_a_template_marking_the_assistants_part_renders_as_transformers_does(llama_dir, tmp_path, monkeypatch):
+    folder = tmp_path / "export"
+    shutil.copytree(llama_dir, folder)
+    (folder / "chat_template.jinja").write_text(GENERATION_TAG)
+    engine = Engine(folder, device="cpu", max_batch=2)
+    hf = hf_tokenizer(folder, monkeypatch)
+    for messages in CONVERSATIONS:
+        assert engine.render_chat(messages) == hf.apply_chat_template(messages, tokenize=False,
+                                                                      add_generation_prompt=True)
+    assert "<|assistant|>\nx = 1</s><|user|>" in engine.render_chat(CONVERSATIONS[1])  # trim_blocks, as there

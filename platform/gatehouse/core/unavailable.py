@@ -55,7 +55,7 @@ def dependency_down(exc: BaseException) -> str | None:
     return None
 
 
-def _wants_json(request) -> bool:
+def wants_json(request) -> bool:
     if JSON_PATH.match(request.path):
         return True
     accept = request.headers.get("Accept", "")
@@ -76,7 +76,7 @@ def unavailable_response(request, component: str) -> HttpResponse:
     if request.path.startswith("/v1/"):  # the OpenAI-compatible gateway: OpenAI's error shape
         response = JsonResponse({"error": {"message": message, "type": "service_unavailable", "param": None,
                                            "code": "service_unavailable"}}, status=503)
-    elif _wants_json(request):
+    elif wants_json(request):
         from gatehouse.core.api import error_body
 
         response = JsonResponse(error_body(503, "unavailable", message), status=503)
