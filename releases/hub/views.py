@@ -15,6 +15,8 @@ from django.views.decorators.http import require_http_methods
 
 from gatehouse.accounts.authentication import client_address, token_from_header
 from gatehouse.accounts.models import User
+from gatehouse.core.badinput import MESSAGE as NUL_MESSAGE
+from gatehouse.core.badinput import contains_nul
 from gatehouse.core.errors import ApplicationError, NotAuthenticated, NotFound
 from gatehouse.registry.models import Model, ModelFile, ModelRef, ModelVersion
 from gatehouse.registry.selectors import model_list, version_resolve
@@ -319,6 +321,8 @@ def _json_body(request) -> dict:
         raise HubError(400, "", "The body must be JSON.") from None
     if not isinstance(body, dict):
         raise HubError(400, "", "The body must be a JSON object.")
+    if contains_nul(body):
+        raise HubError(400, "", NUL_MESSAGE)
     return body
 
 

@@ -218,6 +218,12 @@ def test_every_v1_failure_is_openai_error_json(served):
     assert not served.upstream.requests and not InferenceCall.objects.exists()
 
 
+def test_a_model_id_with_a_nul_names_no_model(served):
+    response = _chat(served, model="aurora/m\x00")  # PostgreSQL refuses a NUL in a query: this was a 500 there
+    assert response.status_code == 404 and _error(response)["code"] == "model_not_found"
+    assert not served.upstream.requests and not InferenceCall.objects.exists()
+
+
 def test_an_unexpected_error_is_a_json_500_and_finishes_the_call(served, monkeypatch):
     from releases.inference import views
 

@@ -1,15 +1,32 @@
-"""Requests whose path or query string carries a NUL character are refused before any view. PostgreSQL cannot
-hold NUL in text: a filter such as `?license=%00` or a path segment with one reached the database and answered
-500 (SQLite compared it and found nothing). Bodies are checked where they are parsed (DRF's CharField refuses NUL)."""
+"""A NUL character never reaches the database: PostgreSQL cannot hold one in text, so a filter such as
+`?license=%00`, a path segment, a form field or a cookie carrying one answered 500 there (SQLite compared it and
+found nothing). In the URL or a form body it is a 400 here, before any view; a cookie with one is dropped, as an
+unknown session would be. JSON bodies are checked where they are parsed (gatehouse.core.parsers for the REST
+API, the Hub's own parser; the gateway's only stored string is the model id). Multipart bodies under /api/ are left
+to the API's parsers: reading them here would take the streaming of uploads away from its views."""
+import re
+
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpResponse, JsonResponse
 
 from gatehouse.core.api import error_body
 from gatehouse.core.unavailable import wants_json
 
-MESSAGE = "The URL contains a NUL character (%00), which no name, key or filter can contain; remove it."
+MESSAGE = "The request contains a NUL character (%00 or \\u0000), which no name, key or text can hold; remove it."
 
 
-def _has_nul(request) -> bool:
+def contains_nul(value) -> bool:
+    """Whether a parsed JSON value holds a NUL in any string, key or value, at any depth."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(contains_nul(key) or contains_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(contains_nul(item) for item in value)
+    return False
+
+
+def _in_url(request) -> bool:
     query = request.META.get("QUERY_STRING", "")
     if "\x00" in request.path or "\x00" in request.path_info:
         return True
@@ -18,9 +35,28 @@ def _has_nul(request) -> bool:
     return any("\x00" in key or any("\x00" in value for value in values) for key, values in request.GET.lists())
 
 
+def _in_form(request) -> bool:
+    if request.method != "POST" or request.content_type not in ("application/x-www-form-urlencoded",
+                                                                "multipart/form-data"):
+        return False
+    if request.content_type == "multipart/form-data" and request.path.startswith(("/api/", "/v1/")):
+        return False  # uploads: parsed by the API's own parsers, streamed to storage
+    try:
+        return any("\x00" in key or any("\x00" in value for value in values) for key, values in request.POST.lists())
+    except RequestDataTooBig:
+        return False  # the view answers that in its own words
+
+
+# The Hub's API (huggingface_hub's calls): its errors are {"error": "<message>"}, as releases.hub answers them.
+HUB_PATH = re.compile(r"^/api/(models|whoami-v2)(/|$)|^/[^/]+/[^/]+/resolve/")
+
+
 def nul_response(request) -> HttpResponse:
-    """A 400 in the error shape of the caller's API family (OpenAI's under /v1, ours for JSON), else plain text."""
-    if request.path.startswith("/v1/"):
+    """A 400 in the error shape of the caller's API family (OpenAI's under /v1, the Hub's, ours for JSON), else plain
+    text."""
+    if HUB_PATH.match(request.path):
+        response = JsonResponse({"error": MESSAGE}, status=400)
+    elif request.path.startswith("/v1/"):
         response = JsonResponse({"error": {"message": MESSAGE, "type": "invalid_request_error", "param": None,
                                            "code": "invalid_characters"}}, status=400)
     elif wants_json(request):
@@ -37,6 +73,9 @@ class NulCharacterMiddleware:
         self.get_response = get_response
 
     def __call__(self, request):
-        if _has_nul(request):
+        if any("\x00" in key or "\x00" in value for key, value in request.COOKIES.items()):
+            request.COOKIES = {key: value for key, value in request.COOKIES.items()
+                               if "\x00" not in key and "\x00" not in value}
+        if _in_url(request) or _in_form(request):
             return nul_response(request)
         return self.get_response(request)
