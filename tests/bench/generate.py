@@ -165,15 +165,15 @@ def generate_one_by_one(model, work: list[tuple[list[int], int]], device) -> flo
     return sum(answer for _, answer in work) / (time.perf_counter() - start)
 
 
-def serving_rows(engines: dict, hf, levels: list[int], rounds: int, sequential: int, device) -> list[dict]:
-    """Per number of clients: ours against the better of generate's two ways of serving them."""
+def serving_rows(engines: dict, hf, levels: list[int], rounds: int, device) -> list[dict]:
+    """Per number of clients: ours against the better of generate's two ways of serving them, each timed over the
+    whole workload (generate is warm: the uniform workload ran it before)."""
     rows = []
     for clients in [n for n in levels if n > 1]:
         work = serving_requests(next(iter(engines.values())), clients * rounds, seed=clients)
         peer = generate_serving(hf, work, clients, device)
-        # Long answers make a padded batch wait for its longest: one at a time can be the better way. Its rate
-        # does not depend on how many wait, so the first requests (drawn like all the others) measure it.
-        one_by_one = generate_one_by_one(hf, work[:max(1, sequential)], device)
+        # Long answers make a padded batch wait for its longest: one at a time can be the better way.
+        one_by_one = generate_one_by_one(hf, work, device)
         best = max(peer["tokens_per_s"], one_by_one)
         for mode, engine in engines.items():
             ours_serving(engine, work[:clients], clients)  # warm-up: the shapes a server in steady state has seen
@@ -312,8 +312,7 @@ def main() -> None:
                              "transformers_sequential_tokens_per_s": sequential,
                              "ratio_vs_sequential": us["tokens_per_s"] / sequential, "ours_ttft_ms": us["ttft_ms"],
                              "transformers_ttft_ms": best["ttft_ms"]})
-        serving = serving_rows(engines, hf, levels, args.serving_rounds, args.sequential_prompts, device) \
-            if args.serving_rounds else []
+        serving = serving_rows(engines, hf, levels, args.serving_rounds, device) if args.serving_rounds else []
         overhead = gateway_overhead(model_dir, args.gateway_requests) if args.gateway_requests else None
     c = engine.config
     print(f"\nGeneration, preset {args.preset} ({c.num_layers}L x {c.hidden_size}, vocab {c.vocab_size}), device "
