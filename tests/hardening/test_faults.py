@@ -58,6 +58,7 @@ def test_a_database_outage_is_a_503_in_each_api_family_and_a_plain_page_for_brow
     assert openai.json()["error"]["type"] == "service_unavailable" and openai.json()["error"]["param"] is None
     _assert_503(hub, "application/json")
     assert hub["X-Error-Code"] == "ServiceUnavailable" and "temporarily unavailable" in hub["X-Error-Message"]
+    assert hub.json() == {"error": hub["X-Error-Message"]}  # the Hub's own shape, as its other errors
     for response in (page, home):
         _assert_503(response, "text/html")
         assert b"Temporarily unavailable" in response.content and b"try again" in response.content

@@ -4,13 +4,11 @@ found nothing). In the URL or a form body it is a 400 here, before any view; a c
 unknown session would be. JSON bodies are checked where they are parsed (gatehouse.core.parsers for the REST
 API, the Hub's own parser; the gateway's only stored string is the model id). Multipart bodies under /api/ are left
 to the API's parsers: reading them here would take the streaming of uploads away from its views."""
-import re
-
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpResponse, JsonResponse
 
 from gatehouse.core.api import error_body
-from gatehouse.core.unavailable import wants_json
+from gatehouse.core.unavailable import HUB_PATH, wants_json
 
 MESSAGE = "The request contains a NUL character (%00 or \\u0000), which no name, key or text can hold; remove it."
 
@@ -45,10 +43,6 @@ def _in_form(request) -> bool:
         return any("\x00" in key or any("\x00" in value for value in values) for key, values in request.POST.lists())
     except RequestDataTooBig:
         return False  # the view answers that in its own words
-
-
-# The Hub's API (huggingface_hub's calls): its errors are {"error": "<message>"}, as releases.hub answers them.
-HUB_PATH = re.compile(r"^/api/(models|whoami-v2)(/|$)|^/[^/]+/[^/]+/resolve/")
 
 
 def nul_response(request) -> HttpResponse:

@@ -25,6 +25,8 @@ from gatehouse.core.errors import ApplicationError
 log = logging.getLogger("gatehouse.unavailable")
 RETRY_AFTER_SECONDS = 5
 JSON_PATH = re.compile(r"^/(api|v1)/|^/(healthz|readyz|metrics)$|^/[^/]+/[^/]+/resolve/")
+# The Hub's API (huggingface_hub's calls): its errors are {"error": "<message>"}, as releases.hub answers them.
+HUB_PATH = re.compile(r"^/api/(models|whoami-v2)(/|$)|^/[^/]+/[^/]+/resolve/")
 _MARK = "_gatehouse_unavailable"
 
 
@@ -73,7 +75,9 @@ please try again in a few seconds.</p></body></html>
 def unavailable_response(request, component: str) -> HttpResponse:
     """The 503 for `request`: JSON in the caller's API family, or a plain HTML page for browsers."""
     message = f"The service is temporarily unavailable ({component}); retry in {RETRY_AFTER_SECONDS} seconds."
-    if request.path.startswith("/v1/"):  # the OpenAI-compatible gateway: OpenAI's error shape
+    if HUB_PATH.match(request.path):
+        response = JsonResponse({"error": message}, status=503)
+    elif request.path.startswith("/v1/"):  # the OpenAI-compatible gateway: OpenAI's error shape
         response = JsonResponse({"error": {"message": message, "type": "service_unavailable", "param": None,
                                            "code": "service_unavailable"}}, status=503)
     elif wants_json(request):
