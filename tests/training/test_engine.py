@@ -102,6 +102,46 @@ def test_rows_of_different_lengths_in_scattered_slots_decode_over_a_view_and_equ
     assert first[1].output_ids == alone[1][:2]
 
 
+def test_a_random_schedule_of_arrivals_and_cancellations_equals_each_request_alone(export_dir):
+    """Requests of many prompt and answer lengths arriving between steps, some cancelled mid-way, over slots that
+    free up in any order: every request that finishes gets exactly the tokens it gets alone (seeded schedule)."""
+    import random
+
+    engine = Engine(export_dir, device="cpu", max_batch=6)
+    rng = random.Random(7)
+    text = engine.encode("".join(PROMPTS) * 4)
+    work = [(text[rng.randrange(20):][:rng.randint(1, 40)], rng.randint(1, 30)) for _ in range(24)]
+    alone = []
+    for prompt, answer in work:
+        request = engine.submit(prompt, SamplingParams(max_tokens=answer, temperature=0, ignore_eos=True))
+        engine.run_until_idle()
+        alone.append(request.output_ids)
+    pending, live, done, cancelled = list(enumerate(work)), [], {}, set()
+    while pending or live:
+        for _ in range(rng.randint(0, 3)):  # zero to three arrivals before each step
+            if pending:
+                i, (prompt, answer) = pending.pop(0)
+                live.append((i, engine.submit(prompt, SamplingParams(max_tokens=answer, temperature=0,
+                                                                     ignore_eos=True))))
+        if live and rng.random() < 0.08:
+            i, request = live[rng.randrange(len(live))]
+            request.cancel()
+            cancelled.add(i)
+        engine.step()
+        for i, request in [(i, r) for i, r in live if r.done.is_set()]:
+            done[i] = request
+        live = [(i, r) for i, r in live if not r.done.is_set()]
+    finished = [i for i in done if i not in cancelled]
+    assert len(finished) >= 18 and cancelled  # the schedule did what it is meant to exercise
+    for i in finished:
+        assert done[i].output_ids == alone[i], i
+    for i in cancelled:  # a cancelled request stops where it was, its tokens so far the right ones
+        request = done[i]
+        assert request.finish_reason in ("cancelled", "length")
+        assert request.output_ids == alone[i][:len(request.output_ids)]
+    assert not engine.active and not engine.waiting
+
+
 def test_the_fixed_shape_decode_step_equals_the_dynamic_one(engine, export_dir):
     """The step CUDA graphs capture, run eagerly here: padded batch, masked context, scattered slots."""
     fixed = Engine(export_dir, device="cpu", max_batch=8, decode="static")
