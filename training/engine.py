@@ -43,6 +43,9 @@ class EngineError(ValueError):
         self.code, self.param, self.status, self.retry_after = code, param, status, retry_after
 
 
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int | None = 16  # None: the rest of the context, as vLLM does when a chat request sets no limit
@@ -52,6 +55,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks), as vLLM's parameter of the same name
+    # Log probabilities: None, none; n, each chosen token's own and the n likeliest alternatives (from the model's
+    # distribution, before temperature and top-k/top-p). prompt_logprobs: the prompt's tokens' too (echo).
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
 
     def validate(self) -> None:
         def bad(param, message):
@@ -66,6 +73,8 @@ class SamplingParams:
             bad("top_k", "top_k must be a non-negative integer.")
         if len(self.stop) > 4 or any(not isinstance(s, str) or not s or len(s) > 100 for s in self.stop):
             bad("stop", "stop takes up to 4 non-empty strings of at most 100 characters.")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad("logprobs", f"logprobs must be an integer from 0 to {MAX_LOGPROBS}.")
 
 
 @dataclass
@@ -85,6 +94,10 @@ class Request:
     done: threading.Event = field(default_factory=threading.Event)
     generator: torch.Generator | None = None
     stream: bool = False  # deltas are wanted while generating (else text is decoded once, at the end)
+    # Per output token (and per prompt token from the second, when asked): (its log probability, [(token id, log
+    # probability) of the likeliest alternatives]).
+    logprobs: list = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)
     _emitted: int = 0  # characters of `text` already sent as deltas
 
     def cancel(self) -> None:
@@ -162,6 +175,10 @@ class Engine:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text, special tokens included (what a log probability is reported against)."""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def render_chat(self, messages: list[dict]) -> str:
         """The prompt text of a conversation, rendered as transformers' apply_chat_template renders it."""
@@ -265,8 +282,14 @@ class Engine:
             # Right-padded: under the causal mask no real position sees a pad; each row's length is then its own.
             tokens = torch.tensor([r.prompt_ids + [0] * (longest - len(r.prompt_ids)) for r in admitted],
                                   device=self.device)
+            every = {row: {} for row, r in enumerate(admitted) if r.params.prompt_logprobs}
             logits = self._forward(tokens, [r.slot for r in admitted],
-                                   last=[len(r.prompt_ids) - 1 for r in admitted])
+                                   last=[len(r.prompt_ids) - 1 for r in admitted], **({"every": every} if every else {}))
+            for row, full in every.items():  # position p's logits give token p + 1's probability
+                request = admitted[row]
+                table = torch.log_softmax(full["logits"].float(), dim=-1)
+                request.prompt_logprobs = [_logprob_entry(table[p], token, request.params.logprobs)
+                                           for p, token in enumerate(request.prompt_ids[1:])]
             for request in admitted:
                 self.lengths[request.slot] = len(request.prompt_ids)
             self._advance(admitted, logits)
@@ -319,13 +342,21 @@ class Engine:
     def _advance(self, requests: list[Request], logits: torch.Tensor) -> None:
         next_ids = self._sample(requests, logits)
         now = time.time()
-        for request, token in zip(requests, next_ids):
+        entries = {}
+        wanting = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+        if wanting:
+            table = torch.log_softmax(logits[wanting].float(), dim=-1)
+            entries = {i: _logprob_entry(table[row], next_ids[i], requests[i].params.logprobs)
+                       for row, i in enumerate(wanting)}
+        for i, (request, token) in enumerate(zip(requests, next_ids)):
             if request.first_token_at is None:
                 request.first_token_at = now
             if token in self.eos_ids and not request.params.ignore_eos:
                 self._finish(request, "stop")
                 continue
             request.output_ids.append(token)
+            if i in entries:
+                request.logprobs.append(entries[i])
             self.stats["completion_tokens"] += 1
             if request.stream or request.params.stop:  # else one decode at the end is enough
                 request.text = self.decode(request.output_ids)
@@ -385,9 +416,11 @@ class Engine:
         return out
 
     # --- The cached forward -----------------------------------------------------------------------------
-    def _forward(self, tokens: torch.Tensor, slots: list[int], last: list[int] | None = None) -> torch.Tensor:
+    def _forward(self, tokens: torch.Tensor, slots: list[int], last: list[int] | None = None,
+                 every: dict[int, dict] | None = None) -> torch.Tensor:
         """Logits of each row's last position (or of position `last[i]` of row i, for right-padded prompts);
-        writes the rows' keys and values into their slots."""
+        writes the rows' keys and values into their slots. For each row in `every`, the logits of all its positions
+        up to `last` go into every[row]["logits"] too."""
         model, c = self.model, self.config
         batch, seq = tokens.shape
         lengths = [self.lengths[s] for s in slots]
@@ -466,6 +499,8 @@ class Engine:
             x = self._after_attention(x, y, w)
         for s in slots:
             self.lengths[s] += seq
+        for row, out in (every or {}).items():
+            out["logits"] = self.lm_head(model.model.norm(x[row, :last[row] + 1]))
         if last is None:
             ends = x[:, -1]
         else:
@@ -677,6 +712,12 @@ class _LayerWeights:
                    qk_v_split=(attn.q_proj.out_features + attn.k_proj.out_features, attn.v_proj.out_features),
                    o=linear(attn.o_proj), post_norm=block.post_attention_layernorm.weight.detach(),
                    gate_up=linear(mlp.gate_proj, mlp.up_proj), down=linear(mlp.down_proj))
+
+
+def _logprob_entry(logprobs: torch.Tensor, token: int, alternatives: int) -> tuple[float, list[tuple[int, float]]]:
+    """A token's log probability and the `alternatives` likeliest tokens', from one position's log-softmax."""
+    top = torch.topk(logprobs, alternatives) if alternatives else None
+    return float(logprobs[token]), list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

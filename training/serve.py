@@ -54,12 +54,33 @@ def sampling_from(body: dict, *, chat: bool) -> SamplingParams:
     ignore_eos = body.get("ignore_eos", False)  # vLLM's extension: generate exactly max_tokens (benchmarks)
     if not isinstance(ignore_eos, bool):
         raise ApiError(400, "ignore_eos must be true or false.", code="invalid_value", param="ignore_eos")
+    # Log probabilities: completions ask with logprobs=n (alternatives per token) and echo for the prompt's too;
+    # chats with logprobs=true and top_logprobs=n.
+    if chat:
+        wanted = body.get("logprobs")
+        if wanted is not None and not isinstance(wanted, bool):
+            raise ApiError(400, "logprobs must be true or false.", code="invalid_value", param="logprobs")
+        logprobs = number("top_logprobs", 0, int) if wanted else None
+    else:
+        logprobs = number("logprobs", None, int)
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool) or (chat and echo):
+        raise ApiError(400, "echo is a completions option: true or false.", code="invalid_value", param="echo")
+    if body.get("stream") and (logprobs is not None or echo):
+        raise ApiError(400, f"{'logprobs' if logprobs is not None else 'echo'} is answered with stream=false only "
+                            "by this engine; leave stream out.", code="invalid_value",
+                       param="logprobs" if logprobs is not None else "echo")
     limit = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     # Without a limit a chat may use the rest of the context (the engine computes it), as vLLM does; a fixed
     # default would refuse every chat on a model whose context is shorter. Completions keep OpenAI's 16.
     return SamplingParams(max_tokens=number(limit, None if chat else 16, int), temperature=number("temperature", 1.0),
                           top_p=number("top_p", 1.0), top_k=number("top_k", 0, int), stop=tuple(stop),
-                          seed=number("seed", None, int), ignore_eos=ignore_eos)
+                          seed=number("seed", None, int), ignore_eos=ignore_eos, logprobs=logprobs,
+                          prompt_logprobs=echo and logprobs is not None)
+
+
+def _is_token(value, vocab_size: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab_size
 
 
 class EngineServer(ThreadingHTTPServer):
@@ -189,6 +210,7 @@ class Handler(BaseHTTPRequestHandler):
         if body.get("model") not in (None, self.server.model_id):
             raise ApiError(404, f"The model {body.get('model')!r} does not exist here; this server serves "
                                 f"{self.server.model_id!r}.", code="model_not_found", param="model")
+        echoed = None
         if chat:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
@@ -196,11 +218,18 @@ class Handler(BaseHTTPRequestHandler):
             prompt_ids = engine.encode_chat(messages)
         else:
             prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
                 prompt = prompt[0]
-            if not isinstance(prompt, str):
-                raise ApiError(400, "prompt must be a string.", code="invalid_value", param="prompt")
-            prompt_ids = engine.encode(prompt)  # with the BOS the tokenizer adds, if it adds one
+            if isinstance(prompt, list) and prompt and all(_is_token(t, engine.config.vocab_size) for t in prompt):
+                prompt_ids = list(prompt)  # token ids, as lm-evaluation-harness sends them: used as they are
+                echoed = engine.decode(prompt_ids)
+            elif isinstance(prompt, str):
+                prompt_ids = engine.encode(prompt)  # with the BOS the tokenizer adds, if it adds one
+                echoed = prompt
+            else:
+                raise ApiError(400, f"prompt must be a string or a list of token ids (0 to "
+                                    f"{engine.config.vocab_size - 1}), one prompt per request.", code="invalid_value",
+                               param="prompt")
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):  # checked before anything is queued
             raise ApiError(400, 'stream_options must be an object, e.g. {"include_usage": true}.',
@@ -221,22 +250,51 @@ class Handler(BaseHTTPRequestHandler):
         if request.finish_reason == "error":
             raise EngineError(f"The engine failed while generating ({engine.failure}); retry shortly.",
                               code="engine_failed", status=503)
-        self._json(200, self._final(request, ident, chat=chat))
+        self._json(200, self._final(request, ident, chat=chat, echoed=echoed if body.get("echo") else None))
 
     def _usage(self, request: Request) -> dict:
         prompt, completion = len(request.prompt_ids), len(request.output_ids)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def _final(self, request: Request, ident: str, *, chat: bool) -> dict:
+    def _final(self, request: Request, ident: str, *, chat: bool, echoed: str | None = None) -> dict:
         created, model = int(request.created), self.server.model_id
+        wanted = request.params.logprobs is not None
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": request.text},
-                      "finish_reason": request.finish_reason, "logprobs": None}
+                      "finish_reason": request.finish_reason,
+                      "logprobs": self._chat_logprobs(request) if wanted else None}
             return {"id": ident, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
                     "usage": self._usage(request)}
-        choice = {"index": 0, "text": request.text, "finish_reason": request.finish_reason, "logprobs": None}
+        echo = echoed is not None
+        choice = {"index": 0, "text": (echoed or "") + request.text, "finish_reason": request.finish_reason,
+                  "logprobs": self._completion_logprobs(request, echo) if wanted else None}
         return {"id": ident, "object": "text_completion", "created": created, "model": model, "choices": [choice],
                 "usage": self._usage(request)}
+
+    def _completion_logprobs(self, request: Request, echo: bool) -> dict:
+        """The legacy completions shape (as OpenAI and vLLM): per token its text, log probability, likeliest
+        alternatives and offset in the returned text; with echo the prompt's tokens first, the very first without
+        a probability (nothing precedes it)."""
+        token = self.server.engine.token_text
+        ids = (request.prompt_ids if echo else []) + request.output_ids
+        entries = ([(None, None)] + request.prompt_logprobs if echo else []) + request.logprobs
+        tokens, offsets, at = [], [], 0
+        for token_id in ids:
+            tokens.append(token(token_id))
+            offsets.append(at)
+            at += len(tokens[-1])
+        return {"tokens": tokens, "token_logprobs": [logprob for logprob, _ in entries],
+                "top_logprobs": [None if top is None else {token(t): value for t, value in top} for _, top in entries],
+                "text_offset": offsets}
+
+    def _chat_logprobs(self, request: Request) -> dict:
+        token = self.server.engine.token_text
+
+        def entry(token_id, logprob):
+            text = token(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"content": [entry(t, logprob) | {"top_logprobs": [entry(a, value) for a, value in top]}
+                            for t, (logprob, top) in zip(request.output_ids, request.logprobs)]}
 
     def _stream(self, request: Request, ident: str, *, chat: bool, include_usage: bool, continuous: bool = False) -> None:
         self.send_response(200)

@@ -134,6 +134,22 @@ def test_openai_client_lists_completes_chats_and_streams_with_metered_usage(gate
     assert metered[2]["completion_tokens"] == chat.usage.completion_tokens and metered[3]["completion_tokens"] > 0
 
 
+def test_openai_client_reads_log_probabilities_and_echo(gateway):
+    carol = client(gateway, "carol")
+    completion = carol.completions.create(model="aurora/tiny-served", prompt="def add(a, b):", max_tokens=3,
+                                          temperature=0, logprobs=2, echo=True)
+    choice = completion.choices[0]
+    assert choice.text.startswith("def add(a, b):")
+    assert len(choice.logprobs.tokens) == completion.usage.prompt_tokens + completion.usage.completion_tokens
+    assert choice.logprobs.token_logprobs[0] is None and all(lp <= 0 for lp in choice.logprobs.token_logprobs[1:])
+    assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs[1:])
+    chat = carol.chat.completions.create(model="aurora/tiny-served", messages=[{"role": "user", "content": "hi"}],
+                                         max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
+    assert "".join(t.token for t in content) == chat.choices[0].message.content
+
+
 def test_streams_are_relayed_as_they_come_not_buffered(gateway):
     slow = gateway["slow"]
     words = ["one", " two", " three", " four"]

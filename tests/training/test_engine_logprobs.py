@@ -1,0 +1,121 @@
+"""Log probabilities: each generated token's and the prompt's (echo) equal transformers' log-softmax of its own
+logits on the same checkpoint, batched or alone; the server answers them in OpenAI's completions and chat shapes,
+takes token-id prompts (as lm-evaluation-harness sends them) and refuses what it cannot answer."""
+import httpx
+import pytest
+import torch
+
+from training.engine import Engine, EngineError, SamplingParams
+from training.serve import serve_in_thread
+
+PROMPTS = ["def add(a, b):\n    return", "import os\nimport"]
+
+
+@pytest.fixture(scope="module")
+def engine(trained):
+    return Engine(trained / "export", device="cpu", max_batch=4)
+
+
+@pytest.fixture(scope="module")
+def hf(trained):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(trained / "export"), local_files_only=True,
+                                                dtype=torch.float32).eval()
+
+
+def hf_logprobs(hf, ids: list[int]) -> torch.Tensor:
+    """transformers' log-softmax at every position of ids: row p is the distribution of token p + 1."""
+    with torch.no_grad():
+        return torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def test_generated_and_prompt_logprobs_equal_transformers_batched_or_alone(engine, hf):
+    params = dict(max_tokens=8, temperature=0, ignore_eos=True, logprobs=3, prompt_logprobs=True)
+    together = [engine.submit(engine.encode(p), SamplingParams(**params)) for p in PROMPTS]
+    engine.run_until_idle()
+    for prompt, request in zip(PROMPTS, together):
+        alone = engine.submit(engine.encode(prompt), SamplingParams(**params))
+        engine.run_until_idle()
+        ids = request.prompt_ids + request.output_ids
+        table = hf_logprobs(hf, ids)
+        assert len(request.prompt_logprobs) == len(request.prompt_ids) - 1
+        assert len(request.logprobs) == len(request.output_ids) == 8
+        for position, (logprob, top) in enumerate(request.prompt_logprobs + request.logprobs):
+            expected = table[position]
+            assert logprob == pytest.approx(float(expected[ids[position + 1]]), abs=1e-4)
+            assert [t for t, _ in top] == torch.topk(expected, 3).indices.tolist()
+            assert [v for _, v in top] == pytest.approx(torch.topk(expected, 3).values.tolist(), abs=1e-4)
+        # Greedy: the chosen token is the likeliest alternative; batched equals alone.
+        assert all(top[0][0] == token for token, (_, top) in zip(request.output_ids, request.logprobs))
+        for (a, top_a), (b, top_b) in zip(request.prompt_logprobs + request.logprobs,
+                                          alone.prompt_logprobs + alone.logprobs):
+            assert a == pytest.approx(b, abs=1e-5) and [t for t, _ in top_a] == [t for t, _ in top_b]
+
+
+def test_no_logprobs_unless_asked_and_bad_counts_refused(engine):
+    request = engine.submit(engine.encode(PROMPTS[0]), SamplingParams(max_tokens=3, temperature=0))
+    engine.run_until_idle()
+    assert request.logprobs == [] and request.prompt_logprobs == []
+    for bad in (-1, 21, "3"):
+        with pytest.raises(EngineError, match="logprobs must be an integer from 0 to 20"):
+            engine.submit([1, 2], SamplingParams(logprobs=bad))
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    server = serve_in_thread(str(trained / "export"), model_id="acme/coder", device="cpu", max_batch=4)
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", server
+    server.shutdown()
+
+
+def test_completions_echo_logprobs_as_openai_shapes_them(server, hf):
+    base, running = server
+    engine = running.engine
+    body = {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0, "logprobs": 2, "echo": True, "ignore_eos": True}
+    choice = httpx.post(base + "/completions", json=body).json()["choices"][0]
+    ids = engine.encode(PROMPTS[0])
+    logprobs = choice["logprobs"]
+    assert choice["text"].startswith(PROMPTS[0]) and len(logprobs["tokens"]) == len(ids) + 4
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert all(isinstance(v, float) for v in logprobs["token_logprobs"][1:])
+    assert all(len(top) <= 2 for top in logprobs["top_logprobs"][1:])
+    assert logprobs["text_offset"][0] == 0 and logprobs["text_offset"] == sorted(logprobs["text_offset"])
+    # The same prompt as token ids (lm-evaluation-harness's way): the same numbers.
+    by_ids = httpx.post(base + "/completions", json=body | {"prompt": ids}).json()["choices"][0]["logprobs"]
+    assert by_ids["token_logprobs"][0] is None
+    assert by_ids["token_logprobs"][1:] == pytest.approx(logprobs["token_logprobs"][1:], abs=1e-5)
+    table = hf_logprobs(hf, ids)
+    assert logprobs["token_logprobs"][1] == pytest.approx(float(table[0][ids[1]]), abs=1e-4)
+    plain = httpx.post(base + "/completions", json={"prompt": PROMPTS[0], "max_tokens": 2}).json()["choices"][0]
+    assert plain["logprobs"] is None
+
+
+def test_chat_logprobs_as_openai_shapes_them(server):
+    base, _ = server
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0,
+            "logprobs": True, "top_logprobs": 2, "ignore_eos": True}
+    choice = httpx.post(base + "/chat/completions", json=body).json()["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert len(content) == 3
+    for item in content:
+        assert set(item) == {"token", "logprob", "bytes", "top_logprobs"} and item["bytes"] == list(item["token"].encode())
+        assert len(item["top_logprobs"]) == 2 and item["top_logprobs"][0]["token"] == item["token"]  # greedy
+    assert "".join(item["token"] for item in content) == choice["message"]["content"]
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/completions", {"prompt": "x", "logprobs": 1, "stream": True}, "logprobs"),
+    ("/completions", {"prompt": "x", "echo": True, "stream": True}, "echo"),
+    ("/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
+    ("/completions", {"prompt": [1, 2, 10 ** 9]}, "prompt"),
+    ("/completions", {"prompt": [[1, 2], [3]]}, "prompt"),
+    ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": 1}, "logprobs"),
+    ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
+])
+def test_what_the_server_cannot_answer_is_a_400_naming_the_parameter(server, path, body, param):
+    base, running = server
+    admitted = running.engine.stats["requests"]
+    response = httpx.post(base + path, json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+    assert running.engine.stats["requests"] == admitted
