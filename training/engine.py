@@ -63,8 +63,10 @@ class SamplingParams:
     def validate(self) -> None:
         def bad(param, message):
             raise EngineError(message, param=param)
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            bad("max_tokens", "max_tokens must be a positive integer.")
+        # 0 only to score a prompt (echo with its log probabilities): no token is generated.
+        least = 0 if self.prompt_logprobs else 1
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < least):
+            bad("max_tokens", "max_tokens must be a positive integer (0 only with echo and logprobs).")
         if not 0 <= self.temperature <= 2:
             bad("temperature", "temperature must be between 0 and 2.")
         if not 0 < self.top_p <= 1:
@@ -351,6 +353,9 @@ class Engine:
         for i, (request, token) in enumerate(zip(requests, next_ids)):
             if request.first_token_at is None:
                 request.first_token_at = now
+            if request.params.max_tokens == 0:  # a prompt scored (its log probabilities), nothing generated
+                self._finish(request, "length")
+                continue
             if token in self.eos_ids and not request.params.ignore_eos:
                 self._finish(request, "stop")
                 continue

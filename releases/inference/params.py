@@ -79,7 +79,9 @@ def check_generation_parameters(endpoint: str, body: dict, *, context_length: in
         if context_length and _is_int(value) and context_length < value <= MAX_TOKENS:
             raise InvalidParameter(name, f"This model's maximum context length is {context_length} tokens, and "
                                          f"{name} asks for {value}; lower {name}.", code="context_length_exceeded")
-        _integer(body, name, 1, limit)
+        # 0 scores a prompt without generating (echo with logprobs), as the legacy completions API allowed.
+        scoring = endpoint == "completions" and body.get("echo") is True and body.get("logprobs") is not None
+        _integer(body, name, 0 if scoring else 1, limit)
     _number(body, "temperature", 0, 2)
     _number(body, "top_p", 0, 1)
     _number(body, "presence_penalty", -2, 2)

@@ -398,6 +398,19 @@ def test_a_local_engine_refuses_completion_parameters_it_would_ignore(served, pa
     assert not served.upstream.requests and not InferenceCall.objects.exists()
 
 
+def test_max_tokens_0_is_only_for_scoring_a_prompt(served):
+    InferenceBackend.objects.filter(pk=served.backend.pk).update(kind="local")
+
+    def complete(**body):
+        return served.client.post("/v1/completions", {"model": "aurora/m", "prompt": "x", **body},
+                                  content_type="application/json")
+    assert complete(max_tokens=0, echo=True, logprobs=1).status_code == 200  # the engine scores it
+    for body in ({"max_tokens": 0}, {"max_tokens": 0, "echo": True}, {"max_tokens": 0, "logprobs": 1}):
+        response = complete(**body)
+        assert response.status_code == 400 and _error(response)["param"] == "max_tokens", body
+    assert len(served.upstream.requests) == 1 and InferenceCall.objects.count() == 1
+
+
 def test_defaults_reach_a_local_engine_and_everything_reaches_an_upstream(served):
     defaults = {"logprobs": False, "top_logprobs": 0, "presence_penalty": 0, "frequency_penalty": 0.0,
                 "logit_bias": {}, "n": 1}

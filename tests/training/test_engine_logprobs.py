@@ -89,6 +89,10 @@ def test_completions_echo_logprobs_as_openai_shapes_them(server, hf):
     assert logprobs["token_logprobs"][1] == pytest.approx(float(table[0][ids[1]]), abs=1e-4)
     plain = httpx.post(base + "/completions", json={"prompt": PROMPTS[0], "max_tokens": 2}).json()["choices"][0]
     assert plain["logprobs"] is None
+    # max_tokens 0: the prompt scored, nothing generated (the legacy API's way to ask for a text's likelihood).
+    scored = httpx.post(base + "/completions", json=body | {"max_tokens": 0}).json()
+    assert scored["choices"][0]["text"] == PROMPTS[0] and scored["usage"]["completion_tokens"] == 0
+    assert scored["choices"][0]["logprobs"]["token_logprobs"] == logprobs["token_logprobs"][:len(ids)]
 
 
 def test_chat_logprobs_as_openai_shapes_them(server):
@@ -108,6 +112,8 @@ def test_chat_logprobs_as_openai_shapes_them(server):
     ("/completions", {"prompt": "x", "logprobs": 1, "stream": True}, "logprobs"),
     ("/completions", {"prompt": "x", "echo": True, "stream": True}, "echo"),
     ("/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
+    ("/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),  # 0 only to score a prompt
+    ("/completions", {"prompt": "x", "max_tokens": 0, "echo": True}, "max_tokens"),
     ("/completions", {"prompt": [1, 2, 10 ** 9]}, "prompt"),
     ("/completions", {"prompt": [[1, 2], [3]]}, "prompt"),
     ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": 1}, "logprobs"),
