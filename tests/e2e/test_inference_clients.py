@@ -87,7 +87,7 @@ def gateway(deployment, tmp_path):
                               "'error_code'))))"], env=env, cwd=ROOT, capture_output=True, text=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    yield {"base": base + "/v1", "engine": engine_url, "slow": slow,
+    yield {"base": base + "/v1", "engine": engine_url, "slow": slow, "folder": folder,
            "tokens": json.loads(setup.stdout.split("TOKENS ", 1)[1]), "calls": calls}
     slow.close()
 
@@ -143,6 +143,15 @@ def test_openai_client_reads_log_probabilities_and_echo(gateway):
     assert len(choice.logprobs.tokens) == completion.usage.prompt_tokens + completion.usage.completion_tokens
     assert choice.logprobs.token_logprobs[0] is None and all(lp <= 0 for lp in choice.logprobs.token_logprobs[1:])
     assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs[1:])
+    # lm-evaluation-harness's scoring call: the prompt as token ids, echo, nothing generated.
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(gateway["folder"] / "tokenizer.json")).encode("def add(a, b):").ids
+    scored = carol.completions.create(model="aurora/tiny-served", prompt=ids, max_tokens=0, echo=True, logprobs=1,
+                                      temperature=0)
+    values = scored.choices[0].logprobs.token_logprobs
+    assert scored.usage.completion_tokens == 0 and len(values) == len(ids) == scored.usage.prompt_tokens
+    assert values[0] is None and values[1:] == pytest.approx(choice.logprobs.token_logprobs[1:len(ids)], abs=1e-5)
     chat = carol.chat.completions.create(model="aurora/tiny-served", messages=[{"role": "user", "content": "hi"}],
                                          max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
     content = chat.choices[0].logprobs.content
