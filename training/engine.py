@@ -284,14 +284,13 @@ class Engine:
             # Right-padded: under the causal mask no real position sees a pad; each row's length is then its own.
             tokens = torch.tensor([r.prompt_ids + [0] * (longest - len(r.prompt_ids)) for r in admitted],
                                   device=self.device)
-            every = {row: {} for row, r in enumerate(admitted) if r.params.prompt_logprobs}
+            every = {row: None for row, r in enumerate(admitted) if r.params.prompt_logprobs}
             logits = self._forward(tokens, [r.slot for r in admitted],
-                                   last=[len(r.prompt_ids) - 1 for r in admitted], **({"every": every} if every else {}))
+                                   last=[len(r.prompt_ids) - 1 for r in admitted], every=every)
             for row, full in every.items():  # position p's logits give token p + 1's probability
                 request = admitted[row]
-                table = torch.log_softmax(full["logits"].float(), dim=-1)
-                request.prompt_logprobs = [_logprob_entry(table[p], token, request.params.logprobs)
-                                           for p, token in enumerate(request.prompt_ids[1:])]
+                table = torch.log_softmax(full[:-1].float(), dim=-1)
+                request.prompt_logprobs = _logprob_entries(table, request.prompt_ids[1:], request.params.logprobs)
             for request in admitted:
                 self.lengths[request.slot] = len(request.prompt_ids)
             self._advance(admitted, logits)
@@ -346,10 +345,11 @@ class Engine:
         now = time.time()
         entries = {}
         wanting = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
-        if wanting:
+        if wanting:  # one table for all who ask, cut to each one's number of alternatives
             table = torch.log_softmax(logits[wanting].float(), dim=-1)
-            entries = {i: _logprob_entry(table[row], next_ids[i], requests[i].params.logprobs)
-                       for row, i in enumerate(wanting)}
+            most = max(requests[i].params.logprobs for i in wanting)
+            rows = _logprob_entries(table, [next_ids[i] for i in wanting], most)
+            entries = {i: (logprob, top[:requests[i].params.logprobs]) for i, (logprob, top) in zip(wanting, rows)}
         for i, (request, token) in enumerate(zip(requests, next_ids)):
             if request.first_token_at is None:
                 request.first_token_at = now
@@ -422,49 +422,46 @@ class Engine:
 
     # --- The cached forward -----------------------------------------------------------------------------
     def _forward(self, tokens: torch.Tensor, slots: list[int], last: list[int] | None = None,
-                 every: dict[int, dict] | None = None) -> torch.Tensor:
+                 every: dict[int, torch.Tensor | None] | None = None) -> torch.Tensor:
         """Logits of each row's last position (or of position `last[i]` of row i, for right-padded prompts);
         writes the rows' keys and values into their slots. For each row in `every`, the logits of all its positions
-        up to `last` go into every[row]["logits"] too."""
+        up to `last` go into every[row] too."""
         model, c = self.model, self.config
         batch, seq = tokens.shape
         lengths = [self.lengths[s] for s in slots]
         total = max(lengths) + seq
         same_length = min(lengths) == max(lengths)
-        if same_length:  # slicing the tables is a view; no per-step tensors to build
-            cos = model.rope_cos[lengths[0]:lengths[0] + seq][None, None]
-            sin = model.rope_sin[lengths[0]:lengths[0] + seq][None, None]
-        else:
-            positions = torch.tensor(lengths, device=self.device)[:, None] + torch.arange(seq, device=self.device)
-            cos = model.rope_cos[positions][:, None]  # (batch, 1, seq, head_dim)
-            sin = model.rope_sin[positions][:, None]
-        # Key j is visible to the query at position p when j <= p (causal, and never past the row's length).
-        # Rows of one length need no explicit mask: a fresh prompt is plain causal, a decode sees every key.
-        if same_length and seq > 1 and lengths[0] == 0:
-            mask, causal = None, True
-        elif same_length and seq == 1:
-            mask, causal = None, False
-        else:
-            positions = torch.tensor(lengths, device=self.device)[:, None] + torch.arange(seq, device=self.device)
-            mask = (torch.arange(total, device=self.device)[None, None, :] <= positions[:, :, None])[:, None]
-            causal = False
         contiguous = slots == list(range(slots[0], slots[0] + batch))
-        if not (contiguous and same_length):
-            slot_index = torch.tensor(slots, device=self.device)
-            starts = torch.tensor(lengths, device=self.device)
         # Decoding rows in scattered slots (requests that came and went): attend over the block of slots from the
         # first to the last, a view of the cache, each row's query placed at its slot. Gathering the rows' keys and
         # values instead copied every row's whole cache at every layer: two thirds of a step at 32 rows of a few
         # hundred positions. Free slots in the block cost a little attention each, hence only when they are few.
-        low = min(slots)
-        span = seq == 1 and not contiguous and max(slots) + 1 - low <= 2 * batch
+        low, width = min(slots), max(slots) + 1 - min(slots)
+        span = seq == 1 and not contiguous and width <= 2 * batch
         if span:
-            width = max(slots) + 1 - low
             in_span = torch.tensor([s - low for s in slots], device=self.device)
-            if not same_length:  # a free slot's row sees position 0 only: a defined softmax, its output unused
-                span_lengths = torch.zeros(width, dtype=torch.long, device=self.device)
-                span_lengths[in_span] = starts
-                mask = (torch.arange(total, device=self.device)[None, :] <= span_lengths[:, None])[:, None, None]
+        if not same_length or (seq > 1 and lengths[0]):  # what the rope tables or the mask must be indexed by
+            positions = torch.tensor(lengths, device=self.device)[:, None] + torch.arange(seq, device=self.device)
+        if same_length:  # slicing the tables is a view; no per-step tensors to build
+            cos = model.rope_cos[lengths[0]:lengths[0] + seq][None, None]
+            sin = model.rope_sin[lengths[0]:lengths[0] + seq][None, None]
+        else:
+            cos = model.rope_cos[positions][:, None]  # (batch, 1, seq, head_dim)
+            sin = model.rope_sin[positions][:, None]
+        # Key j is visible to the query at position p when j <= p (causal, and never past the row's length).
+        # Rows of one length need no explicit mask: a fresh prompt is plain causal, a decode sees every key.
+        causal = same_length and seq > 1 and lengths[0] == 0
+        if same_length and (causal or seq == 1):
+            mask = None
+        elif span:  # per row of the block; a free slot's row sees position 0 only: a defined softmax, unused
+            span_positions = torch.zeros(width, dtype=torch.long, device=self.device)
+            span_positions[in_span] = positions[:, 0]
+            mask = (torch.arange(total, device=self.device)[None, :] <= span_positions[:, None])[:, None, None]
+        else:
+            mask = (torch.arange(total, device=self.device)[None, None, :] <= positions[:, :, None])[:, None]
+        if not (contiguous and same_length):
+            slot_index = torch.tensor(slots, device=self.device)
+            starts = torch.tensor(lengths, device=self.device)
         x = model.model.embed_tokens(tokens)
         for layer, w in enumerate(self.layers):
             q, k, v = self._qkv(x, w, cos, sin)
@@ -504,8 +501,8 @@ class Engine:
             x = self._after_attention(x, y, w)
         for s in slots:
             self.lengths[s] += seq
-        for row, out in (every or {}).items():
-            out["logits"] = self.lm_head(model.model.norm(x[row, :last[row] + 1]))
+        for row in every or ():
+            every[row] = self.lm_head(model.model.norm(x[row, :last[row] + 1]))
         if last is None:
             ends = x[:, -1]
         else:
@@ -719,10 +716,15 @@ class _LayerWeights:
                    gate_up=linear(mlp.gate_proj, mlp.up_proj), down=linear(mlp.down_proj))
 
 
-def _logprob_entry(logprobs: torch.Tensor, token: int, alternatives: int) -> tuple[float, list[tuple[int, float]]]:
-    """A token's log probability and the `alternatives` likeliest tokens', from one position's log-softmax."""
-    top = torch.topk(logprobs, alternatives) if alternatives else None
-    return float(logprobs[token]), list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+def _logprob_entries(table: torch.Tensor, tokens: list[int], alternatives: int) -> list[tuple[float, list]]:
+    """Per row of a log-softmax table: the log probability of that row's token, and the `alternatives` likeliest
+    tokens' as (token id, log probability). Whole-table operations: a few device reads, not a few per row."""
+    chosen = table[torch.arange(len(tokens), device=table.device), torch.tensor(tokens, device=table.device)].tolist()
+    if not alternatives:
+        return [(logprob, []) for logprob in chosen]
+    top = torch.topk(table, alternatives, dim=-1)
+    return [(logprob, list(zip(ids, values)))
+            for logprob, ids, values in zip(chosen, top.indices.tolist(), top.values.tolist())]
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

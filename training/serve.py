@@ -67,9 +67,9 @@ def sampling_from(body: dict, *, chat: bool) -> SamplingParams:
     if not isinstance(echo, bool) or (chat and echo):
         raise ApiError(400, "echo is a completions option: true or false.", code="invalid_value", param="echo")
     if body.get("stream") and (logprobs is not None or echo):
-        raise ApiError(400, f"{'logprobs' if logprobs is not None else 'echo'} is answered with stream=false only "
-                            "by this engine; leave stream out.", code="invalid_value",
-                       param="logprobs" if logprobs is not None else "echo")
+        asked = "logprobs" if logprobs is not None else "echo"
+        raise ApiError(400, f"{asked} is answered with stream=false only by this engine; leave stream out.",
+                       code="invalid_value", param=asked)
     limit = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     # Without a limit a chat may use the rest of the context (the engine computes it), as vLLM does; a fixed
     # default would refuse every chat on a model whose context is shorter. Completions keep OpenAI's 16.
@@ -222,10 +222,12 @@ class Handler(BaseHTTPRequestHandler):
                 prompt = prompt[0]
             if isinstance(prompt, list) and prompt and all(_is_token(t, engine.config.vocab_size) for t in prompt):
                 prompt_ids = list(prompt)  # token ids, as lm-evaluation-harness sends them: used as they are
-                echoed = engine.decode(prompt_ids)
+                if body.get("echo"):
+                    echoed = engine.decode(prompt_ids)
             elif isinstance(prompt, str):
                 prompt_ids = engine.encode(prompt)  # with the BOS the tokenizer adds, if it adds one
-                echoed = prompt
+                if body.get("echo"):
+                    echoed = prompt
             else:
                 raise ApiError(400, f"prompt must be a string or a list of token ids (0 to "
                                     f"{engine.config.vocab_size - 1}), one prompt per request.", code="invalid_value",
@@ -250,7 +252,7 @@ class Handler(BaseHTTPRequestHandler):
         if request.finish_reason == "error":
             raise EngineError(f"The engine failed while generating ({engine.failure}); retry shortly.",
                               code="engine_failed", status=503)
-        self._json(200, self._final(request, ident, chat=chat, echoed=echoed if body.get("echo") else None))
+        self._json(200, self._final(request, ident, chat=chat, echoed=echoed))
 
     def _usage(self, request: Request) -> dict:
         prompt, completion = len(request.prompt_ids), len(request.output_ids)

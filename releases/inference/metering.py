@@ -1,5 +1,6 @@
 """Metering and quotas of the inference API. Every call is recorded when it starts (so in-flight calls count
 against requests per minute) and completed with its token counts, latency and status when it ends."""
+import contextlib
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -32,8 +33,6 @@ _SCOPES = {"token": "token_id = %s", "session": "user_id = %s AND token_id IS NU
 
 def _refusal(scope: str, key: int, rpm: int, tokens_per_day: int, what: str, now) -> QuotaRefusal | None:
     """Both quotas of one scope: requests in the last 60 s (in-flight calls included) and tokens since midnight."""
-    if not rpm and not tokens_per_day:
-        return None
     minute_ago = now - timedelta(seconds=60)
     midnight = datetime(now.year, now.month, now.day, tzinfo=dt_timezone.utc)
     adapt = connection.ops.adapt_datetimefield_value
@@ -71,31 +70,30 @@ def quota_organization(model, organization_ids: list[int]) -> int | None:
     return min(organization_ids, default=None)
 
 
+def _quota_scopes(*, user, token, organization_id: int | None) -> list[tuple[str, int, int, int, str]]:
+    """The scopes this call is held to, those with a limit set, as (scope, key, requests per minute, tokens per day,
+    what the message calls it): the token (a signed-in session counts as one token of its user), then the caller's
+    organization. Every caller locks them in this order."""
+    scopes = [(*(("token", token.pk) if token is not None else ("session", user.pk)),
+               settings.INFERENCE_RPM_PER_TOKEN, settings.INFERENCE_TOKENS_PER_DAY_PER_TOKEN, "token")]
+    if organization_id:
+        scopes.append(("organization", organization_id, settings.INFERENCE_RPM_PER_ORGANIZATION,
+                       settings.INFERENCE_TOKENS_PER_DAY_PER_ORGANIZATION, "organization"))
+    return [scope for scope in scopes if scope[2] or scope[3]]
+
+
 def quota_check(*, user, token, organization_id: int | None) -> QuotaRefusal | None:
-    """Per token (a signed-in session counts as one token of its user) and per the caller's organization."""
+    """Per token and per the caller's organization: the first scope over a limit."""
     now = timezone.now()
-    scope, key = ("token", token.pk) if token is not None else ("session", user.pk)
-    refusal = _refusal(scope, key, settings.INFERENCE_RPM_PER_TOKEN, settings.INFERENCE_TOKENS_PER_DAY_PER_TOKEN,
-                       "token", now)
-    if refusal is None and organization_id:
-        refusal = _refusal("organization", organization_id, settings.INFERENCE_RPM_PER_ORGANIZATION,
-                           settings.INFERENCE_TOKENS_PER_DAY_PER_ORGANIZATION, "organization", now)
-    return refusal
+    for scope in _quota_scopes(user=user, token=token, organization_id=organization_id):
+        refusal = _refusal(*scope, now)
+        if refusal is not None:
+            return refusal
+    return None
 
 
 # PostgreSQL advisory locks, one per quota scope: (class, object id), the class naming the kind of scope.
 _LOCK_CLASSES = {"token": 0x47485101, "session": 0x47485102, "organization": 0x47485103}
-
-
-def _quota_scopes(*, user, token, organization_id: int | None) -> list[tuple[str, int]]:
-    """The scopes whose limits this call is held to, token (or session) first: every caller locks in this order."""
-    scopes = []
-    if settings.INFERENCE_RPM_PER_TOKEN or settings.INFERENCE_TOKENS_PER_DAY_PER_TOKEN:
-        scopes.append(("token", token.pk) if token is not None else ("session", user.pk))
-    if organization_id and (settings.INFERENCE_RPM_PER_ORGANIZATION or
-                            settings.INFERENCE_TOKENS_PER_DAY_PER_ORGANIZATION):
-        scopes.append(("organization", organization_id))
-    return scopes
 
 
 def inference_call_admit(*, user, token, organization_id, model, endpoint: str,
@@ -104,14 +102,13 @@ def inference_call_admit(*, user, token, organization_id, model, endpoint: str,
     all passed a check that none of them was yet counted in, and a limit of 60 a minute let through as many calls
     as arrived together. Calls of one token (or organization) queue here for the check and the insert only."""
     scopes = _quota_scopes(user=user, token=token, organization_id=organization_id)
-    if not scopes:
-        return inference_call_start(user=user, token=token, organization_id=organization_id, model=model,
-                                    endpoint=endpoint, stream=stream)
-    with transaction.atomic():  # on SQLite, IMMEDIATE: the write lock is taken first, so callers queue anyway
-        if connection.vendor == "postgresql":
+    # No limit set: nothing to hold, no transaction. On SQLite, IMMEDIATE: the write lock is taken first, so
+    # callers queue anyway.
+    with transaction.atomic() if scopes else contextlib.nullcontext():
+        if scopes and connection.vendor == "postgresql":
             with connection.cursor() as cursor:
                 cursor.execute("SELECT " + ", ".join(["pg_advisory_xact_lock(%s, %s)"] * len(scopes)),
-                               [n for kind, key in scopes for n in (_LOCK_CLASSES[kind], key % 2 ** 31)])
+                               [n for kind, key, *_ in scopes for n in (_LOCK_CLASSES[kind], key % 2 ** 31)])
         refusal = quota_check(user=user, token=token, organization_id=organization_id)
         if refusal is not None:
             return refusal

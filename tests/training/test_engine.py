@@ -59,10 +59,10 @@ def test_a_burst_is_prefilled_in_padded_groups_into_scattered_slots_and_equals_u
     prefills = []
     forward = engine._forward
 
-    def recording(tokens, slots, last=None):
+    def recording(tokens, slots, last=None, **kwargs):
         if tokens.shape[1] > 1:
             prefills.append((tokens.shape, list(slots)))
-        return forward(tokens, slots, last)
+        return forward(tokens, slots, last, **kwargs)
     monkeypatch.setattr(engine, "_forward", recording)
     # Slots 0-2 taken, then slot 1 freed: the burst lands in slots 1, 3, 4, 5 — not one block.
     long_a, short, long_b = [engine.submit(engine.encode(p), SamplingParams(max_tokens=n, temperature=0))

@@ -24,13 +24,18 @@ def contains_nul(value) -> bool:
     return False
 
 
+def _in_fields(fields) -> bool:
+    """Whether a QueryDict (a query string, a form) holds a NUL in a name or any of its values."""
+    return any("\x00" in key or any("\x00" in value for value in values) for key, values in fields.lists())
+
+
 def _in_url(request) -> bool:
     query = request.META.get("QUERY_STRING", "")
     if "\x00" in request.path or "\x00" in request.path_info:
         return True
     if "%00" not in query and "\x00" not in query:  # the common case: nothing to decode
         return False
-    return any("\x00" in key or any("\x00" in value for value in values) for key, values in request.GET.lists())
+    return _in_fields(request.GET)
 
 
 def _in_form(request) -> bool:
@@ -40,7 +45,7 @@ def _in_form(request) -> bool:
     if request.content_type == "multipart/form-data" and request.path.startswith(("/api/", "/v1/")):
         return False  # uploads: parsed by the API's own parsers, streamed to storage
     try:
-        return any("\x00" in key or any("\x00" in value for value in values) for key, values in request.POST.lists())
+        return _in_fields(request.POST)
     except RequestDataTooBig:
         return False  # the view answers that in its own words
 
