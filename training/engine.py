@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import traceback
+import typing
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,15 @@ class SamplingParams:
             bad("logprobs", f"logprobs must be an integer from 0 to {MAX_LOGPROBS}.")
 
 
+class Delta(typing.NamedTuple):
+    """What a streaming request's reader gets next: new text, and the tokens generated since the last delta with
+    their log probabilities (empty unless asked). A token's entry may come a delta before its text does: text that
+    could still turn into a stop sequence, or half a character, is held back."""
+    text: str
+    token_ids: list[int]
+    logprobs: list
+
+
 @dataclass
 class Request:
     prompt_ids: list[int]
@@ -91,8 +101,8 @@ class Request:
     slot: int = -1
     created: float = field(default_factory=time.time)
     first_token_at: float | None = None
-    # Text increments for streaming; None marks the end.
-    deltas: "queue.Queue[str | None]" = field(default_factory=queue.Queue)
+    # Increments for streaming; None marks the end.
+    deltas: "queue.Queue[Delta | None]" = field(default_factory=queue.Queue)
     done: threading.Event = field(default_factory=threading.Event)
     generator: torch.Generator | None = None
     stream: bool = False  # deltas are wanted while generating (else text is decoded once, at the end)
@@ -101,6 +111,7 @@ class Request:
     logprobs: list = field(default_factory=list)
     prompt_logprobs: list = field(default_factory=list)
     _emitted: int = 0  # characters of `text` already sent as deltas
+    _emitted_logprobs: int = 0  # entries of `logprobs` already sent
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -384,9 +395,11 @@ class Engine:
             limit = max(request._emitted, len(text) - hold)
             if text.endswith("\ufffd"):
                 limit = min(limit, len(text) - 1)
-        if limit > request._emitted:
-            request.deltas.put(text[request._emitted:limit])
-            request._emitted = limit
+        sent = request._emitted_logprobs
+        if limit > request._emitted or len(request.logprobs) > sent:
+            request.deltas.put(Delta(text[request._emitted:limit], request.output_ids[sent:len(request.logprobs)],
+                                     request.logprobs[sent:]))
+            request._emitted, request._emitted_logprobs = limit, len(request.logprobs)
 
     def _finish(self, request: Request, reason: str) -> None:
         if reason != "stop" or not request.params.stop:  # a stop sequence already cut the text

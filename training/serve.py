@@ -5,7 +5,8 @@ it exactly as it talks to a vLLM server:
 
 GET /v1/models, /v1/models/{id}, /health, /metrics; POST /v1/completions and /v1/chat/completions (with
 `"stream": true` as server-sent events, `stream_options.include_usage` adding a usage chunk, and
-`continuous_usage_stats` too, as vLLM, usage in every chunk). Errors use
+`continuous_usage_stats` too, as vLLM, usage in every chunk; log probabilities and echo streamed too, each
+token's entry in a chunk). Errors use
 OpenAI's shape. A client that goes away cancels its request at the next decode step, streaming or not; when
 `max_waiting` requests already wait for a slot, a new one is refused with 503 and Retry-After instead of queued.
 """
@@ -66,10 +67,6 @@ def sampling_from(body: dict, *, chat: bool) -> SamplingParams:
     echo = body.get("echo", False)
     if not isinstance(echo, bool) or (chat and echo):
         raise ApiError(400, "echo is a completions option: true or false.", code="invalid_value", param="echo")
-    if body.get("stream") and (logprobs is not None or echo):
-        asked = "logprobs" if logprobs is not None else "echo"
-        raise ApiError(400, f"{asked} is answered with stream=false only by this engine; leave stream out.",
-                       code="invalid_value", param=asked)
     limit = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     # Without a limit a chat may use the rest of the context (the engine computes it), as vLLM does; a fixed
     # default would refuse every chat on a model whose context is shorter. Completions keep OpenAI's 16.
@@ -243,7 +240,8 @@ class Handler(BaseHTTPRequestHandler):
             # vLLM's continuous_usage_stats: usage in every chunk, so whoever meters a client that leaves early
             # knows the prompt it paid for, not only the tokens it saw.
             continuous = include_usage and bool(options.get("continuous_usage_stats"))
-            return self._stream(request, ident, chat=chat, include_usage=include_usage, continuous=continuous)
+            return self._stream(request, ident, chat=chat, include_usage=include_usage, continuous=continuous,
+                                echoed=echoed)
         while not request.done.wait(timeout=POLL_SECONDS):
             if self._client_gone():  # nobody will read the answer: free the slot at the next step
                 request.cancel()
@@ -264,41 +262,45 @@ class Handler(BaseHTTPRequestHandler):
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": request.text},
                       "finish_reason": request.finish_reason,
-                      "logprobs": self._chat_logprobs(request) if wanted else None}
+                      "logprobs": self._chat_logprobs(request.output_ids, request.logprobs) if wanted else None}
             return {"id": ident, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
                     "usage": self._usage(request)}
         echo = echoed is not None
+        if wanted:
+            ids = (request.prompt_ids if echo else []) + request.output_ids
+            # With echo the prompt's tokens come first, the very first without a probability (nothing precedes it).
+            entries = ([(None, None)] + request.prompt_logprobs if echo else []) + request.logprobs
+            logprobs, _ = self._completion_logprobs(ids, entries)
         choice = {"index": 0, "text": (echoed or "") + request.text, "finish_reason": request.finish_reason,
-                  "logprobs": self._completion_logprobs(request, echo) if wanted else None}
+                  "logprobs": logprobs if wanted else None}
         return {"id": ident, "object": "text_completion", "created": created, "model": model, "choices": [choice],
                 "usage": self._usage(request)}
 
-    def _completion_logprobs(self, request: Request, echo: bool) -> dict:
+    def _completion_logprobs(self, ids: list[int], entries: list, offset: int = 0) -> tuple[dict, int]:
         """The legacy completions shape (as OpenAI and vLLM): per token its text, log probability, likeliest
-        alternatives and offset in the returned text; with echo the prompt's tokens first, the very first without
-        a probability (nothing precedes it)."""
+        alternatives and offset in the returned text (a stream's chunks continue from `offset`); and the offset
+        after the last token."""
         token = self.server.engine.token_text
-        ids = (request.prompt_ids if echo else []) + request.output_ids
-        entries = ([(None, None)] + request.prompt_logprobs if echo else []) + request.logprobs
-        tokens, offsets, at = [], [], 0
+        tokens, offsets = [], []
         for token_id in ids:
             tokens.append(token(token_id))
-            offsets.append(at)
-            at += len(tokens[-1])
+            offsets.append(offset)
+            offset += len(tokens[-1])
         return {"tokens": tokens, "token_logprobs": [logprob for logprob, _ in entries],
                 "top_logprobs": [None if top is None else {token(t): value for t, value in top} for _, top in entries],
-                "text_offset": offsets}
+                "text_offset": offsets}, offset
 
-    def _chat_logprobs(self, request: Request) -> dict:
+    def _chat_logprobs(self, ids: list[int], entries: list) -> dict:
         token = self.server.engine.token_text
 
         def entry(token_id, logprob):
             text = token(token_id)
             return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
         return {"content": [entry(t, logprob) | {"top_logprobs": [entry(a, value) for a, value in top]}
-                            for t, (logprob, top) in zip(request.output_ids, request.logprobs)]}
+                            for t, (logprob, top) in zip(ids, entries)]}
 
-    def _stream(self, request: Request, ident: str, *, chat: bool, include_usage: bool, continuous: bool = False) -> None:
+    def _stream(self, request: Request, ident: str, *, chat: bool, include_usage: bool, continuous: bool = False,
+                echoed: str | None = None) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -308,6 +310,8 @@ class Handler(BaseHTTPRequestHandler):
         self._streaming = True
         created, model = int(request.created), self.server.model_id
         kind = "chat.completion.chunk" if chat else "text_completion"
+        wanted = request.params.logprobs is not None
+        offset = 0  # completions' text_offset runs on across chunks
 
         def chunk(choices, **extra):
             if continuous and choices:
@@ -315,6 +319,17 @@ class Handler(BaseHTTPRequestHandler):
             event = {"id": ident, "object": kind, "created": created, "model": model, "choices": choices, **extra}
             self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
             self.wfile.flush()
+
+        def text_chunk(text, ids, entries):
+            nonlocal offset
+            logprobs = None
+            if chat:
+                if wanted:
+                    logprobs = self._chat_logprobs(ids, entries)
+                return chunk([{"index": 0, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None}])
+            if wanted:
+                logprobs, offset = self._completion_logprobs(ids, entries, offset)
+            chunk([{"index": 0, "text": text, "finish_reason": None, "logprobs": logprobs}])
 
         try:
             if chat:
@@ -329,12 +344,13 @@ class Handler(BaseHTTPRequestHandler):
                         request.cancel()
                         return
                     continue
+                if echoed is not None and request.finish_reason != "error":
+                    # The prompt first, once prefilled (its log probabilities come from the prefill).
+                    text_chunk(echoed, request.prompt_ids, [(None, None)] + request.prompt_logprobs)
+                    echoed = None
                 if delta is None:
                     break
-                if chat:
-                    chunk([{"index": 0, "delta": {"content": delta}, "finish_reason": None}])
-                else:
-                    chunk([{"index": 0, "text": delta, "finish_reason": None, "logprobs": None}])
+                text_chunk(delta.text, delta.token_ids, delta.logprobs)
             if request.finish_reason == "error":  # the stream's status is sent: say so in the stream, as vLLM does
                 error = {"message": f"The engine failed while generating ({self.server.engine.failure}).",
                          "type": "server_error", "param": None, "code": "engine_failed"}
@@ -350,7 +366,6 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             request.cancel()  # the client went away: free the slot at the next step
-
 
 def serve(model_dir: str, *, model_id: str, host: str = "127.0.0.1", port: int = 8100, max_batch: int = 32,
           device: str = "auto", decode: str = "auto", max_waiting: int = MAX_WAITING, max_seq_len: int | None = None,

@@ -157,6 +157,19 @@ def test_openai_client_reads_log_probabilities_and_echo(gateway):
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
     assert "".join(t.token for t in content) == chat.choices[0].message.content
+    # Streamed: each chunk carries its tokens' entries; together they are the whole answer's, and metered as such.
+    chunks = list(carol.chat.completions.create(model="aurora/tiny-served", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=3, temperature=0, logprobs=True, top_logprobs=2,
+                                                stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], abs=1e-5)
+    echoed = list(carol.completions.create(model="aurora/tiny-served", prompt="def add(a, b):", max_tokens=3,
+                                           temperature=0, logprobs=2, echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in echoed) == choice.text
+    assert [t for c in echoed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == choice.logprobs.tokens
+    metered = [c for c in gateway["calls"]() if c["user__username"] == "carol"][-2:]
+    assert [(c["status"], c["stream"], c["completion_tokens"]) for c in metered] == [(200, True, 3), (200, True, 3)]
 
 
 def test_streams_are_relayed_as_they_come_not_buffered(gateway):

@@ -44,7 +44,7 @@ def test_batched_results_equal_unbatched(engine):
     alone = [generate_alone(engine, p, max_tokens=20, temperature=0).output_ids for p in PROMPTS]
     streamed = [generate_alone(engine, p, stream=True, max_tokens=20, temperature=0) for p in PROMPTS]
     assert [r.output_ids for r in streamed] == alone
-    assert ["".join(iter(r.deltas.get, None)) for r in streamed] == [r.text for r in streamed]
+    assert ["".join(d.text for d in iter(r.deltas.get, None)) for r in streamed] == [r.text for r in streamed]
     # Staggered: two start together, the others join between decode steps (continuous batching).
     first = [engine.submit(engine.encode(p), SamplingParams(max_tokens=20, temperature=0)) for p in PROMPTS[:2]]
     engine.step()
@@ -234,7 +234,7 @@ def test_stop_sequences_cut_the_text_and_stream_never_leaks_them(engine):
     assert cut.finish_reason == "stop" and cut.text == free.text[:free.text.find(stop)]
     streamed = []
     while (delta := cut.deltas.get()) is not None:
-        streamed.append(delta)
+        streamed.append(delta.text)
     assert "".join(streamed) == cut.text
 
 

@@ -1,6 +1,8 @@
 """Log probabilities: each generated token's and the prompt's (echo) equal transformers' log-softmax of its own
 logits on the same checkpoint, batched or alone; the server answers them in OpenAI's completions and chat shapes,
 takes token-id prompts (as lm-evaluation-harness sends them) and refuses what it cannot answer."""
+import json
+
 import httpx
 import pytest
 import torch
@@ -51,6 +53,27 @@ def test_generated_and_prompt_logprobs_equal_transformers_batched_or_alone(engin
         for (a, top_a), (b, top_b) in zip(request.prompt_logprobs + request.logprobs,
                                           alone.prompt_logprobs + alone.logprobs):
             assert a == pytest.approx(b, abs=1e-5) and [t for t, _ in top_a] == [t for t, _ in top_b]
+
+
+def test_a_stream_carries_every_tokens_logprobs_once_in_order(engine):
+    # A stop sequence holds text back while its tokens' entries are already known: the deltas still add up.
+    free = engine.submit(engine.encode(PROMPTS[0]), SamplingParams(max_tokens=12, temperature=0, logprobs=2))
+    engine.run_until_idle()
+    stop = free.text[5:7]
+    for params in (dict(max_tokens=12), dict(max_tokens=12, stop=(stop,))):
+        alone = engine.submit(engine.encode(PROMPTS[0]), SamplingParams(temperature=0, logprobs=2, **params))
+        streamed = engine.submit(engine.encode(PROMPTS[0]), SamplingParams(temperature=0, logprobs=2, **params),
+                                 stream=True)
+        engine.run_until_idle()
+        deltas = list(iter(streamed.deltas.get, None))
+        assert len(deltas) > 1 and "".join(d.text for d in deltas) == streamed.text == alone.text
+        assert [t for d in deltas for t in d.token_ids] == streamed.output_ids == alone.output_ids
+        assert [e for d in deltas for e in d.logprobs] == streamed.logprobs
+        assert [lp for lp, _ in streamed.logprobs] == pytest.approx([lp for lp, _ in alone.logprobs], abs=1e-5)
+    assert streamed.finish_reason == "stop" and stop not in streamed.text
+    plain = engine.submit(engine.encode(PROMPTS[0]), SamplingParams(max_tokens=4, temperature=0), stream=True)
+    engine.run_until_idle()
+    assert all(d.token_ids == [] and d.logprobs == [] for d in iter(plain.deltas.get, None))
 
 
 def test_no_logprobs_unless_asked_and_bad_counts_refused(engine):
@@ -108,9 +131,46 @@ def test_chat_logprobs_as_openai_shapes_them(server):
     assert "".join(item["token"] for item in content) == choice["message"]["content"]
 
 
+def sse(base: str, path: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", base + path, json=body | {"stream": True}) as response:
+        assert response.status_code == 200
+        lines = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_streamed_logprobs_and_echo_add_up_to_the_whole_answer(server):
+    base, _ = server
+    body = {"prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0, "logprobs": 2, "echo": True, "ignore_eos": True}
+    whole = httpx.post(base + "/completions", json=body).json()["choices"][0]
+    chunks = [c["choices"][0] for c in sse(base, "/completions", body)]
+    assert chunks[0]["text"] == PROMPTS[1] and chunks[0]["logprobs"]["token_logprobs"][0] is None  # the echo first
+    assert "".join(c["text"] for c in chunks) == whole["text"] and chunks[-1]["finish_reason"] == "length"
+    streamed = {key: [v for c in chunks if c["logprobs"] for v in c["logprobs"][key]] for key in whole["logprobs"]}
+    assert streamed["tokens"] == whole["logprobs"]["tokens"]
+    assert streamed["text_offset"] == whole["logprobs"]["text_offset"]  # offsets run on across chunks
+    assert streamed["token_logprobs"][1:] == pytest.approx(whole["logprobs"]["token_logprobs"][1:], abs=1e-5)
+    assert [list(top) for top in streamed["top_logprobs"][1:]] == [list(top) for top in whole["logprobs"]["top_logprobs"][1:]]
+    # Scoring a prompt as a stream: the echo, then the end.
+    scored = [c["choices"][0] for c in sse(base, "/completions", body | {"max_tokens": 0})]
+    assert [c["text"] for c in scored] == [PROMPTS[1], ""] and scored[1]["finish_reason"] == "length"
+    assert scored[0]["logprobs"]["tokens"] == whole["logprobs"]["tokens"][:-6]
+    # Echo without log probabilities streams the prompt as text alone.
+    echoed = [c["choices"][0] for c in sse(base, "/completions", {"prompt": PROMPTS[1], "max_tokens": 2, "echo": True})]
+    assert echoed[0]["text"] == PROMPTS[1] and all(c["logprobs"] is None for c in echoed)
+
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0, "logprobs": True,
+            "top_logprobs": 2, "ignore_eos": True}
+    whole = httpx.post(base + "/chat/completions", json=chat).json()["choices"][0]
+    chunks = [c["choices"][0] for c in sse(base, "/chat/completions", chat)]
+    assert "".join(c["delta"].get("content", "") for c in chunks) == whole["message"]["content"]
+    content = [item for c in chunks if c.get("logprobs") for item in c["logprobs"]["content"]]
+    assert [item["token"] for item in content] == [item["token"] for item in whole["logprobs"]["content"]]
+    assert [item["logprob"] for item in content] == pytest.approx(
+        [item["logprob"] for item in whole["logprobs"]["content"]], abs=1e-5)
+
+
 @pytest.mark.parametrize("path, body, param", [
-    ("/completions", {"prompt": "x", "logprobs": 1, "stream": True}, "logprobs"),
-    ("/completions", {"prompt": "x", "echo": True, "stream": True}, "echo"),
     ("/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
     ("/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),  # 0 only to score a prompt
     ("/completions", {"prompt": "x", "max_tokens": 0, "echo": True}, "max_tokens"),
