@@ -500,14 +500,21 @@ class Engine:
                 q = q.new_zeros((width, *q.shape[1:])).index_copy_(0, in_span, q)
             else:
                 keys, values = cache_k[slot_index, :, :total], cache_v[slot_index, :, :total]
-            if c.num_kv_heads != c.num_heads:
-                groups = c.num_heads // c.num_kv_heads
-                keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-            if seq == 1 and mask is None:
-                # One query per row: two batched matmuls beat SDPA's general path on strided cache views.
+            groups = c.num_heads // c.num_kv_heads
+            if seq == 1:
+                # One query per row: two batched matmuls beat SDPA's general path on strided cache views (with a
+                # mask too: rows at different lengths). Grouped-query heads share their key head as a group of
+                # queries (heads h of one group are consecutive), so the cache is read in place, never repeated.
+                rows = q.shape[0]
+                q = q.reshape(rows, c.num_kv_heads, groups, c.head_dim)
                 scores = torch.matmul(q, keys.transpose(-1, -2)) * (1.0 / math.sqrt(c.head_dim))
+                if mask is not None:
+                    scores = scores.masked_fill(~mask, float("-inf"))
                 y = torch.matmul(torch.softmax(scores.float(), dim=-1).to(values.dtype), values)
+                y = y.reshape(rows, c.num_heads, 1, c.head_dim)
             else:
+                if groups > 1:
+                    keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
                 y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)
             if span:
                 y = y.index_select(0, in_span)
@@ -629,7 +636,7 @@ class Engine:
         visible = (torch.arange(context, device=self.device)[None, :] <= positions[:, None])[:, None, None]
         rows, heads = slots[:, None], torch.arange(c.num_kv_heads, device=self.device)[None, :]
         x = model.model.embed_tokens(tokens[:, None])
-        groups = c.num_heads // c.num_kv_heads
+        batch, groups = tokens.shape[0], c.num_heads // c.num_kv_heads
         for layer, w in enumerate(self.layers):
             q, k, v = self._qkv(x, w, cos, sin)
             cache_k, cache_v = self.cache_k[layer], self.cache_v[layer]
@@ -637,12 +644,11 @@ class Engine:
             cache_v.index_put_((rows, heads, positions[:, None]), v[:, :, 0])
             keys = cache_k[:, :, :context].index_select(0, slots)
             values = cache_v[:, :, :context].index_select(0, slots)
-            if groups > 1:
-                keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+            q = q.reshape(batch, c.num_kv_heads, groups, c.head_dim)  # a group of query heads per key head
             scores = torch.matmul(q, keys.transpose(-1, -2)) * (1.0 / math.sqrt(c.head_dim))
             scores = scores.float().masked_fill(~visible, -math.inf)
             y = torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)
-            x = self._after_attention(x, y, w)
+            x = self._after_attention(x, y.reshape(batch, c.num_heads, 1, c.head_dim), w)
         return self.lm_head(model.model.norm(x[:, 0]))
 
     # --- One layer's projections, shared by both decode steps --------------------------------------------------

@@ -51,6 +51,33 @@ def test_logits_and_greedy_output_equal_transformers_on_its_own_checkpoints(tmp_
     assert request.output_ids == expected
 
 
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_grouped_query_rows_at_different_lengths_and_slots_equal_generate(tmp_path, data_dir, monkeypatch, decode):
+    # Decode reads each key head once for its group of query heads: rows of different lengths (the masked step),
+    # in scattered slots (the block view; static: the fixed-shape step graphs replay), each equal to transformers'
+    # generate alone.
+    hf = _hf_checkpoint(tmp_path, data_dir, rope_scaling=None)
+    engine = Engine(tmp_path, device="cpu", max_batch=6, decode=decode)
+    ids = torch.randint(0, 512, (5, 90), generator=torch.Generator().manual_seed(2))
+    lengths = [90, 17, 55, 3, 40]
+    expected = []
+    with torch.no_grad():
+        for row, n in enumerate(lengths):
+            expected.append(hf.generate(ids[row:row + 1, :n], max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                        pad_token_id=0)[0, n:].tolist())
+    placed = []
+    index_copy = torch.Tensor.index_copy_
+    monkeypatch.setattr(torch.Tensor, "index_copy_", lambda self, *args: placed.append(1) or index_copy(self, *args))
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    requests = [engine.submit(ids[0, :lengths[0]].tolist(), params)]
+    filler = [engine.submit(ids[0, :5].tolist(), SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))]
+    engine.step()  # the filler takes slot 1, and leaves a hole there after its two tokens
+    requests += [engine.submit(ids[row, :n].tolist(), params) for row, n in enumerate(lengths[1:], 1)]
+    engine.run_until_idle()
+    assert filler[0].finish_reason == "length" and bool(placed) == (decode == "dynamic")  # the view was taken
+    assert [r.output_ids for r in requests] == expected
+
+
 def test_rope_scaling_we_cannot_compute_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="rope scaling 'yarn' is not supported"):
         ModelConfig.from_hf({**ModelConfig().to_hf(), "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
