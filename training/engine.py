@@ -45,6 +45,7 @@ class EngineError(ValueError):
 
 
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
+MAX_LOGIT_BIAS = 1024  # token ids one request may bias
 
 
 @dataclass
@@ -60,6 +61,16 @@ class SamplingParams:
     # distribution, before temperature and top-k/top-p). prompt_logprobs: the prompt's tokens' too (echo).
     logprobs: int | None = None
     prompt_logprobs: bool = False
+    # OpenAI's logit adjustments, before greedy choice or sampling: a bias per token id (-100 to 100: from banning a
+    # token to forcing it), and penalties on the tokens generated so far, `frequency_penalty` times each one's count
+    # plus `presence_penalty` once for any (-2 to 2).
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.logit_bias) or bool(self.presence_penalty) or bool(self.frequency_penalty)
 
     def validate(self) -> None:
         def bad(param, message):
@@ -78,6 +89,15 @@ class SamplingParams:
             bad("stop", "stop takes up to 4 non-empty strings of at most 100 characters.")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             bad("logprobs", f"logprobs must be an integer from 0 to {MAX_LOGPROBS}.")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
+                bad(name, f"{name} must be a number from -2 to 2.")
+        if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_LOGIT_BIAS or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 and not isinstance(b, bool)
+                and isinstance(b, (int, float)) and -100 <= b <= 100 for t, b in self.logit_bias.items()):
+            bad("logit_bias", f"logit_bias maps up to {MAX_LOGIT_BIAS} token ids to a bias from -100 to 100, "
+                              'e.g. {"50256": -100}.')
 
 
 class Delta(typing.NamedTuple):
@@ -220,6 +240,9 @@ class Engine:
             raise EngineError(f"The engine failed ({self.failure}) and is being restarted; retry shortly.",
                               code="engine_failed", status=503)
         params.validate()
+        if params.logit_bias and max(params.logit_bias) >= self.config.vocab_size:
+            raise EngineError(f"logit_bias names token {max(params.logit_bias)}; this model's token ids run from 0 to "
+                              f"{self.config.vocab_size - 1}.", param="logit_bias")
         if not prompt_ids:
             raise EngineError("The prompt is empty.", param="prompt")
         if params.max_tokens is None:
@@ -413,6 +436,11 @@ class Engine:
         request.done.set()
 
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
+        adjusting = [i for i, r in enumerate(requests) if r.params.adjusts_logits]
+        if adjusting:  # on a copy: log probabilities are the model's own distribution
+            logits = logits.to(torch.float32, copy=True)
+            for i in adjusting:
+                self._adjust(requests[i], logits[i])
         out = logits.argmax(dim=-1).tolist()  # greedy for all in one op; sampled rows are replaced below
         for i, request in enumerate(requests):
             p = request.params
@@ -432,6 +460,16 @@ class Engine:
                 probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
             out[i] = int(torch.multinomial(probs, 1, generator=request.generator))
         return out
+
+    def _adjust(self, request: Request, row: torch.Tensor) -> None:
+        """OpenAI's logit bias and penalties, in place on one row of float32 logits."""
+        p = request.params
+        if request.output_ids and (p.presence_penalty or p.frequency_penalty):
+            counts = torch.bincount(torch.tensor(request.output_ids, device=row.device), minlength=row.numel())
+            row -= counts.to(row.dtype) * p.frequency_penalty + (counts > 0).to(row.dtype) * p.presence_penalty
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=row.device)
+            row.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, device=row.device))
 
     # --- The cached forward -----------------------------------------------------------------------------
     def _forward(self, tokens: torch.Tensor, slots: list[int], last: list[int] | None = None,

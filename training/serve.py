@@ -67,13 +67,19 @@ def sampling_from(body: dict, *, chat: bool) -> SamplingParams:
     echo = body.get("echo", False)
     if not isinstance(echo, bool) or (chat and echo):
         raise ApiError(400, "echo is a completions option: true or false.", code="invalid_value", param="echo")
+    bias = body.get("logit_bias") or {}
+    if not isinstance(bias, dict) or not all(isinstance(t, str) and t.isdigit() for t in bias):
+        raise ApiError(400, 'logit_bias maps token ids to a bias from -100 to 100, e.g. {"50256": -100}.',
+                       code="invalid_value", param="logit_bias")
     limit = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     # Without a limit a chat may use the rest of the context (the engine computes it), as vLLM does; a fixed
     # default would refuse every chat on a model whose context is shorter. Completions keep OpenAI's 16.
     return SamplingParams(max_tokens=number(limit, None if chat else 16, int), temperature=number("temperature", 1.0),
                           top_p=number("top_p", 1.0), top_k=number("top_k", 0, int), stop=tuple(stop),
                           seed=number("seed", None, int), ignore_eos=ignore_eos, logprobs=logprobs,
-                          prompt_logprobs=echo and logprobs is not None)
+                          prompt_logprobs=echo and logprobs is not None, logit_bias={int(t): b for t, b in bias.items()},
+                          presence_penalty=number("presence_penalty", 0.0),
+                          frequency_penalty=number("frequency_penalty", 0.0))
 
 
 def _is_token(value, vocab_size: int) -> bool:
