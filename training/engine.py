@@ -132,9 +132,16 @@ class Request:
     prompt_logprobs: list = field(default_factory=list)
     _emitted: int = 0  # characters of `text` already sent as deltas
     _emitted_logprobs: int = 0  # entries of `logprobs` already sent
+    # Set after each delta: one reader following several requests (the n choices of one call) waits on one event.
+    wake: threading.Event | None = None
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def _put(self, delta: "Delta | None") -> None:
+        self.deltas.put(delta)
+        if self.wake is not None:
+            self.wake.set()
 
 
 class Engine:
@@ -235,7 +242,8 @@ class Engine:
         return self.encode(self.render_chat(messages), add_special_tokens=False)
 
     # --- Requests ---------------------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams, *, stream: bool = False) -> Request:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, *, stream: bool = False,
+               wake: threading.Event | None = None) -> Request:
         if self.failure:
             raise EngineError(f"The engine failed ({self.failure}) and is being restarted; retry shortly.",
                               code="engine_failed", status=503)
@@ -255,7 +263,7 @@ class Engine:
             raise EngineError(f"This model's context is {self.max_seq_len} tokens; the prompt has {len(prompt_ids)} "
                               f"and max_tokens asks for {params.max_tokens} more. Shorten the prompt or lower "
                               "max_tokens.", code="context_length_exceeded", param="max_tokens")
-        request = Request(prompt_ids=list(prompt_ids), params=params, stream=stream)
+        request = Request(prompt_ids=list(prompt_ids), params=params, stream=stream, wake=wake)
         if params.seed is not None:
             request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         with self._waiting_lock:
@@ -299,7 +307,7 @@ class Engine:
         self.active.clear()
         for request in pending:
             request.finish_reason = "error"
-            request.deltas.put(None)
+            request._put(None)
             request.done.set()
         if self.on_failure is not None:
             self.on_failure()
@@ -420,8 +428,8 @@ class Engine:
                 limit = min(limit, len(text) - 1)
         sent = request._emitted_logprobs
         if limit > request._emitted or len(request.logprobs) > sent:
-            request.deltas.put(Delta(text[request._emitted:limit], request.output_ids[sent:len(request.logprobs)],
-                                     request.logprobs[sent:]))
+            request._put(Delta(text[request._emitted:limit], request.output_ids[sent:len(request.logprobs)],
+                               request.logprobs[sent:]))
             request._emitted, request._emitted_logprobs = limit, len(request.logprobs)
 
     def _finish(self, request: Request, reason: str) -> None:
@@ -432,7 +440,7 @@ class Engine:
             del self.active[request.slot]
         if reason != "cancelled":
             self._emit(request, final=True)
-        request.deltas.put(None)
+        request._put(None)
         request.done.set()
 
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:

@@ -6,10 +6,11 @@ it exactly as it talks to a vLLM server:
 GET /v1/models, /v1/models/{id}, /health, /metrics; POST /v1/completions and /v1/chat/completions (with
 `"stream": true` as server-sent events, `stream_options.include_usage` adding a usage chunk, and
 `continuous_usage_stats` too, as vLLM, usage in every chunk; log probabilities and echo streamed too, each
-token's entry in a chunk). Errors use
+token's entry in a chunk; `n` choices generated together, streamed by index). Errors use
 OpenAI's shape. A client that goes away cancels its request at the next decode step, streaming or not; when
 `max_waiting` requests already wait for a slot, a new one is refused with 503 and Retry-After instead of queued.
 """
+import dataclasses
 import json
 import queue
 import select
@@ -46,8 +47,6 @@ def sampling_from(body: dict, *, chat: bool) -> SamplingParams:
             raise ApiError(400, f"{name} must be a{'n integer' if kind is int else ' number'}.", code="invalid_value",
                            param=name)
         return kind(value)
-    if body.get("n", 1) != 1:
-        raise ApiError(400, "Only n=1 is supported.", code="invalid_value", param="n")
     stop = body.get("stop") or ()
     stop = (stop,) if isinstance(stop, str) else stop
     if not isinstance(stop, (list, tuple)):
@@ -239,48 +238,70 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(options, dict):  # checked before anything is queued
             raise ApiError(400, 'stream_options must be an object, e.g. {"include_usage": true}.',
                            code="invalid_value", param="stream_options")
-        request = engine.submit(prompt_ids, sampling_from(body, chat=chat), stream=bool(body.get("stream")))
-        ident = ("chatcmpl-" if chat else "cmpl-") + request.id
-        if request.stream:
+        n = body.get("n", 1) if body.get("n") is not None else 1
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= engine.max_batch:
+            raise ApiError(400, f"n must be an integer from 1 to {engine.max_batch} (the choices are generated "
+                                "together).", code="invalid_value", param="n")
+        params, stream = sampling_from(body, chat=chat), bool(body.get("stream"))
+        # The n choices of one call: n requests of one prompt, each its own sample (a seed gives choice i seed + i,
+        # so seeded choices differ from one another and repeat from call to call). One event wakes their reader.
+        wake, requests = threading.Event(), []
+        try:
+            for i in range(n):
+                seed = None if params.seed is None else params.seed + i
+                requests.append(engine.submit(prompt_ids, dataclasses.replace(params, seed=seed), stream=stream,
+                                              wake=wake))
+        except EngineError:
+            for request in requests:  # all the choices or none
+                request.cancel()
+            raise
+        ident = ("chatcmpl-" if chat else "cmpl-") + requests[0].id
+        if stream:
             include_usage = bool(options.get("include_usage"))
             # vLLM's continuous_usage_stats: usage in every chunk, so whoever meters a client that leaves early
             # knows the prompt it paid for, not only the tokens it saw.
             continuous = include_usage and bool(options.get("continuous_usage_stats"))
-            return self._stream(request, ident, chat=chat, include_usage=include_usage, continuous=continuous,
+            return self._stream(requests, wake, ident, chat=chat, include_usage=include_usage, continuous=continuous,
                                 echoed=echoed)
-        while not request.done.wait(timeout=POLL_SECONDS):
-            if self._client_gone():  # nobody will read the answer: free the slot at the next step
-                request.cancel()
-                self.close_connection = True
-                return
-        if request.finish_reason == "error":
+        for request in requests:
+            while not request.done.wait(timeout=POLL_SECONDS):
+                if self._client_gone():  # nobody will read the answer: free the slots at the next step
+                    for each in requests:
+                        each.cancel()
+                    self.close_connection = True
+                    return
+        if any(request.finish_reason == "error" for request in requests):
             raise EngineError(f"The engine failed while generating ({engine.failure}); retry shortly.",
                               code="engine_failed", status=503)
-        self._json(200, self._final(request, ident, chat=chat, echoed=echoed))
+        self._json(200, self._final(requests, ident, chat=chat, echoed=echoed))
 
-    def _usage(self, request: Request) -> dict:
-        prompt, completion = len(request.prompt_ids), len(request.output_ids)
+    def _usage(self, requests: list[Request]) -> dict:
+        """The prompt counted once, as OpenAI counts it for n choices."""
+        prompt, completion = len(requests[0].prompt_ids), sum(len(r.output_ids) for r in requests)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def _final(self, request: Request, ident: str, *, chat: bool, echoed: str | None = None) -> dict:
-        created, model = int(request.created), self.server.model_id
-        wanted = request.params.logprobs is not None
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": request.text},
-                      "finish_reason": request.finish_reason,
-                      "logprobs": self._chat_logprobs(request.output_ids, request.logprobs) if wanted else None}
-            return {"id": ident, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
-                    "usage": self._usage(request)}
-        echo = echoed is not None
-        if wanted:
-            ids = (request.prompt_ids if echo else []) + request.output_ids
-            # With echo the prompt's tokens come first, the very first without a probability (nothing precedes it).
-            entries = ([(None, None)] + request.prompt_logprobs if echo else []) + request.logprobs
-            logprobs, _ = self._completion_logprobs(ids, entries)
-        choice = {"index": 0, "text": (echoed or "") + request.text, "finish_reason": request.finish_reason,
-                  "logprobs": logprobs if wanted else None}
-        return {"id": ident, "object": "text_completion", "created": created, "model": model, "choices": [choice],
-                "usage": self._usage(request)}
+    def _final(self, requests: list[Request], ident: str, *, chat: bool, echoed: str | None = None) -> dict:
+        created, model = int(requests[0].created), self.server.model_id
+        wanted = requests[0].params.logprobs is not None
+        choices = []
+        for index, request in enumerate(requests):
+            if chat:
+                choices.append({"index": index, "message": {"role": "assistant", "content": request.text},
+                                "finish_reason": request.finish_reason,
+                                "logprobs": self._chat_logprobs(request.output_ids, request.logprobs) if wanted
+                                else None})
+                continue
+            logprobs = None
+            if wanted:
+                echo = echoed is not None
+                ids = (request.prompt_ids if echo else []) + request.output_ids
+                # With echo the prompt's tokens come first, the very first without a probability (nothing precedes).
+                entries = ([(None, None)] + request.prompt_logprobs if echo else []) + request.logprobs
+                logprobs, _ = self._completion_logprobs(ids, entries)
+            choices.append({"index": index, "text": (echoed or "") + request.text,
+                            "finish_reason": request.finish_reason, "logprobs": logprobs})
+        return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": model, "choices": choices, "usage": self._usage(requests)}
 
     def _completion_logprobs(self, ids: list[int], entries: list, offset: int = 0) -> tuple[dict, int]:
         """The legacy completions shape (as OpenAI and vLLM): per token its text, log probability, likeliest
@@ -305,8 +326,8 @@ class Handler(BaseHTTPRequestHandler):
         return {"content": [entry(t, logprob) | {"top_logprobs": [entry(a, value) for a, value in top]}
                             for t, (logprob, top) in zip(ids, entries)]}
 
-    def _stream(self, request: Request, ident: str, *, chat: bool, include_usage: bool, continuous: bool = False,
-                echoed: str | None = None) -> None:
+    def _stream(self, requests: list[Request], wake: threading.Event, ident: str, *, chat: bool, include_usage: bool,
+                continuous: bool = False, echoed: str | None = None) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -314,64 +335,80 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
         self._streaming = True
-        created, model = int(request.created), self.server.model_id
+        created, model = int(requests[0].created), self.server.model_id
         kind = "chat.completion.chunk" if chat else "text_completion"
-        wanted = request.params.logprobs is not None
-        offset = 0  # completions' text_offset runs on across chunks
+        wanted = requests[0].params.logprobs is not None
+        offsets = [0] * len(requests)  # completions' text_offset runs on across each choice's chunks
 
         def chunk(choices, **extra):
             if continuous and choices:
-                extra.setdefault("usage", self._usage(request))
+                extra.setdefault("usage", self._usage(requests))
             event = {"id": ident, "object": kind, "created": created, "model": model, "choices": choices, **extra}
             self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
             self.wfile.flush()
 
-        def text_chunk(text, ids, entries):
-            nonlocal offset
+        def text_chunk(index, text, ids, entries):
             logprobs = None
             if chat:
                 if wanted:
                     logprobs = self._chat_logprobs(ids, entries)
-                return chunk([{"index": 0, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None}])
+                return chunk([{"index": index, "delta": {"content": text}, "logprobs": logprobs,
+                               "finish_reason": None}])
             if wanted:
-                logprobs, offset = self._completion_logprobs(ids, entries, offset)
-            chunk([{"index": 0, "text": text, "finish_reason": None, "logprobs": logprobs}])
+                logprobs, offsets[index] = self._completion_logprobs(ids, entries, offsets[index])
+            chunk([{"index": index, "text": text, "finish_reason": None, "logprobs": logprobs}])
 
         try:
             if chat:
-                chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            while True:
-                try:
-                    delta = request.deltas.get(timeout=POLL_SECONDS)
-                except queue.Empty:
-                    # Nothing to write (the request waits for a slot, say), so a write cannot tell us the client
-                    # left: look at the socket.
-                    if self._client_gone():
+                for index in range(len(requests)):
+                    chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            unechoed = set(range(len(requests))) if echoed is not None else set()
+            open_choices = list(range(len(requests)))
+            while open_choices:
+                wake.clear()  # before looking: a delta put after this sets it again, so no wake-up is lost
+                moved = False
+                for index in list(open_choices):
+                    request = requests[index]
+                    try:
+                        delta = request.deltas.get_nowait()
+                    except queue.Empty:
+                        continue
+                    moved = True
+                    if request.finish_reason == "error":
+                        open_choices = []
+                        break
+                    if index in unechoed:  # the prompt first, once prefilled (its log probabilities come from it)
+                        text_chunk(index, echoed, request.prompt_ids, [(None, None)] + request.prompt_logprobs)
+                        unechoed.discard(index)
+                    if delta is not None:
+                        text_chunk(index, delta.text, delta.token_ids, delta.logprobs)
+                        continue
+                    open_choices.remove(index)
+                    final = {"index": index, "delta": {}, "finish_reason": request.finish_reason} if chat else \
+                        {"index": index, "text": "", "finish_reason": request.finish_reason, "logprobs": None}
+                    chunk([final])
+                # Nothing to write (the requests wait for slots, say), so a write cannot tell us the client left:
+                # look at the socket.
+                if not moved and not wake.wait(timeout=POLL_SECONDS) and self._client_gone():
+                    for request in requests:
                         request.cancel()
-                        return
-                    continue
-                if echoed is not None and request.finish_reason != "error":
-                    # The prompt first, once prefilled (its log probabilities come from the prefill).
-                    text_chunk(echoed, request.prompt_ids, [(None, None)] + request.prompt_logprobs)
-                    echoed = None
-                if delta is None:
-                    break
-                text_chunk(delta.text, delta.token_ids, delta.logprobs)
-            if request.finish_reason == "error":  # the stream's status is sent: say so in the stream, as vLLM does
+                    return
+            if any(request.finish_reason == "error" for request in requests):
+                for request in requests:
+                    request.cancel()
+                # The stream's status is sent: say so in the stream, as vLLM does.
                 error = {"message": f"The engine failed while generating ({self.server.engine.failure}).",
                          "type": "server_error", "param": None, "code": "engine_failed"}
                 self.wfile.write(b"data: " + json.dumps({"error": error}).encode() + b"\n\n")
                 self.wfile.flush()
                 return
-            final = {"index": 0, "delta": {}, "finish_reason": request.finish_reason} if chat else \
-                {"index": 0, "text": "", "finish_reason": request.finish_reason, "logprobs": None}
-            chunk([final])
             if include_usage:
-                chunk([], usage=self._usage(request))
+                chunk([], usage=self._usage(requests))
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
-            request.cancel()  # the client went away: free the slot at the next step
+            for request in requests:
+                request.cancel()  # the client went away: free the slots at the next step
 
 def serve(model_dir: str, *, model_id: str, host: str = "127.0.0.1", port: int = 8100, max_batch: int = 32,
           device: str = "auto", decode: str = "auto", max_waiting: int = MAX_WAITING, max_seq_len: int | None = None,

@@ -115,11 +115,10 @@ def check_generation_parameters(endpoint: str, body: dict, *, context_length: in
 
 
 # Parameters our own engine (training.serve) does not implement: it would answer as if they had not been sent, and a
-# caller asking for several choices would take that answer for what it asked. Each with the test of a value that
-# asks for something (its default, or leaving it out, asks for nothing). vLLM does implement them: an upstream
-# backend gets them untouched. (Log probabilities, echo, penalties and logit_bias it implements.)
+# caller asking for the best of several samples would take that answer for what it asked. Each with the test of a
+# value that asks for something (its default, or leaving it out, asks for nothing). vLLM does implement them: an
+# upstream backend gets them untouched. (Log probabilities, echo, penalties, logit_bias and n it implements.)
 ENGINE_UNSUPPORTED = (
-    ("n", lambda v: v > 1),
     ("best_of", lambda v: v > 1),
     ("suffix", bool),
 )

@@ -175,6 +175,11 @@ def test_openai_client_reads_log_probabilities_and_echo(gateway):
     forced = carol.completions.create(model="aurora/tiny-served", prompt="def add(a, b):", max_tokens=3,
                                       temperature=0, logit_bias={"42": 100}, frequency_penalty=0.5)
     assert forced.choices[0].text == tokenizer.decode([42, 42, 42])
+    two = carol.chat.completions.create(model="aurora/tiny-served", messages=[{"role": "user", "content": "hi"}],
+                                        max_tokens=3, temperature=0.9, seed=1, n=2)
+    assert [c.index for c in two.choices] == [0, 1] and two.usage.completion_tokens <= 6
+    assert [c for c in gateway["calls"]() if c["user__username"] == "carol"][-1]["completion_tokens"] == \
+        two.usage.completion_tokens
 
 
 def test_streams_are_relayed_as_they_come_not_buffered(gateway):

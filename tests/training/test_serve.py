@@ -6,6 +6,7 @@ import time
 import httpx
 import pytest
 
+from training.engine import EngineError
 from training.serve import serve_in_thread
 
 
@@ -27,7 +28,9 @@ def test_models_health_metrics_and_errors(server):
     for body, status, code in [({"model": "other", "prompt": "x"}, 404, "model_not_found"),
                                ({"prompt": 3}, 400, "invalid_value"),
                                ({"prompt": "x", "max_tokens": "many"}, 400, "invalid_value"),
-                               ({"prompt": "x", "n": 2}, 400, "invalid_value"),
+                               ({"prompt": "x", "n": 5}, 400, "invalid_value"),  # more than its 4 slots
+                               ({"prompt": "x", "n": 0}, 400, "invalid_value"),
+                               ({"prompt": "x", "n": "2"}, 400, "invalid_value"),
                                ({"prompt": "x", "ignore_eos": "yes"}, 400, "invalid_value"),
                                ({"prompt": "x", "stream": True, "stream_options": "usage"}, 400, "invalid_value"),
                                ({"prompt": "x", "max_tokens": 10_000}, 400, "context_length_exceeded")]:
@@ -179,3 +182,66 @@ def test_continuous_usage_stats_put_usage_in_every_chunk(server):
     assert completions == sorted(completions) and completions[-1] == 5  # grows as the answer does
     plain = chunks({"include_usage": True})
     assert [("usage" in c) for c in plain] == [False] * (len(plain) - 1) + [True]  # only the closing usage chunk
+
+
+def sse(base: str, path: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", base + path, json=body | {"stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        lines = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_n_choices_sampled_each_as_alone_with_seed_plus_index_streamed_or_not(server):
+    base, _ = server
+    body = {"prompt": "def add(a, b):", "max_tokens": 6, "temperature": 1.0, "seed": 7, "ignore_eos": True}
+    answer = httpx.post(base + "/v1/completions", json=body | {"n": 3}).json()
+    alone = [httpx.post(base + "/v1/completions", json=body | {"seed": 7 + i}).json()["choices"][0]["text"]
+             for i in range(3)]
+    assert [c["index"] for c in answer["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in answer["choices"]] == alone and len(set(alone)) > 1  # each its own sample
+    single = httpx.post(base + "/v1/completions", json=body).json()["usage"]
+    assert answer["usage"] == {"prompt_tokens": single["prompt_tokens"], "completion_tokens": 18,
+                               "total_tokens": single["prompt_tokens"] + 18}  # the prompt counted once
+
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0, "ignore_eos": True,
+            "n": 2, "logprobs": True, "stream_options": {"include_usage": True}}
+    whole = httpx.post(base + "/v1/chat/completions", json=chat).json()
+    events = sse(base, "/v1/chat/completions", chat)
+    assert all(len(e["choices"]) == 1 for e in events[:-1]) and events[-1]["choices"] == []
+    assert events[-1]["usage"] == whole["usage"]
+    for index in (0, 1):
+        mine = [e["choices"][0] for e in events[:-1] if e["choices"][0]["index"] == index]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""} and mine[-1]["finish_reason"] == "length"
+        text = "".join(c["delta"].get("content", "") for c in mine)
+        assert text == whole["choices"][index]["message"]["content"]
+        tokens = [t["token"] for c in mine if c.get("logprobs") for t in c["logprobs"]["content"]]
+        assert tokens == [t["token"] for t in whole["choices"][index]["logprobs"]["content"]]
+
+
+def test_a_client_leaving_an_n_choice_stream_cancels_every_choice(server, monkeypatch):
+    base, engine_server = server
+    submitted = slow_and_recorded(engine_server.engine, monkeypatch)
+    with httpx.stream("POST", base + "/v1/completions", json={"prompt": "def", "max_tokens": 60, "temperature": 0,
+                                                              "ignore_eos": True, "stream": True, "n": 2}) as response:
+        next(response.iter_lines())
+    assert len(submitted) == 2
+    for request in submitted:
+        assert_cancelled(request)
+
+
+def test_a_choice_refused_by_a_full_queue_takes_the_others_back(server, monkeypatch):
+    base, engine_server = server
+    engine, submitted = engine_server.engine, []
+    submit = engine.submit
+
+    def second_refused(*args, **kwargs):
+        if submitted:
+            raise EngineError("The engine is at capacity; retry shortly.", code="engine_overloaded", status=503,
+                              retry_after=1)
+        submitted.append(submit(*args, **kwargs))
+        return submitted[-1]
+    monkeypatch.setattr(engine, "submit", second_refused)
+    response = httpx.post(base + "/v1/completions", json={"prompt": "def", "max_tokens": 40, "n": 2})
+    assert response.status_code == 503 and response.json()["error"]["code"] == "engine_overloaded"
+    assert_cancelled(submitted[0])
