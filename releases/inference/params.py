@@ -115,12 +115,20 @@ def check_generation_parameters(endpoint: str, body: dict, *, context_length: in
 
 
 # Parameters our own engine (training.serve) does not implement: it would answer as if they had not been sent, and a
-# caller asking for the best of several samples would take that answer for what it asked. Each with the test of a
-# value that asks for something (its default, or leaving it out, asks for nothing). vLLM does implement them: an
-# upstream backend gets them untouched. (Log probabilities, echo, penalties, logit_bias and n it implements.)
+# caller asking for tool calls or JSON would take a free-text answer for what it asked. Each with the test of a
+# value that asks for something (its default, or leaving it out, asks for nothing). vLLM implements them (tools with
+# a tool-call parser, response_format with guided decoding): an upstream backend gets them untouched. (Log
+# probabilities, echo, penalties, logit_bias and n our engine implements.)
 ENGINE_UNSUPPORTED = (
     ("best_of", lambda v: v > 1),
     ("suffix", bool),
+    ("tools", bool),
+    ("functions", bool),  # the deprecated form of tools
+    ("tool_choice", lambda v: v not in ("none", "auto")),  # "auto" without tools asks for nothing
+    ("function_call", lambda v: v not in ("none", "auto")),
+    ("response_format", lambda v: not (isinstance(v, dict) and v.get("type") == "text")),
+    ("modalities", lambda v: v != ["text"]),
+    ("audio", bool),
 )
 
 
@@ -129,5 +137,6 @@ def check_engine_support(body: dict) -> None:
     parameter set to something the engine would silently ignore."""
     for name, asks in ENGINE_UNSUPPORTED:
         if body.get(name) is not None and asks(body[name]):
-            raise InvalidParameter(name, f"{name}={str(body[name])[:40]} is not supported by this model's engine; "
-                                         f"leave {name} out (or at its default).", code="unsupported_parameter")
+            raise InvalidParameter(name, f"{name}={json.dumps(body[name])[:60]} is not supported by this model's "
+                                         f"engine; leave {name} out (or at its default).",
+                                   code="unsupported_parameter")

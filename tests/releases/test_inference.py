@@ -377,6 +377,32 @@ def test_the_organization_charged_is_the_models_own_for_its_members_else_the_low
     assert list(InferenceCall.objects.order_by("id").values_list("organization__slug", flat=True)) == ["low", "zeta"]
 
 
+WEATHER_TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("param,value", [
+    ("tools", [WEATHER_TOOL]), ("tool_choice", "required"), ("response_format", {"type": "json_object"}),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}),
+    ("functions", [WEATHER_TOOL["function"]]), ("modalities", ["text", "audio"]),
+])
+def test_a_local_engine_refuses_tools_and_formats_it_would_ignore(served, param, value):
+    InferenceBackend.objects.filter(pk=served.backend.pk).update(kind="local")
+    response = _chat(served, **{param: value})
+    error = _error(response)
+    assert response.status_code == 400 and (error["param"], error["code"]) == (param, "unsupported_parameter")
+    assert "not supported by this model's engine" in error["message"]
+    assert not served.upstream.requests and not InferenceCall.objects.exists()  # never reached the engine
+
+
+def test_asking_for_plain_text_reaches_a_local_engine_and_tools_reach_an_upstream(served):
+    InferenceBackend.objects.filter(pk=served.backend.pk).update(kind="local")
+    plain = {"tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "modalities": ["text"]}
+    assert _chat(served, **plain).status_code == 200
+    InferenceBackend.objects.filter(pk=served.backend.pk).update(kind="upstream")  # vLLM parses tool calls
+    assert _chat(served, tools=[WEATHER_TOOL], tool_choice="required").status_code == 200
+    assert [r.get("tools") for r in served.upstream.requests] == [[], [WEATHER_TOOL]]
+
+
 @pytest.mark.parametrize("param,value", [("best_of", 3), ("suffix", "}")])
 def test_a_local_engine_refuses_completion_parameters_it_would_ignore(served, param, value):
     InferenceBackend.objects.filter(pk=served.backend.pk).update(kind="local")
