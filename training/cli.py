@@ -75,6 +75,8 @@ def main(argv=None) -> int:
     srv.add_argument("--device", default="auto")
     srv.add_argument("--decode", default="auto", choices=["auto", "dynamic", "static", "graphs", "compiled"],
                      help="decode step: CUDA graphs on a GPU, eager slices on a CPU (auto); compiled: torch.compile, then graphs")
+    srv.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                     help="prefill every prompt whole, even where a slot still holds its start")
 
     args = parser.parse_args(argv)
     try:
@@ -144,7 +146,7 @@ def _run(args) -> int:
         try:
             serve(str(args.model), model_id=args.model_id or args.model.resolve().name, host=args.host, port=args.port,
                   max_batch=args.max_batch, device=args.device, decode=args.decode, max_waiting=args.max_waiting,
-                  max_seq_len=args.max_seq_len)
+                  max_seq_len=args.max_seq_len, prefix_cache=args.prefix_cache)
         except OSError as exc:  # the port is taken, say
             raise ConfigError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
         except KeyboardInterrupt:

@@ -67,7 +67,7 @@ def sampling_from(body: dict, *, chat: bool) -> SamplingParams:
     if not isinstance(echo, bool) or (chat and echo):
         raise ApiError(400, "echo is a completions option: true or false.", code="invalid_value", param="echo")
     bias = body.get("logit_bias") or {}
-    if not isinstance(bias, dict) or not all(isinstance(t, str) and t.isdigit() for t in bias):
+    if not isinstance(bias, dict) or not all(isinstance(t, str) and t.isascii() and t.isdigit() for t in bias):
         raise ApiError(400, 'logit_bias maps token ids to a bias from -100 to 100, e.g. {"50256": -100}.',
                        code="invalid_value", param="logit_bias")
     limit = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
@@ -276,9 +276,11 @@ class Handler(BaseHTTPRequestHandler):
         self._json(200, self._final(requests, ident, chat=chat, echoed=echoed))
 
     def _usage(self, requests: list[Request]) -> dict:
-        """The prompt counted once, as OpenAI counts it for n choices."""
+        """The prompt counted once, as OpenAI counts it for n choices; how much of it the prefix cache held, as
+        OpenAI reports it (prompt_tokens_details.cached_tokens)."""
         prompt, completion = len(requests[0].prompt_ids), sum(len(r.output_ids) for r in requests)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": requests[0].cached_tokens}}
 
     def _final(self, requests: list[Request], ident: str, *, chat: bool, echoed: str | None = None) -> dict:
         created, model = int(requests[0].created), self.server.model_id
@@ -412,9 +414,9 @@ class Handler(BaseHTTPRequestHandler):
 
 def serve(model_dir: str, *, model_id: str, host: str = "127.0.0.1", port: int = 8100, max_batch: int = 32,
           device: str = "auto", decode: str = "auto", max_waiting: int = MAX_WAITING, max_seq_len: int | None = None,
-          ready=None) -> None:
+          prefix_cache: bool = True, ready=None) -> None:
     engine = Engine(model_dir, device=device, max_batch=max_batch, decode=decode, max_waiting=max_waiting,
-                    max_seq_len=max_seq_len)
+                    max_seq_len=max_seq_len, prefix_cache=prefix_cache)
     # Before the port opens: the supervisor marks the engine ready only once /health answers.
     started = time.perf_counter()
     if shapes := engine.warm_up():

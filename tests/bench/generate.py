@@ -191,6 +191,92 @@ def serving_rows(engines: dict, hf, levels: list[int], rounds: int, device) -> l
     return rows
 
 
+def conversations(engine, clients: int, turns: int) -> list[tuple[list[int], list[list[int]]]]:
+    """Per client: an opening prompt (a shared system prompt, then its own question) and the user's next messages."""
+    text = engine.encode("".join(f"class Widget{i}:\n    size = {i}\n" for i in range(200)))
+    system = text[:48]
+    return [(system + text[60 + 7 * c:][:16], [text[400 + 11 * (c * turns + t):][:24] for t in range(turns - 1)])
+            for c in range(clients)]
+
+
+def ours_conversations(engine, work, answer: int) -> dict:
+    """Each client sends its next turn (the whole history: every prompt and answer so far, then its new message)
+    when its last is answered, as a chat client does."""
+    from training.engine import SamplingParams
+
+    histories = [opening for opening, _ in work]
+    left = [list(follow_ups) for _, follow_ups in work]
+    live, ttfts, outputs = {}, [], [[] for _ in work]
+    start = time.perf_counter()
+    while live or any(h is not None for h in histories):
+        for c, history in enumerate(histories):
+            if history is not None and c not in live:
+                live[c] = engine.submit(history, SamplingParams(max_tokens=answer, temperature=0, ignore_eos=True))
+                histories[c] = None
+        engine.step()
+        for c, request in list(live.items()):
+            if request.done.is_set():
+                del live[c]
+                ttfts.append(request.first_token_at - request.created)
+                outputs[c].append(request.output_ids)
+                if left[c]:
+                    histories[c] = request.prompt_ids + request.output_ids + left[c].pop(0)
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(o) for out in outputs for o in out)
+    return {"tokens_per_s": tokens / elapsed, "ttft_p50_ms": statistics.median(ttfts) * 1000, "outputs": outputs,
+            "cached": engine.stats["cached_prompt_tokens"]}
+
+
+def generate_conversations(model, work, answer: int, device) -> dict:
+    """generate serving the same conversations: each round's prompts (every client's history) as one left-padded
+    batch; nothing carries over from one call to the next, so every turn prefills its whole history."""
+    import torch
+
+    histories = [opening for opening, _ in work]
+    outputs, ttfts, elapsed = [[] for _ in work], [], 0.0
+    for turn in range(len(work[0][1]) + 1):
+        width = max(len(h) for h in histories)
+        ids = torch.tensor([[0] * (width - len(h)) + h for h in histories], device=device)
+        mask = torch.tensor([[0] * (width - len(h)) + [1] * len(h) for h in histories], device=device)
+        kwargs = dict(attention_mask=mask, do_sample=False, eos_token_id=None, pad_token_id=0)
+        with torch.no_grad():
+            start = time.perf_counter()
+            model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)  # its time to first token
+            ttfts += [time.perf_counter() - start] * len(work)
+            start = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=answer, min_new_tokens=answer, **kwargs)
+            elapsed += time.perf_counter() - start
+        for c, row in enumerate(out[:, width:].tolist()):
+            outputs[c].append(row)
+            if turn < len(work[c][1]):
+                histories[c] = histories[c] + row + work[c][1][turn]
+    tokens = sum(len(o) for out in outputs for o in out)
+    return {"tokens_per_s": tokens / elapsed, "ttft_p50_ms": statistics.median(ttfts) * 1000, "outputs": outputs}
+
+
+def conversation_row(model_dir: Path, hf, args) -> dict:
+    """The conversations served by our engine with its prefix cache and without, and by generate."""
+    from training.engine import Engine
+
+    results, work = {}, None
+    for cached in (True, False):
+        engine = Engine(model_dir, device=args.device, max_batch=args.conversations, prefix_cache=cached)
+        work = work or conversations(engine, args.conversations, args.turns)
+        ours(engine, prompts(engine, 2, 16), 4)  # warm-up, on text the conversations do not contain
+        before = dict(engine.stats)
+        results[cached] = ours_conversations(engine, work, args.conversation_answer)
+        results[cached]["prompt_tokens"] = engine.stats["prompt_tokens"] - before["prompt_tokens"]
+        results[cached]["cached"] = engine.stats["cached_prompt_tokens"] - before["cached_prompt_tokens"]
+    peer = generate_conversations(hf, work, args.conversation_answer, engine.device)
+    assert results[True]["outputs"] == results[False]["outputs"] == peer["outputs"], "conversations disagree"
+    return {"clients": args.conversations, "turns": args.turns, "answer": args.conversation_answer,
+            "prompt_tokens": results[True]["prompt_tokens"], "cached_prompt_tokens": results[True]["cached"],
+            "cached_tokens_per_s": results[True]["tokens_per_s"], "uncached_tokens_per_s": results[False]["tokens_per_s"],
+            "transformers_tokens_per_s": peer["tokens_per_s"], "cached_ttft_p50_ms": results[True]["ttft_p50_ms"],
+            "uncached_ttft_p50_ms": results[False]["ttft_p50_ms"], "transformers_ttft_p50_ms": peer["ttft_p50_ms"],
+            "ratio": results[True]["tokens_per_s"] / peer["tokens_per_s"]}
+
+
 def gateway_overhead(model_dir: Path, requests: int) -> dict:
     """p50 of one-token completions through the gateway (runserver) and straight to the engine process."""
     import httpx
@@ -268,6 +354,10 @@ def main() -> None:
                         help="prompts generate serves one by one to measure that rate (at most the concurrency)")
     parser.add_argument("--serving-rounds", type=int, default=3,
                         help="requests each client sends in the serving workload (0 skips it)")
+    parser.add_argument("--conversations", type=int, default=8,
+                        help="chat clients sending their whole history each turn (0 skips them)")
+    parser.add_argument("--turns", type=int, default=6)
+    parser.add_argument("--conversation-answer", type=int, default=32, help="answer tokens per turn")
     args = parser.parse_args()
 
     import torch
@@ -278,10 +368,14 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     modes = args.decode.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        context = max(args.prompt_tokens + args.new_tokens,
+        conversation = 64 + args.turns * (24 + args.conversation_answer) if args.conversations else 0
+        context = max(args.prompt_tokens + args.new_tokens, conversation,
                       SERVING_PROMPT_CAP + SERVING_ANSWER_CAP if args.serving_rounds else 0) + 64
         model_dir = make_checkpoint(Path(tmp), args.preset, context)
-        engines = {mode: Engine(model_dir, device=args.device, max_batch=max(levels), decode=mode) for mode in modes}
+        # Without the prefix cache: these workloads time prompts their warm-up has just run, which the cache would
+        # serve from there. The conversations below are where it matters, timed with it and without.
+        engines = {mode: Engine(model_dir, device=args.device, max_batch=max(levels), decode=mode, prefix_cache=False)
+                   for mode in modes}
         engine = engines[modes[0]]
         device = engine.device
         hf = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True,
@@ -313,6 +407,8 @@ def main() -> None:
                              "ratio_vs_sequential": us["tokens_per_s"] / sequential, "ours_ttft_ms": us["ttft_ms"],
                              "transformers_ttft_ms": best["ttft_ms"]})
         serving = serving_rows(engines, hf, levels, args.serving_rounds, device) if args.serving_rounds else []
+        del engines  # their KV caches: the conversation engines need the memory on a GPU
+        chats = conversation_row(model_dir, hf, args) if args.conversations else None
         overhead = gateway_overhead(model_dir, args.gateway_requests) if args.gateway_requests else None
     c = engine.config
     print(f"\nGeneration, preset {args.preset} ({c.num_layers}L x {c.hidden_size}, vocab {c.vocab_size}), device "
@@ -339,6 +435,17 @@ def main() -> None:
                   f"{r['ours_tokens_per_s']:>11.0f} {r['transformers_tokens_per_s']:>14.0f} "
                   f"{r['transformers_sequential_tokens_per_s']:>17.0f} {r['ratio']:>6.2f}x "
                   f"{r['ours_latency_p50_s']:>11.2f} {r['transformers_latency_p50_s']:>14.2f} {r['same_tokens']:>11.1%}")
+    if chats:
+        print(f"\nConversations: {chats['clients']} chat clients, {chats['turns']} turns each, every turn the whole "
+              f"history (a shared 48-token system prompt, the answers so far, 24 new tokens) and a "
+              f"{chats['answer']}-token answer, closed loop; generate: each round as one left-padded batch")
+        print(f"prefix cache: {chats['cached_prompt_tokens']} of {chats['prompt_tokens']} prompt tokens served from "
+              f"the cache")
+        print(f"{'':>10} {'ours cached':>12} {'ours uncached':>14} {'generate':>9} {'ratio':>7}")
+        print(f"{'tok/s':>10} {chats['cached_tokens_per_s']:>12.0f} {chats['uncached_tokens_per_s']:>14.0f} "
+              f"{chats['transformers_tokens_per_s']:>9.0f} {chats['ratio']:>6.2f}x")
+        print(f"{'TTFT p50':>10} {chats['cached_ttft_p50_ms']:>10.1f}ms {chats['uncached_ttft_p50_ms']:>12.1f}ms "
+              f"{chats['transformers_ttft_p50_ms']:>7.1f}ms")
     if overhead:
         print(f"gateway overhead: p50 {overhead['overhead_p50_ms']:.2f} ms (gateway {overhead['gateway_p50_ms']:.2f} ms, "
               f"engine direct {overhead['engine_p50_ms']:.2f} ms, one-token completions; median of paired differences "
@@ -346,6 +453,7 @@ def main() -> None:
     print(json.dumps({"bench": "generate", "preset": args.preset, "device": str(device), "rows": [
         {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in rows],
         "serving": [{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in serving],
+        "conversations": {k: round(v, 3) if isinstance(v, float) else v for k, v in chats.items()} if chats else None,
         "gateway": {k: round(v, 3) for k, v in overhead.items()} if overhead else None}))
 
 

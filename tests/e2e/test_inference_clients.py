@@ -170,7 +170,7 @@ def test_openai_client_reads_log_probabilities_and_echo(gateway):
     assert [t for c in echoed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == choice.logprobs.tokens
     metered = [c for c in gateway["calls"]() if c["user__username"] == "carol"][-2:]
     assert [(c["status"], c["stream"], c["completion_tokens"]) for c in metered] == [(200, True, 3), (200, True, 3)]
-    # The client's logit_bias (string keys) and penalties reach the engine and take effect.
+    # The client's logit_bias (string keys) reaches the engine and takes effect, a penalty beside it accepted.
     tokenizer = Tokenizer.from_file(str(gateway["folder"] / "tokenizer.json"))
     forced = carol.completions.create(model="aurora/tiny-served", prompt="def add(a, b):", max_tokens=3,
                                       temperature=0, logit_bias={"42": 100}, frequency_penalty=0.5)

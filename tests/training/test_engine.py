@@ -64,6 +64,7 @@ def test_a_burst_is_prefilled_in_padded_groups_into_scattered_slots_and_equals_u
             prefills.append((tokens.shape, list(slots)))
         return forward(tokens, slots, last, **kwargs)
     monkeypatch.setattr(engine, "_forward", recording)
+    monkeypatch.setattr(engine, "prefix_cache", False)  # slots in order, whole prompts (these were just seen)
     # Slots 0-2 taken, then slot 1 freed: the burst lands in slots 1, 3, 4, 5 — not one block.
     long_a, short, long_b = [engine.submit(engine.encode(p), SamplingParams(max_tokens=n, temperature=0))
                              for p, n in [(PROMPTS[0], 20), (PROMPTS[1], 1), (PROMPTS[2], 20)]]
@@ -88,6 +89,7 @@ def test_rows_of_different_lengths_in_scattered_slots_decode_over_a_view_and_equ
         placed.append(index.tolist())
         return index_copy(self, dim, index, source)
     monkeypatch.setattr(torch.Tensor, "index_copy_", spying)
+    monkeypatch.setattr(engine, "prefix_cache", False)  # slots in order (these prompts were just seen)
     # Four rows, the second done after two tokens: slots 0, 2 and 3 then decode at different lengths around a free
     # slot, until a fifth request takes it while the others go on.
     first = [engine.submit(engine.encode(p), SamplingParams(max_tokens=n, temperature=0))

@@ -106,6 +106,7 @@ def test_the_server_takes_them_as_openai_sends_them(trained):
         assert httpx.post(base + "/chat/completions", json=chat).status_code == 200
         admitted = engine.stats["requests"]
         for bad, param in [({"logit_bias": {"forty-two": 1}}, "logit_bias"), ({"logit_bias": [42]}, "logit_bias"),
+                           ({"logit_bias": {"\u00b2": 1}}, "logit_bias"),  # a digit to str.isdigit, not to int()
                            ({"logit_bias": {"42": 500}}, "logit_bias"), ({"presence_penalty": True}, "presence_penalty"),
                            ({"frequency_penalty": -3}, "frequency_penalty")]:
             response = httpx.post(base + "/completions", json=body | bad)
