@@ -21,11 +21,12 @@ check() { local status=$?; [ $status -eq 0 ] || failed="$failed $1(exit $status)
 
 # SERVING_ROUNDS=1 adds the serving workload (ShareGPT-shaped lengths): a context of 832 instead of 224, so more
 # (batch, context) shapes to capture before the timed runs; off by default to keep the stage within its limit.
+# CONVERSATIONS=8 adds the chat conversations (prefix cache on and off): two more engines compiling their step.
 run_generate() {
   stage "generate: our engine (CUDA graphs of the eager and of the compiled step) vs transformers.generate, 124M, bf16, batch 1 and 64"
   timeout 330 python3 tests/bench/generate.py --device cuda --preset 124m --concurrency 1,64 --new-tokens 128 \
     --gateway-requests 0 --sequential-prompts 4 --decode "${DECODE_MODES:-graphs,compiled}" \
-    --serving-rounds "${SERVING_ROUNDS:-0}" 2>&1 \
+    --serving-rounds "${SERVING_ROUNDS:-0}" --conversations "${CONVERSATIONS:-0}" 2>&1 \
     | grep -v -i "warn\|Loading weights" | tee "$OUT/generate.log" | tail -12
   check generate
 }

@@ -57,10 +57,11 @@ def test_serving_workload_is_fixed_by_its_seed_and_within_the_context():
     assert answers[-10] > 3 * answers[100] and 40 < sum(answers) / 200 < 130
 
 
-def test_serving_bench_runs_both_sides_on_the_same_requests():
+def test_serving_and_conversation_benches_run_both_sides_on_the_same_requests():
     out = subprocess.run([sys.executable, str(ROOT / "tests" / "bench" / "generate.py"), "--preset", "debug",
                           "--concurrency", "4", "--new-tokens", "4", "--sequential-prompts", "1",
-                          "--gateway-requests", "0", "--serving-rounds", "2"],
+                          "--gateway-requests", "0", "--serving-rounds", "2", "--conversations", "3", "--turns", "3",
+                          "--conversation-answer", "4"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     import generate
@@ -71,3 +72,8 @@ def test_serving_bench_runs_both_sides_on_the_same_requests():
     assert row["requests"] == 8
     assert row["answer_tokens"] == sum(a for _, a in generate.serving_lengths(8, seed=4))
     assert row["same_tokens"] == 1.0 and row["ours_tokens_per_s"] > 0 and row["transformers_tokens_per_s"] > 0
+    # Conversations (the bench asserts all three sides' answers equal): 3 clients x 3 turns, the later turns' history
+    # served from the prefix cache.
+    chats = result["conversations"]
+    assert (chats["clients"], chats["turns"]) == (3, 3) and 0 < chats["cached_prompt_tokens"] < chats["prompt_tokens"]
+    assert chats["cached_tokens_per_s"] > 0 and chats["transformers_tokens_per_s"] > 0
