@@ -194,9 +194,9 @@ class Engine:
         # Prefix caching: a slot's keys and values stay valid after its request ends, until the slot is given to
         # another. A new prompt starting with tokens some slot holds (a chat's history, a shared system prompt)
         # takes the free slot holding most of them, or copies them from the slot that holds more, and is prefilled
-        # from there. slot_owner is the last request given each slot: its tokens, up to lengths[slot], are held.
+        # from there. held[slot] lists the tokens whose keys and values the slot holds, position by position.
         self.prefix_cache = prefix_cache
-        self.slot_owner: list[Request | None] = [None] * max_batch
+        self.held: list[list[int]] = [[] for _ in range(max_batch)]
         # Prompts admitted in one step are prefilled as one padded batch of at most this many positions: a
         # burst of requests gets its first tokens in groups, with decode steps for the others in between. On this
         # CPU 256 halved the median time to first token of 32 simultaneous requests against one prompt at a time
@@ -344,11 +344,14 @@ class Engine:
                 request.prompt_logprobs = _logprob_entries(table, request.prompt_ids[1:], request.params.logprobs)
             for request in admitted:
                 self.lengths[request.slot] = len(request.prompt_ids)
+                self.held[request.slot] = list(request.prompt_ids)
             self._advance(admitted, logits)
         if not self.active:
             return
         prefilled = {r.slot for r in admitted}  # their next token comes with the next step's decode
         requests = [r for s, r in self.active.items() if r.finish_reason is None and s not in prefilled]
+        for request in requests:  # the token fed in this step: its keys and values go to the next position
+            self.held[request.slot].append(request.output_ids[-1])
         if requests and self.decode_mode == "dynamic":
             tokens = torch.tensor([[r.output_ids[-1]] for r in requests], device=self.device)
             logits = self._forward(tokens, [r.slot for r in requests])
@@ -381,7 +384,7 @@ class Engine:
             free.remove(slot)
             request.slot, request.cached_tokens = slot, cached
             self.lengths[slot] = cached
-            self.slot_owner[slot] = request
+            self.held[slot] = self.held[source][:cached]
             self.active[slot] = request
             self.stats["requests"] += 1
             self.stats["prompt_tokens"] += len(request.prompt_ids)
@@ -396,17 +399,13 @@ class Engine:
         if not self.prefix_cache or request.params.prompt_logprobs:  # those need every prompt position's logits
             return free[0], free[0], 0
         prompt, limit = request.prompt_ids, len(request.prompt_ids) - 1
-        held = [_common_prefix(prompt, self._held_tokens(s), limit) for s in range(self.max_batch)]
+        held = [_common_prefix(prompt, tokens, limit) for tokens in self.held]
         # Among free slots holding as much, the one holding least: another conversation's history stays for it.
-        slot = max(free, key=lambda s: (held[s], -self.lengths[s]))
+        slot = max(free, key=lambda s: (held[s], -len(self.held[s])))
         source = max(range(self.max_batch), key=lambda s: held[s])
         if held[source] == held[slot]:  # no copy needed
             source = slot
         return slot, source, held[source]
-
-    def _held_tokens(self, slot: int) -> list[int]:
-        owner = self.slot_owner[slot]
-        return [] if owner is None else (owner.prompt_ids + owner.output_ids)[:self.lengths[slot]]
 
     def _drop_cancelled(self) -> None:
         for slot, request in list(self.active.items()):
@@ -832,13 +831,21 @@ def _logprob_entries(table: torch.Tensor, tokens: list[int], alternatives: int) 
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    """How many first tokens a and b share, at most limit: slices compared in C, halving the range."""
-    low, high = 0, max(0, min(len(a), len(b), limit))
-    if a[:high] == b[:high]:
-        return high
-    while high - low > 1:  # a[:low] == b[:low] and a[:high] != b[:high]
+    """How many first tokens a and b share, at most limit. Windows compared in C, doubling while they match, then
+    halving the one that does not: the cost follows the shared length, not the lists' (most slots share only a chat
+    template's first tokens)."""
+    low, high, width = 0, max(0, min(len(a), len(b), limit)), 64
+    while low < high:  # a[:low] == b[:low]
+        end = min(low + width, high)
+        if a[low:end] != b[low:end]:
+            high = end
+            break
+        low, width = end, width * 2
+    else:
+        return low
+    while high - low > 1:  # a[:low] == b[:low], a[:high] != b[:high]
         middle = (low + high) // 2
-        if a[:middle] == b[:middle]:
+        if a[low:middle] == b[low:middle]:
             low = middle
         else:
             high = middle

@@ -38,6 +38,17 @@ def test_the_next_turn_of_a_conversation_reuses_its_slot(cached, plain):
     assert plain.stats["cached_prompt_tokens"] == 0
 
 
+def test_each_conversation_keeps_its_history_while_others_come_and_go(trained):
+    engine = Engine(trained / "export", device="cpu", max_batch=4)
+    a, b = (answer(engine, engine.encode(p), 6) for p in PROMPTS[:2])
+    follow = engine.encode(" y", add_special_tokens=False)
+    b_next = answer(engine, b.prompt_ids + b.output_ids + follow, 6)  # b's slot, not the first free one
+    stranger = answer(engine, engine.encode(PROMPTS[3]), 6)  # an empty slot, not a slot holding a history
+    a_next = answer(engine, a.prompt_ids + a.output_ids + follow, 6)
+    assert (b_next.slot, a_next.slot) == (b.slot, a.slot) and stranger.slot not in (a.slot, b.slot)
+    assert b_next.cached_tokens == len(b.prompt_ids) + 5 and a_next.cached_tokens == len(a.prompt_ids) + 5
+
+
 def test_a_shared_prefix_is_copied_from_a_running_request(cached, plain):
     stem = cached.encode(PROMPTS[1] + PROMPTS[2] + PROMPTS[3])[:30]
     assert len(stem) == 30
@@ -103,6 +114,8 @@ def test_a_random_schedule_of_conversations_equals_the_engine_without_the_cache(
             checked += 1
     cached.run_until_idle()
     assert checked >= 60 and cached.stats["cached_prompt_tokens"] - before > 300
+    # What the engine believes each slot holds is exactly as long as what it has written there.
+    assert [len(tokens) for tokens in cached.held] == cached.lengths
 
 
 def test_the_server_reports_cached_tokens_as_openai_does(trained):
