@@ -141,3 +141,18 @@ def test_the_server_reports_cached_tokens_as_openai_does(trained):
             assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
     finally:
         server.shutdown()
+
+
+def test_the_shared_length_search_equals_a_plain_loop():
+    from training.engine import _common_prefix
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        shared = [rng.randrange(3) for _ in range(rng.randint(0, 300))]
+        a = shared + [rng.randrange(3) for _ in range(rng.randint(0, 200))]
+        b = shared + [rng.randrange(3) for _ in range(rng.randint(0, 200))]
+        limit = rng.randint(-1, 500)
+        expected = 0
+        while expected < min(len(a), len(b), limit) and a[expected] == b[expected]:
+            expected += 1
+        assert _common_prefix(a, b, limit) == expected, (a, b, limit)
