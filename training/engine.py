@@ -47,6 +47,10 @@ class EngineError(ValueError):
 
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
 MAX_LOGIT_BIAS = 1024  # token ids one request may bias
+# A request whose prompt shares at least this many more tokens with one prefilled in the same step than with any slot
+# is prefilled right after it, from a copy of those tokens (a second, shorter prefill instead of computing them twice).
+DEFER_FOR_PREFIX = 16
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
 
 
 @dataclass
@@ -90,6 +94,8 @@ class SamplingParams:
             bad("stop", "stop takes up to 4 non-empty strings of at most 100 characters.")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             bad("logprobs", f"logprobs must be an integer from 0 to {MAX_LOGPROBS}.")
+        if self.seed is not None and (not isinstance(self.seed, int) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            bad("seed", f"seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}.")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
@@ -329,23 +335,14 @@ class Engine:
     def step(self) -> None:
         """Admit what fits and prefill it as one batch, then one decode step for every active request."""
         self._drop_cancelled()
-        admitted = self._admit()
+        admitted, followers = self._admit()
         if admitted:
-            rests = [r.prompt_ids[r.cached_tokens:] for r in admitted]  # what the cache does not hold yet
-            longest = max(len(rest) for rest in rests)
-            # Right-padded: under the causal mask no real position sees a pad; each row's length is then its own.
-            tokens = torch.tensor([rest + [0] * (longest - len(rest)) for rest in rests], device=self.device)
-            every = {row: None for row, r in enumerate(admitted) if r.params.prompt_logprobs}
-            logits = self._forward(tokens, [r.slot for r in admitted], last=[len(rest) - 1 for rest in rests],
-                                   every=every)
-            for row, full in every.items():  # position p's logits give token p + 1's probability
-                request = admitted[row]
-                table = torch.log_softmax(full[:-1].float(), dim=-1)
-                request.prompt_logprobs = _logprob_entries(table, request.prompt_ids[1:], request.params.logprobs)
-            for request in admitted:
-                self.lengths[request.slot] = len(request.prompt_ids)
-                self.held[request.slot] = list(request.prompt_ids)
-            self._advance(admitted, logits)
+            self._prefill(admitted)
+        if followers:  # their prompts' starts were prefilled just now, in the slots they follow: copied from there
+            for request, leader in followers:
+                self._copy_prefix(leader, request.slot, request.cached_tokens)
+            self._prefill([request for request, _ in followers])
+        admitted += [request for request, _ in followers]
         if not self.active:
             return
         prefilled = {r.slot for r in admitted}  # their next token comes with the next step's decode
@@ -361,47 +358,87 @@ class Engine:
             self._advance(requests, logits)
         self.stats["steps"] += 1
 
-    def _admit(self) -> list[Request]:
-        """Waiting requests for free slots, as many as fit in the prefill budget (always at least one)."""
+    def _prefill(self, requests: list[Request]) -> None:
+        """Prefill the prompts' uncached rests as one right-padded batch and take each one's first token."""
+        rests = [r.prompt_ids[r.cached_tokens:] for r in requests]
+        longest = max(len(rest) for rest in rests)
+        # Right-padded: under the causal mask no real position sees a pad; each row's length is then its own.
+        tokens = torch.tensor([rest + [0] * (longest - len(rest)) for rest in rests], device=self.device)
+        every = {row: None for row, r in enumerate(requests) if r.params.prompt_logprobs}
+        logits = self._forward(tokens, [r.slot for r in requests], last=[len(rest) - 1 for rest in rests],
+                               every=every)
+        for row, full in every.items():  # position p's logits give token p + 1's probability
+            request = requests[row]
+            table = torch.log_softmax(full[:-1].float(), dim=-1)
+            request.prompt_logprobs = _logprob_entries(table, request.prompt_ids[1:], request.params.logprobs)
+        for request in requests:
+            self.lengths[request.slot] = len(request.prompt_ids)
+            self.held[request.slot] = list(request.prompt_ids)
+        self._advance(requests, logits)
+
+    def _copy_prefix(self, source: int, slot: int, positions: int) -> None:
+        for cache in self.cache_k + self.cache_v:
+            cache[slot, :, :positions] = cache[source, :, :positions]
+        self.lengths[slot] = positions
+        self.held[slot] = self.held[source][:positions]
+
+    def _admit(self) -> tuple[list[Request], list[tuple[Request, int]]]:
+        """Waiting requests for free slots, as many as fit in the prefill budget (always at least one): those
+        prefilled first, and those following one of them, (request, the slot it follows): a prompt sharing at least
+        DEFER_FOR_PREFIX more tokens with one admitted before it in this step than any slot holds (another choice
+        of the same call, a burst with one system prompt) is prefilled after it, from a copy of that start."""
         admitted: list[Request] = []
+        followers: list[tuple[Request, int]] = []
         free = [s for s in range(self.max_batch) if s not in self.active]
         while self.waiting and free:
             request = self.waiting[0]
             slot, source, cached = self._place(request, free)
+            leader = None
+            if admitted and self.prefix_cache and not request.params.prompt_logprobs:
+                shared, lead = max((_common_prefix(request.prompt_ids, r.prompt_ids, len(request.prompt_ids) - 1),
+                                    r.slot) for r in admitted)
+                if shared >= cached + DEFER_FOR_PREFIX:
+                    leader, cached = lead, shared
             rest = len(request.prompt_ids) - cached
-            longest = max([rest] + [len(r.prompt_ids) - r.cached_tokens for r in admitted])
+            everyone = admitted + [r for r, _ in followers]
+            longest = max([rest] + [len(r.prompt_ids) - r.cached_tokens for r in everyone])
             # Padded to the longest rest, every row must still fit its slot's positions.
-            furthest = max([cached] + [r.cached_tokens for r in admitted]) + longest
-            if admitted and (longest * (len(admitted) + 1) > self.prefill_tokens or furthest > self.max_seq_len):
+            furthest = max([cached] + [r.cached_tokens for r in everyone]) + longest
+            if everyone and (longest * (len(everyone) + 1) > self.prefill_tokens or furthest > self.max_seq_len):
                 break
             self.waiting.popleft()
             if request.cancelled:
                 self._finish(request, "cancelled")
                 continue
-            if source != slot:
-                for cache in self.cache_k + self.cache_v:
-                    cache[slot, :, :cached] = cache[source, :, :cached]
             free.remove(slot)
             request.slot, request.cached_tokens = slot, cached
-            self.lengths[slot] = cached
-            self.held[slot] = self.held[source][:cached]
+            if leader is not None:  # copied once its leader is prefilled; until then the slot holds nothing
+                self.lengths[slot], self.held[slot] = 0, []
+                followers.append((request, leader))
+            else:
+                if source != slot:
+                    self._copy_prefix(source, slot, cached)
+                self.lengths[slot], self.held[slot] = cached, self.held[slot][:cached]
+                admitted.append(request)
             self.active[slot] = request
             self.stats["requests"] += 1
             self.stats["prompt_tokens"] += len(request.prompt_ids)
             self.stats["cached_prompt_tokens"] += cached
-            admitted.append(request)
-        return admitted
+        return admitted, followers
 
     def _place(self, request: Request, free: list[int]) -> tuple[int, int, int]:
         """(slot, source, cached): the free slot for this request, the slot whose first `cached` positions hold the
         start of its prompt (the same slot, or one to copy them from), and how many. At least one prompt token is
         left to prefill: its logits give the first new token."""
-        if not self.prefix_cache or request.params.prompt_logprobs:  # those need every prompt position's logits
+        if not self.prefix_cache:
             return free[0], free[0], 0
         prompt, limit = request.prompt_ids, len(request.prompt_ids) - 1
-        held = [_common_prefix(prompt, tokens, limit) for tokens in self.held]
-        # Among free slots holding as much, the one holding least: another conversation's history stays for it.
-        slot = max(free, key=lambda s: (held[s], -len(self.held[s])))
+        # Those scoring their prompt need every position's logits: nothing reused, but a slot chosen as for others.
+        held = [0 if request.params.prompt_logprobs else _common_prefix(prompt, tokens, limit) for tokens in self.held]
+        # The free slot whose overwrite loses fewest held tokens: an empty one, or this conversation's own (all it
+        # holds is this prompt's start), rather than another history sharing a BOS or a chat template's first
+        # tokens; among those, the one holding most of this prompt.
+        slot = min(free, key=lambda s: (len(self.held[s]) - held[s], -held[s]))
         source = max(range(self.max_batch), key=lambda s: held[s])
         if held[source] == held[slot]:  # no copy needed
             source = slot

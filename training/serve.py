@@ -22,7 +22,7 @@ import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
-from training.engine import Engine, EngineError, Request, SamplingParams
+from training.engine import SEED_RANGE, Engine, EngineError, Request, SamplingParams
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 # Requests waiting for a slot before new ones are refused: past a few hundred, a client would wait minutes.
@@ -79,6 +79,15 @@ def sampling_from(body: dict, *, chat: bool) -> SamplingParams:
                           prompt_logprobs=echo and logprobs is not None, logit_bias={int(t): b for t, b in bias.items()},
                           presence_penalty=number("presence_penalty", 0.0),
                           frequency_penalty=number("frequency_penalty", 0.0))
+
+
+def _choice_seed(seed, index: int):
+    """Choice i's seed: seed + i, past the largest seed round to the smallest (an out-of-range seed is left for the
+    engine to refuse)."""
+    if not isinstance(seed, int) or not index:
+        return seed
+    low, high = SEED_RANGE
+    return seed + index if seed + index <= high or seed > high else seed + index - (high - low + 1)
 
 
 def _is_token(value, vocab_size: int) -> bool:
@@ -248,10 +257,9 @@ class Handler(BaseHTTPRequestHandler):
         wake, requests = threading.Event(), []
         try:
             for i in range(n):
-                seed = None if params.seed is None else params.seed + i
-                requests.append(engine.submit(prompt_ids, dataclasses.replace(params, seed=seed), stream=stream,
-                                              wake=wake))
-        except EngineError:
+                requests.append(engine.submit(prompt_ids, dataclasses.replace(params, seed=_choice_seed(params.seed, i)),
+                                              stream=stream, wake=wake))
+        except BaseException:
             for request in requests:  # all the choices or none
                 request.cancel()
             raise

@@ -271,7 +271,7 @@ def test_a_full_queue_refuses_and_a_cancelled_waiter_leaves_it(engine, monkeypat
     assert (full.value.status, full.value.retry_after, list(engine.waiting)) == (503, 1, [first])
     first.cancel()  # its client left before it got a slot: it must not keep holding the place
     with monkeypatch.context() as busy:
-        busy.setattr(engine, "_admit", lambda: [])  # as if every slot were taken: only the purge can remove it
+        busy.setattr(engine, "_admit", lambda: ([], []))  # as if every slot were taken: only the purge can remove it
         engine.step()
     assert first.finish_reason == "cancelled" and first.done.is_set() and not engine.waiting
     second = engine.submit(engine.encode(PROMPTS[1]), SamplingParams(max_tokens=4, temperature=0))

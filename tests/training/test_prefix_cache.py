@@ -49,6 +49,28 @@ def test_each_conversation_keeps_its_history_while_others_come_and_go(trained):
     assert b_next.cached_tokens == len(b.prompt_ids) + 5 and a_next.cached_tokens == len(a.prompt_ids) + 5
 
 
+def test_a_new_conversation_takes_an_empty_slot_not_a_history_sharing_its_first_tokens(trained):
+    # Every prompt starts with the same few tokens (a BOS, a chat template's header): overwriting a history to save
+    # them would cost that conversation its whole history at its next turn.
+    engine = Engine(trained / "export", device="cpu", max_batch=8)
+    header = engine.encode("<|user|>\n", add_special_tokens=False)[:3]
+    first_turns = [answer(engine, header + engine.encode(p, add_special_tokens=False), 6) for p in PROMPTS[:3]]
+    assert len({r.slot for r in first_turns}) == 3
+    for turn in first_turns:
+        follow = answer(engine, turn.prompt_ids + turn.output_ids + [9], 4)
+        assert follow.cached_tokens == len(turn.prompt_ids) + 5 and follow.slot == turn.slot
+
+
+def test_choices_of_one_prompt_arriving_together_prefill_it_once(cached, plain):
+    prompt = cached.encode(PROMPTS[3] + PROMPTS[0])[:40]
+    choices = [cached.submit(prompt, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)) for _ in range(4)]
+    cached.step()  # one step: the first prefilled whole, the others after it from a copy of its keys and values
+    assert all(len(c.output_ids) == 1 for c in choices) and choices[0].cached_tokens == 0
+    assert len(prompt) > 16 and [c.cached_tokens for c in choices[1:]] == [len(prompt) - 1] * 3
+    cached.run_until_idle()
+    assert all(c.output_ids == answer(plain, prompt, 5).output_ids for c in choices)
+
+
 def test_a_shared_prefix_is_copied_from_a_running_request(cached, plain):
     stem = cached.encode(PROMPTS[1] + PROMPTS[2] + PROMPTS[3])[:30]
     assert len(stem) == 30

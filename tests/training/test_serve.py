@@ -199,6 +199,13 @@ def test_n_choices_sampled_each_as_alone_with_seed_plus_index_streamed_or_not(se
     alone = [httpx.post(base + "/v1/completions", json=body | {"seed": 7 + i}).json()["choices"][0]["text"]
              for i in range(3)]
     assert [c["index"] for c in answer["choices"]] == [0, 1, 2]
+    # The largest seed: the next choice's goes round to the smallest (a seed out of range is a 400, nothing queued).
+    top = httpx.post(base + "/v1/completions", json=body | {"n": 2, "seed": 2 ** 64 - 1})
+    assert top.status_code == 200 and len(top.json()["choices"]) == 2
+    bottom = httpx.post(base + "/v1/completions", json=body | {"seed": -(2 ** 63)}).json()["choices"][0]["text"]
+    assert top.json()["choices"][1]["text"] == bottom
+    refused = httpx.post(base + "/v1/completions", json=body | {"seed": 2 ** 64})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "seed"
     assert [c["text"] for c in answer["choices"]] == alone and len(set(alone)) > 1  # each its own sample
     single = httpx.post(base + "/v1/completions", json=body).json()["usage"]
     usage = {k: answer["usage"][k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
