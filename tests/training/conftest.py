@@ -49,5 +49,15 @@ def trained(tmp_path_factory, data_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def hf(trained):
+    """transformers' own model of the trained export, in float32: the reference our engine is held to."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(trained / "export"), local_files_only=True,
+                                                dtype=torch.float32).eval()
+
+
 def events(run: Path, kind: str) -> list[dict]:
     return [e for e in map(json.loads, (run / "events.jsonl").read_text().splitlines()) if e["event"] == kind]

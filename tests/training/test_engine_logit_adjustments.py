@@ -16,14 +16,6 @@ def engine(trained):
     return Engine(trained / "export", device="cpu", max_batch=4)
 
 
-@pytest.fixture(scope="module")
-def hf(trained):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(trained / "export"), local_files_only=True,
-                                                dtype=torch.float32).eval()
-
-
 def adjusted_greedy(hf, prompt: list[int], steps: int, *, bias: dict, presence: float, frequency: float) -> list[int]:
     """OpenAI's definition, step by step on transformers' logits: logit[j] - count[j] * frequency - (count[j] > 0) *
     presence + bias[j], counts over the tokens generated so far; then the likeliest."""

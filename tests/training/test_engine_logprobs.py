@@ -18,14 +18,6 @@ def engine(trained):
     return Engine(trained / "export", device="cpu", max_batch=4)
 
 
-@pytest.fixture(scope="module")
-def hf(trained):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(trained / "export"), local_files_only=True,
-                                                dtype=torch.float32).eval()
-
-
 def hf_logprobs(hf, ids: list[int]) -> torch.Tensor:
     """transformers' log-softmax at every position of ids: row p is the distribution of token p + 1."""
     with torch.no_grad():
