@@ -106,12 +106,15 @@ def test_openai_client_lists_completes_chats_and_streams_with_metered_usage(gate
     assert {m.id for m in client(gateway, "alice").models.list()} >= {"aurora/tiny-secret"}
     assert carol.models.retrieve("aurora/tiny-served").id == "aurora/tiny-served"
 
-    completion = carol.completions.create(model="aurora/tiny-served", prompt="def add(a, b):", max_tokens=12,
-                                          temperature=0)
     direct = httpx.post(gateway["engine"] + "/completions", json={"model": "tiny", "prompt": "def add(a, b):",
                                                                   "max_tokens": 12, "temperature": 0}).json()
+    completion = carol.completions.create(model="aurora/tiny-served", prompt="def add(a, b):", max_tokens=12,
+                                          temperature=0)
     assert completion.choices[0].text == direct["choices"][0]["text"] and completion.model == "aurora/tiny-served"
     assert completion.usage.completion_tokens == direct["usage"]["completion_tokens"] > 0
+    # The engine's prefix cache held the prompt from the direct call: the client reads how much, as OpenAI reports it.
+    assert direct["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert completion.usage.prompt_tokens_details.cached_tokens == completion.usage.prompt_tokens - 1
 
     messages = [{"role": "user", "content": "Write a function."}]
     chat = carol.chat.completions.create(model="aurora/tiny-served", messages=messages, max_tokens=16, temperature=0)
