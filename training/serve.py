@@ -29,6 +29,8 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_WAITING = 256
 # How often a handler waiting on the engine checks whether its client has gone (a cancel frees the slot).
 POLL_SECONDS = 0.1
+# Choices one request may ask for (prompts x n): a batch of prompts, as lm-evaluation-harness sends, queues them all.
+MAX_CHOICES = 256
 
 
 class ApiError(Exception):
@@ -221,28 +223,13 @@ class Handler(BaseHTTPRequestHandler):
         if body.get("model") not in (None, self.server.model_id):
             raise ApiError(404, f"The model {body.get('model')!r} does not exist here; this server serves "
                                 f"{self.server.model_id!r}.", code="model_not_found", param="model")
-        echoed = None
         if chat:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise ApiError(400, "messages must be a non-empty list.", code="invalid_value", param="messages")
-            prompt_ids = engine.encode_chat(messages)
+            prompts, echoes = [engine.encode_chat(messages)], [None]
         else:
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-                prompt = prompt[0]
-            if isinstance(prompt, list) and prompt and all(_is_token(t, engine.config.vocab_size) for t in prompt):
-                prompt_ids = list(prompt)  # token ids, as lm-evaluation-harness sends them: used as they are
-                if body.get("echo"):
-                    echoed = engine.decode(prompt_ids)
-            elif isinstance(prompt, str):
-                prompt_ids = engine.encode(prompt)  # with the BOS the tokenizer adds, if it adds one
-                if body.get("echo"):
-                    echoed = prompt
-            else:
-                raise ApiError(400, f"prompt must be a string or a list of token ids (0 to "
-                                    f"{engine.config.vocab_size - 1}), one prompt per request.", code="invalid_value",
-                               param="prompt")
+            prompts, echoes = self._completion_prompts(body.get("prompt"), echo=body.get("echo") is True)
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):  # checked before anything is queued
             raise ApiError(400, 'stream_options must be an object, e.g. {"include_usage": true}.',
@@ -251,14 +238,20 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= engine.max_batch:
             raise ApiError(400, f"n must be an integer from 1 to {engine.max_batch} (the choices are generated "
                                 "together).", code="invalid_value", param="n")
+        if len(prompts) * n > MAX_CHOICES:
+            raise ApiError(400, f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} choices; at most "
+                                f"{MAX_CHOICES} in one request: split the prompts.", code="invalid_value", param="prompt")
         params, stream = sampling_from(body, chat=chat), bool(body.get("stream"))
-        # The n choices of one call: n requests of one prompt, each its own sample (a seed gives choice i seed + i,
-        # so seeded choices differ from one another and repeat from call to call). One event wakes their reader.
+        # The n choices of each prompt: n requests of it, each its own sample (a seed gives choice i seed + i, so
+        # seeded choices differ from one another and repeat from call to call); choice k * n + i is prompt k's i-th,
+        # as OpenAI numbers them. One event wakes their reader.
         wake, requests = threading.Event(), []
+        echoes = [echo for echo in echoes for _ in range(n)]
         try:
-            for i in range(n):
-                requests.append(engine.submit(prompt_ids, dataclasses.replace(params, seed=_choice_seed(params.seed, i)),
-                                              stream=stream, wake=wake))
+            for prompt_ids in prompts:
+                for i in range(n):
+                    requests.append(engine.submit(prompt_ids, dataclasses.replace(
+                        params, seed=_choice_seed(params.seed, i)), stream=stream, wake=wake))
         except BaseException:
             for request in requests:  # all the choices or none
                 request.cancel()
@@ -269,8 +262,8 @@ class Handler(BaseHTTPRequestHandler):
             # vLLM's continuous_usage_stats: usage in every chunk, so whoever meters a client that leaves early
             # knows the prompt it paid for, not only the tokens it saw.
             continuous = include_usage and bool(options.get("continuous_usage_stats"))
-            return self._stream(requests, wake, ident, chat=chat, include_usage=include_usage, continuous=continuous,
-                                echoed=echoed)
+            return self._stream(requests, n, wake, ident, chat=chat, include_usage=include_usage,
+                                continuous=continuous, echoes=echoes)
         for request in requests:
             while not request.done.wait(timeout=POLL_SECONDS):
                 if self._client_gone():  # nobody will read the answer: free the slots at the next step
@@ -281,16 +274,36 @@ class Handler(BaseHTTPRequestHandler):
         if any(request.finish_reason == "error" for request in requests):
             raise EngineError(f"The engine failed while generating ({engine.failure}); retry shortly.",
                               code="engine_failed", status=503)
-        self._json(200, self._final(requests, ident, chat=chat, echoed=echoed))
+        self._json(200, self._final(requests, n, ident, chat=chat, echoes=echoes))
 
-    def _usage(self, requests: list[Request]) -> dict:
-        """The prompt counted once, as OpenAI counts it for n choices; how much of it the prefix cache held, as
+    def _completion_prompts(self, prompt, *, echo: bool) -> tuple[list[list[int]], list[str | None]]:
+        """A completions prompt as OpenAI takes it: a string, token ids (as lm-evaluation-harness sends them: used as
+        they are), or a list of either; and each one's echoed text."""
+        engine = self.server.engine
+        many = isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
+        prompts, echoes = [], []
+        for one in (prompt if many else [prompt]):
+            if isinstance(one, str):
+                prompts.append(engine.encode(one))  # with the BOS the tokenizer adds, if it adds one
+                echoes.append(one if echo else None)
+            elif isinstance(one, list) and one and all(_is_token(t, engine.config.vocab_size) for t in one):
+                prompts.append(list(one))
+                echoes.append(engine.decode(one) if echo else None)
+            else:
+                raise ApiError(400, f"prompt must be a string, a list of token ids (0 to "
+                                    f"{engine.config.vocab_size - 1}) or a list of either.", code="invalid_value",
+                               param="prompt")
+        return prompts, echoes
+
+    def _usage(self, requests: list[Request], n: int) -> dict:
+        """Each prompt counted once, as OpenAI counts it for n choices; how much of them the prefix cache held, as
         OpenAI reports it (prompt_tokens_details.cached_tokens)."""
-        prompt, completion = len(requests[0].prompt_ids), sum(len(r.output_ids) for r in requests)
+        firsts = requests[::n]
+        prompt, completion = sum(len(r.prompt_ids) for r in firsts), sum(len(r.output_ids) for r in requests)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": requests[0].cached_tokens}}
+                "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in firsts)}}
 
-    def _final(self, requests: list[Request], ident: str, *, chat: bool, echoed: str | None = None) -> dict:
+    def _final(self, requests: list[Request], n: int, ident: str, *, chat: bool, echoes: list) -> dict:
         created, model = int(requests[0].created), self.server.model_id
         wanted = requests[0].params.logprobs is not None
         choices = []
@@ -301,7 +314,7 @@ class Handler(BaseHTTPRequestHandler):
                                 "logprobs": self._chat_logprobs(request.output_ids, request.logprobs) if wanted
                                 else None})
                 continue
-            logprobs = None
+            logprobs, echoed = None, echoes[index]
             if wanted:
                 echo = echoed is not None
                 ids = (request.prompt_ids if echo else []) + request.output_ids
@@ -311,7 +324,7 @@ class Handler(BaseHTTPRequestHandler):
             choices.append({"index": index, "text": (echoed or "") + request.text,
                             "finish_reason": request.finish_reason, "logprobs": logprobs})
         return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": model, "choices": choices, "usage": self._usage(requests)}
+                "model": model, "choices": choices, "usage": self._usage(requests, n)}
 
     def _completion_logprobs(self, ids: list[int], entries: list, offset: int = 0) -> tuple[dict, int]:
         """The legacy completions shape (as OpenAI and vLLM): per token its text, log probability, likeliest
@@ -336,8 +349,8 @@ class Handler(BaseHTTPRequestHandler):
         return {"content": [entry(t, logprob) | {"top_logprobs": [entry(a, value) for a, value in top]}
                             for t, (logprob, top) in zip(ids, entries)]}
 
-    def _stream(self, requests: list[Request], wake: threading.Event, ident: str, *, chat: bool, include_usage: bool,
-                continuous: bool = False, echoed: str | None = None) -> None:
+    def _stream(self, requests: list[Request], n: int, wake: threading.Event, ident: str, *, chat: bool,
+                include_usage: bool, continuous: bool, echoes: list) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -352,7 +365,7 @@ class Handler(BaseHTTPRequestHandler):
 
         def chunk(choices, **extra):
             if continuous and choices:
-                extra.setdefault("usage", self._usage(requests))
+                extra.setdefault("usage", self._usage(requests, n))
             event = {"id": ident, "object": kind, "created": created, "model": model, "choices": choices, **extra}
             self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
             self.wfile.flush()
@@ -372,7 +385,7 @@ class Handler(BaseHTTPRequestHandler):
             if chat:
                 for index in range(len(requests)):
                     chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            unechoed = set(range(len(requests))) if echoed is not None else set()
+            unechoed = {index for index, echoed in enumerate(echoes) if echoed is not None}
             open_choices = list(range(len(requests)))
             while open_choices:
                 wake.clear()  # before looking: a delta put after this sets it again, so no wake-up is lost
@@ -388,7 +401,7 @@ class Handler(BaseHTTPRequestHandler):
                         open_choices = []
                         break
                     if index in unechoed:  # the prompt first, once prefilled (its log probabilities come from it)
-                        text_chunk(index, echoed, request.prompt_ids, [(None, None)] + request.prompt_logprobs)
+                        text_chunk(index, echoes[index], request.prompt_ids, [(None, None)] + request.prompt_logprobs)
                         unechoed.discard(index)
                     if delta is not None:
                         text_chunk(index, delta.text, delta.token_ids, delta.logprobs)
@@ -413,7 +426,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
                 return
             if include_usage:
-                chunk([], usage=self._usage(requests))
+                chunk([], usage=self._usage(requests, n))
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):

@@ -138,7 +138,7 @@ def test_openai_client_lists_completes_chats_and_streams_with_metered_usage(gate
 
 
 def test_openai_client_reads_log_probabilities_and_echo(gateway):
-    carol = client(gateway, "carol")
+    carol = client(gateway, "carol")  # eight calls below: her per-minute quota (RPM); a ninth would wait a minute
     completion = carol.completions.create(model="aurora/tiny-served", prompt="def add(a, b):", max_tokens=3,
                                           temperature=0, logprobs=2, echo=True)
     choice = completion.choices[0]
@@ -183,6 +183,16 @@ def test_openai_client_reads_log_probabilities_and_echo(gateway):
     assert [c.index for c in two.choices] == [0, 1] and two.usage.completion_tokens <= 6
     assert [c for c in gateway["calls"]() if c["user__username"] == "carol"][-1]["completion_tokens"] == \
         two.usage.completion_tokens
+    # Several prompts in one call (lm-evaluation-harness batches its scoring so): a choice each, metered together.
+    prompts = ["def add(a, b):", "import os"]
+    batch = carol.completions.create(model="aurora/tiny-served", prompt=prompts, max_tokens=2, temperature=0)
+    alone = [httpx.post(gateway["engine"] + "/completions", json={  # straight to the engine: within carol's quota
+        "model": "tiny", "prompt": p, "max_tokens": 2, "temperature": 0}).json() for p in prompts]
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert [c.text for c in batch.choices] == [a["choices"][0]["text"] for a in alone]
+    assert batch.usage.prompt_tokens == sum(a["usage"]["prompt_tokens"] for a in alone)
+    metered = [c for c in gateway["calls"]() if c["user__username"] == "carol"][-1]
+    assert (metered["prompt_tokens"], metered["completion_tokens"]) == (batch.usage.prompt_tokens, 4)
 
 
 def test_streams_are_relayed_as_they_come_not_buffered(gateway):

@@ -167,7 +167,8 @@ def test_streamed_logprobs_and_echo_add_up_to_the_whole_answer(server):
     ("/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),  # 0 only to score a prompt
     ("/completions", {"prompt": "x", "max_tokens": 0, "echo": True}, "max_tokens"),
     ("/completions", {"prompt": [1, 2, 10 ** 9]}, "prompt"),
-    ("/completions", {"prompt": [[1, 2], [3]]}, "prompt"),
+    ("/completions", {"prompt": [[1, 2], []]}, "prompt"),
+    ("/completions", {"prompt": ["x", 3]}, "prompt"),
     ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": 1}, "logprobs"),
     ("/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True}, "echo"),
 ])

@@ -10,7 +10,8 @@ PAIRS = [("def add(a, b):\n    return", " a + b"), ("import os\nimport", " sys")
          ("x = [1, 2,", " 3]")]
 
 
-def test_lm_eval_local_completions_scores_as_transformers_does(trained):
+@pytest.mark.parametrize("batch_size", [1, 4])  # 4: its batched requests, a list of token-id prompts in one call
+def test_lm_eval_local_completions_scores_as_transformers_does(trained, batch_size):
     from lm_eval.api.instance import Instance
     from lm_eval.models.openai_completions import LocalCompletionsAPI
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -20,7 +21,7 @@ def test_lm_eval_local_completions_scores_as_transformers_does(trained):
     try:
         lm = LocalCompletionsAPI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1/completions",
                                  model="acme/coder", tokenizer=str(export), tokenizer_backend="huggingface",
-                                 num_concurrent=1, max_retries=1)
+                                 num_concurrent=1, max_retries=1, batch_size=batch_size)
         scored = lm.loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i)
                                    for i, pair in enumerate(PAIRS)])
     finally:

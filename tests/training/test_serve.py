@@ -253,3 +253,32 @@ def test_a_choice_refused_by_a_full_queue_takes_the_others_back(server, monkeypa
     response = httpx.post(base + "/v1/completions", json={"prompt": "def", "max_tokens": 40, "n": 2})
     assert response.status_code == 503 and response.json()["error"]["code"] == "engine_overloaded"
     assert_cancelled(submitted[0])
+
+
+def test_a_list_of_prompts_gets_n_choices_each_numbered_as_openai_does(server):
+    base, running = server
+    prompts = ["def add(a, b):", "import os", "class A:"]
+    body = {"max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    alone = [httpx.post(base + "/v1/completions", json=body | {"prompt": p}).json() for p in prompts]
+    both = httpx.post(base + "/v1/completions", json=body | {"prompt": prompts, "n": 2}).json()
+    # Choice k * n + i is prompt k's i-th (greedy: both the same), each as the prompt alone gets it.
+    assert [c["index"] for c in both["choices"]] == list(range(6))
+    assert [c["text"] for c in both["choices"]] == [a["choices"][0]["text"] for a in alone for _ in range(2)]
+    assert both["usage"]["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in alone)  # each prompt once
+    assert both["usage"]["completion_tokens"] == 30
+    # lm-evaluation-harness's batched scoring: several token-id prompts, echo, log probabilities, nothing generated.
+    ids = [running.engine.encode(p) for p in prompts]
+    score = {"max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}
+    batch = httpx.post(base + "/v1/completions", json=score | {"prompt": ids}).json()["choices"]
+    for choice, one in zip(batch, ids):
+        single = httpx.post(base + "/v1/completions", json=score | {"prompt": one}).json()["choices"][0]
+        assert choice["text"] == single["text"] and choice["logprobs"]["tokens"] == single["logprobs"]["tokens"]
+        assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx(single["logprobs"]["token_logprobs"][1:],
+                                                                         abs=1e-5)
+    # Streamed: every choice's text, in chunks carrying its index.
+    events = sse(base, "/v1/completions", body | {"prompt": prompts, "echo": True})
+    for index, prompt in enumerate(prompts):
+        text = "".join(e["choices"][0]["text"] for e in events if e["choices"][0]["index"] == index)
+        assert text == prompt + alone[index]["choices"][0]["text"]
+    too_many = httpx.post(base + "/v1/completions", json=body | {"prompt": ["x"] * 200, "n": 2})
+    assert too_many.status_code == 400 and "at most 256" in too_many.json()["error"]["message"]
