@@ -223,10 +223,14 @@ class Engine:
         self.on_failure = None  # called once after a failure (the server shuts down, so its supervisor restarts it)
 
     # --- Tokens -----------------------------------------------------------------------------------------
-    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, *, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
         """A prompt's token ids. By default with the special tokens the tokenizer's post-processor adds (the BOS of
         a Llama checkpoint), as transformers and vLLM encode a completions prompt; chat prompts already hold theirs."""
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:  # what tokenizers raises for text that is not valid Unicode (JSON allows "\ud800")
+            raise EngineError(f"The {param} holds characters that are not valid Unicode (an unpaired surrogate such "
+                              "as \\ud800); send valid UTF-8 text.", param=param) from None
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -254,7 +258,7 @@ class Engine:
     def encode_chat(self, messages: list[dict]) -> list[int]:
         # The rendered template already holds its special tokens (the BOS of a Llama template): add none, as
         # transformers' apply_chat_template does not.
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+        return self.encode(self.render_chat(messages), add_special_tokens=False, param="messages")
 
     # --- Requests ---------------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, *, stream: bool = False,

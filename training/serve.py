@@ -223,24 +223,21 @@ class Handler(BaseHTTPRequestHandler):
         if body.get("model") not in (None, self.server.model_id):
             raise ApiError(404, f"The model {body.get('model')!r} does not exist here; this server serves "
                                 f"{self.server.model_id!r}.", code="model_not_found", param="model")
+        n = body.get("n", 1) if body.get("n") is not None else 1
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= engine.max_batch:
+            raise ApiError(400, f"n must be an integer from 1 to {engine.max_batch} (the choices are generated "
+                                "together).", code="invalid_value", param="n")
         if chat:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise ApiError(400, "messages must be a non-empty list.", code="invalid_value", param="messages")
             prompts, echoes = [engine.encode_chat(messages)], [None]
         else:
-            prompts, echoes = self._completion_prompts(body.get("prompt"), echo=body.get("echo") is True)
+            prompts, echoes = self._completion_prompts(body.get("prompt"), n, echo=body.get("echo") is True)
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):  # checked before anything is queued
             raise ApiError(400, 'stream_options must be an object, e.g. {"include_usage": true}.',
                            code="invalid_value", param="stream_options")
-        n = body.get("n", 1) if body.get("n") is not None else 1
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= engine.max_batch:
-            raise ApiError(400, f"n must be an integer from 1 to {engine.max_batch} (the choices are generated "
-                                "together).", code="invalid_value", param="n")
-        if len(prompts) * n > MAX_CHOICES:
-            raise ApiError(400, f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} choices; at most "
-                                f"{MAX_CHOICES} in one request: split the prompts.", code="invalid_value", param="prompt")
         params, stream = sampling_from(body, chat=chat), bool(body.get("stream"))
         # The n choices of each prompt: n requests of it, each its own sample (a seed gives choice i seed + i, so
         # seeded choices differ from one another and repeat from call to call); choice k * n + i is prompt k's i-th,
@@ -276,11 +273,16 @@ class Handler(BaseHTTPRequestHandler):
                               code="engine_failed", status=503)
         self._json(200, self._final(requests, n, ident, chat=chat, echoes=echoes))
 
-    def _completion_prompts(self, prompt, *, echo: bool) -> tuple[list[list[int]], list[str | None]]:
+    def _completion_prompts(self, prompt, n: int, *, echo: bool) -> tuple[list[list[int]], list[str | None]]:
         """A completions prompt as OpenAI takes it: a string, token ids (as lm-evaluation-harness sends them: used as
         they are), or a list of either; and each one's echoed text."""
         engine = self.server.engine
         many = isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
+        # Every choice waits in the engine's queue at once: more than it holds could never be admitted.
+        most = min(MAX_CHOICES, engine.max_waiting or MAX_CHOICES)
+        if many and len(prompt) * n > most:  # before encoding any of them
+            raise ApiError(400, f"{len(prompt)} prompts x n={n} asks for {len(prompt) * n} choices; at most {most} "
+                                "in one request: split the prompts.", code="invalid_value", param="prompt")
         prompts, echoes = [], []
         for one in (prompt if many else [prompt]):
             if isinstance(one, str):
@@ -351,13 +353,6 @@ class Handler(BaseHTTPRequestHandler):
 
     def _stream(self, requests: list[Request], n: int, wake: threading.Event, ident: str, *, chat: bool,
                 include_usage: bool, continuous: bool, echoes: list) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")  # the body ends when the connection does
-        self.end_headers()
-        self.close_connection = True
-        self._streaming = True
         created, model = int(requests[0].created), self.server.model_id
         kind = "chat.completion.chunk" if chat else "text_completion"
         wanted = requests[0].params.logprobs is not None
@@ -382,6 +377,13 @@ class Handler(BaseHTTPRequestHandler):
             chunk([{"index": index, "text": text, "finish_reason": None, "logprobs": logprobs}])
 
         try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")  # the body ends when the connection does
+            self.end_headers()
+            self.close_connection = True
+            self._streaming = True
             if chat:
                 for index in range(len(requests)):
                     chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
@@ -432,6 +434,10 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             for request in requests:
                 request.cancel()  # the client went away: free the slots at the next step
+        except BaseException:
+            for request in requests:  # nobody will read them
+                request.cancel()
+            raise
 
 def serve(model_dir: str, *, model_id: str, host: str = "127.0.0.1", port: int = 8100, max_batch: int = 32,
           device: str = "auto", decode: str = "auto", max_waiting: int = MAX_WAITING, max_seq_len: int | None = None,

@@ -15,7 +15,7 @@ from django.views.decorators.http import require_http_methods
 
 from gatehouse.accounts.authentication import client_address, token_from_header
 from gatehouse.accounts.models import User
-from gatehouse.core.badinput import MESSAGE as NUL_MESSAGE
+from gatehouse.core.badinput import JSON_MESSAGE
 from gatehouse.core.badinput import contains_nul
 from gatehouse.core.errors import ApplicationError, NotAuthenticated, NotFound
 from gatehouse.registry.models import Model, ModelFile, ModelRef, ModelVersion
@@ -322,7 +322,7 @@ def _json_body(request) -> dict:
     if not isinstance(body, dict):
         raise HubError(400, "", "The body must be a JSON object.")
     if contains_nul(body):
-        raise HubError(400, "", NUL_MESSAGE)
+        raise HubError(400, "", JSON_MESSAGE)
     return body
 
 

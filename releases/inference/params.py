@@ -108,7 +108,10 @@ def check_generation_parameters(endpoint: str, body: dict, *, context_length: in
         raise InvalidParameter("logit_bias", "logit_bias must be an object mapping token ids to numbers.")
     for name, value in body.items():  # anything else: NaN and Infinity are not JSON, and no backend wants them
         try:
-            json.dumps(value, allow_nan=False)
+            json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:  # half a UTF-16 pair ("\ud800"): valid JSON, not text anything can send on
+            raise InvalidParameter(str(name), f"{name} contains an unpaired surrogate (such as \\ud800), which is "
+                                              "not text; send valid UTF-8.") from None
         except (ValueError, RecursionError):
             raise InvalidParameter(str(name), f"{name} contains NaN or Infinity (or nests without bound); send "
                                               "finite JSON numbers.") from None

@@ -16,6 +16,7 @@ from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from gatehouse.accounts.authentication import client_address, token_from_header
+from gatehouse.core.badinput import contains_nul
 from gatehouse.core.errors import NotAuthenticated, Throttled
 from gatehouse.core.prepared import PreparedQuery
 from gatehouse.core.unavailable import dependency_down
@@ -162,8 +163,9 @@ _served_model = PreparedQuery(lambda org, name: _for_calls(Model.objects.filter(
 
 def _model_for(request, model_id: str, user, token, organization_ids) -> Model:
     org, _, name = (model_id or "").partition("/")
-    # No name holds a NUL, and PostgreSQL refuses one in a query (a 500): such an id names no model.
-    model = next(iter(_served_model(org=org, name=name)), None) if org and name and "\x00" not in model_id else None
+    # No name holds a NUL or an unpaired surrogate, and a database refuses either in a query (a 500): such an id
+    # names no model.
+    model = next(iter(_served_model(org=org, name=name)), None) if org and name and not contains_nul(model_id) else None
     if model is None:  # a closed model is judged below, by the policy, and answers exactly like this
         raise OpenAIError(404, f"The model {model_id!r} does not exist or you do not have access to it.",
                           "model_not_found", param="model")

@@ -224,6 +224,18 @@ def test_a_model_id_with_a_nul_names_no_model(served):
     assert not served.upstream.requests and not InferenceCall.objects.exists()
 
 
+def test_an_unpaired_surrogate_names_no_model_and_is_no_prompt(served):
+    # Valid JSON ("\\ud800"), not text: a database query and the forward to the backend both raised on it (500s).
+    def post(body):
+        return served.client.post("/v1/chat/completions", body, content_type="application/json")
+    unknown = post('{"model": "aurora/m\\ud800", "messages": [{"role": "user", "content": "hi"}]}')
+    assert unknown.status_code == 404 and _error(unknown)["code"] == "model_not_found"
+    refused = post('{"model": "aurora/m", "messages": [{"role": "user", "content": "a\\ud800b"}]}')
+    assert refused.status_code == 400 and _error(refused)["param"] == "messages"
+    assert "unpaired surrogate" in _error(refused)["message"]
+    assert not served.upstream.requests and not InferenceCall.objects.exists()
+
+
 def test_an_unexpected_error_is_a_json_500_and_finishes_the_call(served, monkeypatch):
     from releases.inference import views
 

@@ -282,3 +282,22 @@ def test_a_list_of_prompts_gets_n_choices_each_numbered_as_openai_does(server):
         assert text == prompt + alone[index]["choices"][0]["text"]
     too_many = httpx.post(base + "/v1/completions", json=body | {"prompt": ["x"] * 200, "n": 2})
     assert too_many.status_code == 400 and "at most 256" in too_many.json()["error"]["message"]
+
+
+def test_more_choices_than_the_queue_holds_and_invalid_text_are_400s(server, monkeypatch):
+    base, running = server
+    engine = running.engine
+    admitted = engine.stats["requests"]
+    monkeypatch.setattr(engine, "max_waiting", 4)  # serve --max-waiting 4: six choices could never all wait
+    response = httpx.post(base + "/v1/completions", json={"prompt": ["a", "b", "c"], "n": 2, "max_tokens": 2})
+    assert response.status_code == 400 and "at most 4" in response.json()["error"]["message"]
+    # JSON allows an unpaired surrogate; no tokenizer takes it.
+    for path, body, param in [("/v1/completions", {"prompt": "a\ud800b"}, "prompt"),
+                              ("/v1/completions", {"prompt": ["ok", "a\ud800b"]}, "prompt"),
+                              ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800b"}]},
+                               "messages")]:
+        response = httpx.post(base + path, content=json.dumps({"max_tokens": 2} | body),  # escaped: \\ud800
+                              headers={"Content-Type": "application/json"})
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+    time.sleep(0.3)
+    assert engine.stats["requests"] == admitted and not engine.waiting

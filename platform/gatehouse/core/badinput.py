@@ -13,10 +13,27 @@ from gatehouse.core.unavailable import HUB_PATH, wants_json
 MESSAGE = "The request contains a NUL character (%00 or \\u0000), which no name, key or text can hold; remove it."
 
 
+# JSON may also escape half of a UTF-16 pair alone ("\ud800"): no database encodes that as UTF-8 (psycopg and sqlite3
+# both raise: a 500), nor does an HTTP client forwarding it. Parsed JSON is refused for either.
+JSON_MESSAGE = ("The request contains a NUL character (\\u0000) or an unpaired surrogate (such as \\ud800), which no "
+                "name, key or text can hold; remove it.")
+
+
+def _unstorable(text: str) -> bool:
+    if "\x00" in text:
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def contains_nul(value) -> bool:
-    """Whether a parsed JSON value holds a NUL in any string, key or value, at any depth."""
+    """Whether a parsed JSON value holds, in any string, key or value at any depth, a NUL or an unpaired surrogate:
+    text nothing downstream can store or send."""
     if isinstance(value, str):
-        return "\x00" in value
+        return _unstorable(value)
     if isinstance(value, dict):
         return any(contains_nul(key) or contains_nul(item) for key, item in value.items())
     if isinstance(value, list):

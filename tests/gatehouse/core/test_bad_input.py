@@ -69,6 +69,16 @@ def test_a_nul_in_a_json_body_is_a_400_from_the_parser_and_nothing_is_written(au
     assert not Dataset.objects.exists()
 
 
+def test_an_unpaired_surrogate_in_a_json_body_is_a_400_and_nothing_is_written(aurora, alice, client_for):
+    from gatehouse.registry.models import Dataset
+
+    # Valid JSON, not text: no database encodes half a UTF-16 pair (psycopg and sqlite3 raised: a 500).
+    body = '{"organization": "aurora", "name": "corpus", "provenance": "synthetic", "description": "a\\ud800b"}'
+    response = client_for(alice, ("read", "write")).post("/api/v1/datasets", body, content_type="application/json")
+    assert response.status_code == 400 and "unpaired surrogate" in response.json()["error"]["message"]
+    assert not Dataset.objects.exists()
+
+
 def test_a_nul_in_a_hub_json_body_is_a_400_in_the_hubs_shape(register, aurora, alice, carol, token_for):
     from releases.models import AccessPolicy, AccessRequest
 
