@@ -381,8 +381,10 @@ class Engine:
         self._advance(requests, logits)
 
     def _copy_prefix(self, source: int, slot: int, positions: int) -> None:
-        for cache in self.cache_k + self.cache_v:
-            cache[slot, :, :positions] = cache[source, :, :positions]
+        """The slot holds the source's first positions from now on (its own, cut there, when they are the same)."""
+        if source != slot:
+            for cache in self.cache_k + self.cache_v:
+                cache[slot, :, :positions] = cache[source, :, :positions]
         self.lengths[slot] = positions
         self.held[slot] = self.held[source][:positions]
 
@@ -420,9 +422,7 @@ class Engine:
                 self.lengths[slot], self.held[slot] = 0, []
                 followers.append((request, leader))
             else:
-                if source != slot:
-                    self._copy_prefix(source, slot, cached)
-                self.lengths[slot], self.held[slot] = cached, self.held[slot][:cached]
+                self._copy_prefix(source, slot, cached)
                 admitted.append(request)
             self.active[slot] = request
             self.stats["requests"] += 1
