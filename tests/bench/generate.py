@@ -130,6 +130,16 @@ def ours_serving(engine, work: list[tuple[list[int], int]], clients: int) -> dic
             "outputs": outputs}
 
 
+def left_padded(prompts: list[list[int]], device):
+    """Prompts as one batch for generate: (ids, attention mask), padded on the left to the longest."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
 def generate_serving(model, work: list[tuple[list[int], int]], clients: int, device) -> dict:
     """The same clients served by generate: all waiting requests as one batch, left-padded, run until the batch's
     longest answer is done (generate takes one max_new_tokens; rows that asked for less are cut), then the next."""
@@ -139,9 +149,8 @@ def generate_serving(model, work: list[tuple[list[int], int]], clients: int, dev
     start = time.perf_counter()
     for first in range(0, len(work), clients):
         group = work[first:first + clients]
-        width, most = max(len(p) for p, _ in group), max(answer for _, answer in group)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in group], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in group], device=device)
+        ids, mask = left_padded([p for p, _ in group], device)
+        width, most = ids.shape[1], max(answer for _, answer in group)
         sent = time.perf_counter()
         with torch.no_grad():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=most, min_new_tokens=most, do_sample=False,
@@ -223,8 +232,7 @@ def ours_conversations(engine, work, answer: int) -> dict:
                     histories[c] = request.prompt_ids + request.output_ids + left[c].pop(0)
     elapsed = time.perf_counter() - start
     tokens = sum(len(o) for out in outputs for o in out)
-    return {"tokens_per_s": tokens / elapsed, "ttft_p50_ms": statistics.median(ttfts) * 1000, "outputs": outputs,
-            "cached": engine.stats["cached_prompt_tokens"]}
+    return {"tokens_per_s": tokens / elapsed, "ttft_p50_ms": statistics.median(ttfts) * 1000, "outputs": outputs}
 
 
 def generate_conversations(model, work, answer: int, device) -> dict:
@@ -235,9 +243,8 @@ def generate_conversations(model, work, answer: int, device) -> dict:
     histories = [opening for opening, _ in work]
     outputs, ttfts, elapsed = [[] for _ in work], [], 0.0
     for turn in range(len(work[0][1]) + 1):
-        width = max(len(h) for h in histories)
-        ids = torch.tensor([[0] * (width - len(h)) + h for h in histories], device=device)
-        mask = torch.tensor([[0] * (width - len(h)) + [1] * len(h) for h in histories], device=device)
+        ids, mask = left_padded(histories, device)
+        width = ids.shape[1]
         kwargs = dict(attention_mask=mask, do_sample=False, eos_token_id=None, pad_token_id=0)
         with torch.no_grad():
             start = time.perf_counter()
