@@ -16,7 +16,7 @@ from django.views.decorators.http import require_http_methods
 from gatehouse.accounts.authentication import client_address, token_from_header
 from gatehouse.accounts.models import User
 from gatehouse.core.badinput import JSON_MESSAGE
-from gatehouse.core.badinput import contains_nul
+from gatehouse.core.badinput import contains_unstorable_text
 from gatehouse.core.errors import ApplicationError, NotAuthenticated, NotFound
 from gatehouse.registry.models import Model, ModelFile, ModelRef, ModelVersion
 from gatehouse.registry.selectors import model_list, version_resolve
@@ -321,7 +321,7 @@ def _json_body(request) -> dict:
         raise HubError(400, "", "The body must be JSON.") from None
     if not isinstance(body, dict):
         raise HubError(400, "", "The body must be a JSON object.")
-    if contains_nul(body):
+    if contains_unstorable_text(body):
         raise HubError(400, "", JSON_MESSAGE)
     return body
 

@@ -16,7 +16,7 @@ from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from gatehouse.accounts.authentication import client_address, token_from_header
-from gatehouse.core.badinput import contains_nul
+from gatehouse.core.badinput import contains_unstorable_text
 from gatehouse.core.errors import NotAuthenticated, Throttled
 from gatehouse.core.prepared import PreparedQuery
 from gatehouse.core.unavailable import dependency_down
@@ -165,7 +165,8 @@ def _model_for(request, model_id: str, user, token, organization_ids) -> Model:
     org, _, name = (model_id or "").partition("/")
     # No name holds a NUL or an unpaired surrogate, and a database refuses either in a query (a 500): such an id
     # names no model.
-    model = next(iter(_served_model(org=org, name=name)), None) if org and name and not contains_nul(model_id) else None
+    storable = org and name and not contains_unstorable_text(model_id)
+    model = next(iter(_served_model(org=org, name=name)), None) if storable else None
     if model is None:  # a closed model is judged below, by the policy, and answers exactly like this
         raise OpenAIError(404, f"The model {model_id!r} does not exist or you do not have access to it.",
                           "model_not_found", param="model")

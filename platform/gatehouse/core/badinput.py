@@ -29,15 +29,15 @@ def _unstorable(text: str) -> bool:
     return False
 
 
-def contains_nul(value) -> bool:
+def contains_unstorable_text(value) -> bool:
     """Whether a parsed JSON value holds, in any string, key or value at any depth, a NUL or an unpaired surrogate:
     text nothing downstream can store or send."""
     if isinstance(value, str):
         return _unstorable(value)
     if isinstance(value, dict):
-        return any(contains_nul(key) or contains_nul(item) for key, item in value.items())
+        return any(contains_unstorable_text(key) or contains_unstorable_text(item) for key, item in value.items())
     if isinstance(value, list):
-        return any(contains_nul(item) for item in value)
+        return any(contains_unstorable_text(item) for item in value)
     return False
 
 
