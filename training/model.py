@@ -64,6 +64,40 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+class HeadLoss(torch.autograd.Function):
+    """The output head and the mean cross-entropy as one autograd step (training's "fused" head loss).
+
+    The forward works out the loss's gradient with respect to the logits, (softmax - one-hot) / targets counted,
+    and keeps it instead of the logits; the backward then only feeds it to the head's two matmuls and scales their
+    (tokens x width) results by the incoming gradient. The plain path (logits -> float -> cross_entropy) spends a
+    whole pass over the (tokens x vocab) logits in the backward doing the same arithmetic. Targets of -100 are
+    ignored, as in cross_entropy. hidden (tokens, width) and weight (vocab, width) come in the matmul's dtype."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = hidden @ weight.t()
+        valid = targets != -100
+        safe = torch.where(valid, targets, 0)[:, None]
+        scores = logits.float()
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        count = valid.sum()
+        loss = torch.where(valid, lse.squeeze(1) - scores.gather(1, safe).squeeze(1), 0.0).sum() / count
+        # Pointwise only (the one-hot is a comparison, not a scatter), so torch.compile makes it one kernel that reads
+        # the logits once and writes the gradient in their dtype; eager mode holds a few float temporaries instead.
+        probs = torch.exp(scores - lse)
+        hit = torch.arange(scores.size(1), device=scores.device) == safe
+        grad = (torch.where(hit, probs - 1, probs) * (valid / count)[:, None]).to(logits.dtype)
+        ctx.save_for_backward(grad, hidden, weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad, hidden, weight = ctx.saved_tensors
+        grad_hidden = (grad @ weight) * grad_loss if ctx.needs_input_grad[0] else None
+        grad_weight = (grad.t() @ hidden) * grad_loss if ctx.needs_input_grad[1] else None  # a frozen head: none
+        return grad_hidden, grad_weight, None
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -130,6 +164,8 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         # None keeps the embedding's dtype (fp32) for the residual stream; the trainer may set bf16 (--residual-dtype).
         self.residual_dtype: torch.dtype | None = None
+        # The trainer may set it (--head-loss fused): the head and the loss as one autograd step, HeadLoss.
+        self.fused_head_loss = False
         cos, sin = rope_tables(config, config.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -163,7 +199,15 @@ class Transformer(nn.Module):
             x = x.to(self.residual_dtype)
         for block in self.model.layers:
             x = block(x, cos, sin)
-        logits = self.lm_head(self.model.norm(x))
+        hidden = self.model.norm(x)
+        # A LoRA-wrapped head computes more than its weight: it keeps the plain path.
+        if targets is not None and self.fused_head_loss and type(self.lm_head) is nn.Linear:
+            kind = hidden.device.type
+            dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+            loss = HeadLoss.apply(hidden.reshape(-1, hidden.size(-1)).to(dtype), self.lm_head.weight.to(dtype),
+                                  targets.reshape(-1))
+            return None, loss
+        logits = self.lm_head(hidden)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)

@@ -222,6 +222,7 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
         if not use_bf16:
             raise ConfigError("--residual-dtype bfloat16 needs bf16 training (--dtype bfloat16, or auto on CUDA)")
         model.residual_dtype = torch.bfloat16
+    model.fused_head_loss = cfg.head_loss == "fused"
 
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},

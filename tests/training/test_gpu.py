@@ -57,3 +57,47 @@ def test_cuda_graph_decoding_replays_exactly_the_fixed_shape_step(trained):
             assert len(engine._graphs) == 4  # nothing was captured while serving
     assert outputs["graphs"] == outputs["static"] and all(outputs["static"])
     assert outputs["compiled"] == outputs["static"]
+
+
+def test_grouped_query_decoding_on_cuda_equals_generate_in_every_mode(tmp_path, data_dir):
+    """The grouped-query decode step (each key head read once for its group, in place in the cache) on CUDA: rows of
+    different lengths joining while others decode, in each decode mode, equal transformers' generate alone."""
+    from training.engine import Engine, SamplingParams
+
+    from .test_public_checkpoints import _hf_checkpoint
+
+    hf = _hf_checkpoint(tmp_path, data_dir, rope_scaling=None).to("cuda")
+    ids = torch.randint(0, 512, (4, 90), generator=torch.Generator().manual_seed(2))
+    lengths = [90, 17, 55, 40]
+    with torch.no_grad():
+        expected = [hf.generate(ids[row:row + 1, :n].cuda(), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)[0, n:].tolist() for row, n in enumerate(lengths)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    for mode in ("dynamic", "static", "graphs", "compiled"):
+        engine = Engine(tmp_path, device="cuda", dtype="float32", max_batch=4, decode=mode)
+        requests = [engine.submit(ids[0, :lengths[0]].tolist(), params)]
+        engine.step()
+        requests += [engine.submit(ids[row, :n].tolist(), params) for row, n in enumerate(lengths[1:], 1)]
+        engine.run_until_idle()
+        assert [r.output_ids for r in requests] == expected, mode
+
+
+def test_fused_head_loss_on_cuda_equals_the_plain_one_compiled_in_bf16():
+    from training.config import preset
+    from training.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(preset("debug", vocab_size=4096)).cuda()
+    compiled = torch.compile(model)
+    idx = torch.randint(0, 4096, (8, 128), device="cuda")
+    results = {}
+    for fused in (False, True):
+        model.fused_head_loss = fused
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = compiled(idx, idx.roll(-1, dims=1))
+        loss.backward()
+        results[fused] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-3)
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, rtol=5e-2, atol=1e-4, msg=name)

@@ -1,0 +1,86 @@
+"""The fused head loss (--head-loss fused, model.HeadLoss) computes the plain path's loss and gradients."""
+import pytest
+import torch
+
+from training.config import ConfigError, preset
+from training.model import Transformer
+from training.trainer import train
+
+from .conftest import events, quick_config
+
+
+def _loss_and_grads(model, idx, targets, fused, autocast=False):
+    model.zero_grad(set_to_none=True)
+    model.fused_head_loss = fused
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        _, loss = model(idx, targets)
+    (loss * 0.5).backward()  # a scaled loss, as gradient accumulation makes, reaches the head's gradients too
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture
+def batch():
+    torch.manual_seed(0)
+    model = Transformer(preset("debug", vocab_size=512))
+    idx = torch.randint(0, 512, (3, 24))
+    targets = torch.randint(0, 512, (3, 24))
+    targets[0, :5] = -100  # ignored positions, as cross_entropy's ignore_index
+    targets[2, -3:] = -100
+    return model, idx, targets
+
+
+def test_fused_equals_plain_in_float32(batch):
+    model, idx, targets = batch
+    plain_loss, plain = _loss_and_grads(model, idx, targets, fused=False)
+    fused_loss, fused = _loss_and_grads(model, idx, targets, fused=True)
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-6, atol=1e-6)
+    assert fused.keys() == plain.keys() and "lm_head.weight" in fused and "model.norm.weight" in fused
+    for name in plain:
+        torch.testing.assert_close(fused[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_fused_equals_plain_under_bf16_autocast(batch):
+    """The head's matmuls run in bf16 either way; the gradients keep the parameters' float32."""
+    model, idx, targets = batch
+    plain_loss, plain = _loss_and_grads(model, idx, targets, fused=False, autocast=True)
+    fused_loss, fused = _loss_and_grads(model, idx, targets, fused=True, autocast=True)
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-3, atol=1e-3)
+    for name in plain:
+        assert fused[name].dtype == torch.float32
+        torch.testing.assert_close(fused[name], plain[name], rtol=2e-2, atol=2e-4, msg=name)
+
+
+def test_compiled_fused_equals_eager_plain(batch):
+    model, idx, targets = batch
+    plain_loss, plain = _loss_and_grads(model, idx, targets, fused=False)
+    compiled = torch.compile(model)
+    model.fused_head_loss = True
+    model.zero_grad(set_to_none=True)
+    _, loss = compiled(idx, targets)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), plain_loss, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * plain[name], rtol=1e-4, atol=1e-6, msg=name)  # plain's loss was halved
+
+
+def test_a_frozen_head_gets_no_gradient_and_the_rest_does(batch):
+    model, idx, targets = batch
+    model.lm_head.weight.requires_grad_(False)  # as --method bias or lora leave it
+    _, grads = _loss_and_grads(model, idx, targets, fused=True)
+    assert "lm_head.weight" not in grads and grads["model.norm.weight"].abs().sum() > 0
+
+
+def test_training_with_the_fused_head_loss_follows_the_plain_run(tmp_path, data_dir):
+    runs = {}
+    for kind in ("plain", "fused"):
+        assert train(quick_config(data_dir, tmp_path / kind, head_loss=kind, max_steps=12)) == 0
+        runs[kind] = [e["loss"] for e in events(tmp_path / kind, "step")]
+    assert runs["fused"] == pytest.approx(runs["plain"], rel=1e-4)
+    assert runs["fused"][-1] < runs["fused"][0] - 0.5
+    assert events(tmp_path / "fused", "start")[0]["train_config"]["head_loss"] == "fused"
+
+
+def test_an_unknown_head_loss_is_refused_in_one_line(tmp_path, data_dir):
+    with pytest.raises(ConfigError, match=r"^--head-loss must be plain or fused, not 'chunked'$"):
+        train(quick_config(data_dir, tmp_path / "r", head_loss="chunked"))
+    assert not (tmp_path / "r" / "events.jsonl").exists()
