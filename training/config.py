@@ -219,8 +219,9 @@ class TrainConfig:
     # torchtitan's bf16 parameter dtype (half the activation traffic between the matmuls; needs bf16)
     residual_dtype: str = "float32"
     # plain: logits, then cross_entropy; fused: the head's matmul and the loss as one autograd step that keeps the
-    # loss's gradient instead of the logits (model.HeadLoss: one pass less over the tokens x vocab logits)
-    head_loss: str = "plain"
+    # loss's gradient instead of the logits (model.HeadLoss: one pass less over the tokens x vocab logits; +1.4% on
+    # an H200, 124M shape); auto: fused when the step is compiled (the CUDA default), plain eager
+    head_loss: str = "auto"
     run_id: str = ""
     license: str = ""  # the exported card's license; defaults to the data's license
     datasets: tuple[str, ...] = ()  # registry dataset ids (org/name) named in the exported card
@@ -259,8 +260,8 @@ class TrainConfig:
             raise ConfigError(f"--residual-dtype must be float32 or bfloat16, not {self.residual_dtype!r}")
         if self.residual_dtype == "bfloat16" and self.dtype == "float32":
             raise ConfigError("--residual-dtype bfloat16 needs bf16 training: drop --dtype float32")
-        if self.head_loss not in ("plain", "fused"):
-            raise ConfigError(f"--head-loss must be plain or fused, not {self.head_loss!r}")
+        if self.head_loss not in ("auto", "plain", "fused"):
+            raise ConfigError(f"--head-loss must be auto, plain or fused, not {self.head_loss!r}")
         if self.vocab_size < 0:
             raise ConfigError("--vocab-size cannot be negative (0 means the tokenizer's size)")
         if self.grad_clip < 0 or self.weight_decay < 0:

@@ -31,6 +31,15 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
+STARTED = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """A line as each part finishes, with the seconds since start: a run stopped at a time limit (gpu_check.sh's
+    stages have one) still tells what it measured and where the time went."""
+    print(f"[{time.perf_counter() - STARTED:7.1f} s] {message}", flush=True)
+
+
 def make_checkpoint(directory: Path, preset_name: str, seq_len: int) -> Path:
     import torch
 
@@ -385,13 +394,17 @@ def main() -> None:
                    for mode in modes}
         engine = engines[modes[0]]
         device = engine.device
+        progress(f"checkpoint exported, engines loaded ({', '.join(modes)})")
         hf = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True,
                                                   dtype=engine.dtype).to(device).eval()
         rows = []
         for n in levels:
             batch = prompts(engine, n, args.prompt_tokens)
-            for each in engines.values():
+            for mode, each in engines.items():
+                started = time.perf_counter()
                 ours(each, batch, args.new_tokens)  # warm-up: a server in steady state has captured these shapes
+                progress(f"{mode} warm-up at {n} concurrent (compiling and capturing its shapes): "
+                         f"{time.perf_counter() - started:.1f} s")
             transformers_generate(hf, batch[:1], 4, device)
             peer = transformers_generate(hf, batch, args.new_tokens, device)
             runs = {mode: ours(each, batch, args.new_tokens) for mode, each in engines.items()}
@@ -413,6 +426,9 @@ def main() -> None:
                              "transformers_sequential_tokens_per_s": sequential,
                              "ratio_vs_sequential": us["tokens_per_s"] / sequential, "ours_ttft_ms": us["ttft_ms"],
                              "transformers_ttft_ms": best["ttft_ms"]})
+                progress(f"{n} concurrent, {mode}: ours {us['tokens_per_s']:.0f} tok/s, generate batched "
+                         f"{best['tokens_per_s']:.0f} ({rows[-1]['ratio']:.2f}x), one by one {sequential:.0f} "
+                         f"({rows[-1]['ratio_vs_sequential']:.2f}x)")
         serving = serving_rows(engines, hf, levels, args.serving_rounds, device) if args.serving_rounds else []
         del engines  # their KV caches: the conversation engines need the memory on a GPU
         chats = conversation_row(model_dir, hf, args) if args.conversations else None

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # GPU checks for a lent NVIDIA machine (device tool), from the repo root:
-#   bash tests/bench/gpu_check.sh generate               # ~5 minutes: compiling the decode step takes most of it
+#   bash tests/bench/gpu_check.sh generate               # 5-9 minutes (compiling the 124M decode step takes most
+#                                                        # of it): a device call of its own; lines come as each part ends
 #   bash tests/bench/gpu_check.sh train tests torchrun   # ~6 minutes
 #   bash tests/bench/gpu_check.sh profile                # ~1.5 minutes: where a training step's GPU time goes
 # (all stages, the default, outlast one 10-minute device call: run two calls back to back on the warm machine)
-# TRAIN_VARIANTS (train_throughput --ours), PEER_RUNS (1 or 2), TRAIN_LIMIT (seconds) and DECODE_MODES adjust stages.
+# TRAIN_VARIANTS (train_throughput --ours), PEER_RUNS (1 or 2), TRAIN_LIMIT and GENERATE_LIMIT (seconds) and
+# DECODE_MODES adjust stages.
 # Uses the machine's own python3 (torch, transformers, peft, tokenizers, safetensors are in its image);
 # the training tests never import Django, so the repository's Django conftest is left out (--confcutdir).
 # Each stage has its own time limit and log under $OUT, so one that hangs cannot cost the others; the exit status
@@ -24,10 +26,11 @@ check() { local status=$?; [ $status -eq 0 ] || failed="$failed $1(exit $status)
 # CONVERSATIONS=8 adds the chat conversations (prefix cache on and off): two more engines compiling their step.
 run_generate() {
   stage "generate: our engine (CUDA graphs of the eager and of the compiled step) vs transformers.generate, 124M, bf16, batch 1 and 64"
-  timeout 330 python3 tests/bench/generate.py --device cuda --preset 124m --concurrency 1,64 --new-tokens 128 \
+  timeout "${GENERATE_LIMIT:-540}" python3 tests/bench/generate.py --device cuda --preset 124m --concurrency 1,64 --new-tokens 128 \
     --gateway-requests 0 --sequential-prompts 4 --decode "${DECODE_MODES:-graphs,compiled}" \
     --serving-rounds "${SERVING_ROUNDS:-0}" --conversations "${CONVERSATIONS:-0}" 2>&1 \
-    | grep -v -i "warn\|Loading weights" | tee "$OUT/generate.log" | tail -12
+    | grep -v -i "warn\|Loading weights\|softmax\|split the reduction\|important use case\|^ *$" \
+    | tee "$OUT/generate.log" | tail -24
   check generate
 }
 

@@ -77,10 +77,19 @@ def test_training_with_the_fused_head_loss_follows_the_plain_run(tmp_path, data_
         runs[kind] = [e["loss"] for e in events(tmp_path / kind, "step")]
     assert runs["fused"] == pytest.approx(runs["plain"], rel=1e-4)
     assert runs["fused"][-1] < runs["fused"][0] - 0.5
-    assert events(tmp_path / "fused", "start")[0]["train_config"]["head_loss"] == "fused"
+    assert events(tmp_path / "fused", "start")[0]["head_loss"] == "fused"
+    assert events(tmp_path / "plain", "start")[0]["head_loss"] == "plain"
+
+
+def test_auto_fuses_the_head_loss_only_in_a_compiled_step(tmp_path, data_dir):
+    for compiled in ("no", "yes"):
+        assert train(quick_config(data_dir, tmp_path / compiled, compile=compiled, max_steps=2, warmup_steps=1)) == 0
+        start = events(tmp_path / compiled, "start")[0]
+        assert start["train_config"]["head_loss"] == "auto"
+        assert start["head_loss"] == ("fused" if compiled == "yes" else "plain")
 
 
 def test_an_unknown_head_loss_is_refused_in_one_line(tmp_path, data_dir):
-    with pytest.raises(ConfigError, match=r"^--head-loss must be plain or fused, not 'chunked'$"):
+    with pytest.raises(ConfigError, match=r"^--head-loss must be auto, plain or fused, not 'chunked'$"):
         train(quick_config(data_dir, tmp_path / "r", head_loss="chunked"))
     assert not (tmp_path / "r" / "events.jsonl").exists()
