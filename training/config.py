@@ -177,8 +177,9 @@ def preset(name: str, **overrides) -> ModelConfig:
 
 
 ATTENTION_KERNELS = ("auto", "cudnn", "flash", "efficient", "math")
-# No CUDA-graph modes: the loop reads a step's loss after queuing the next, which a graph replay would overwrite.
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+# reduce-overhead replays the step's forward and backward as CUDA graphs (no launch gaps). The loop copies each step's
+# loss out of the graph's output before the next replay; gradients are graph outputs too, so no accumulation.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 RESIDUAL_DTYPES = ("float32", "bfloat16")
 
 
@@ -213,7 +214,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
     compile: str = "auto"  # auto (on CUDA) | yes | no
-    compile_mode: str = "default"  # default | max-autotune-no-cudagraphs (Triton matmuls tuned per shape; slow to compile)
+    # default | reduce-overhead (CUDA graphs of the step; one process, no accumulation) | max-autotune-no-cudagraphs
+    # (Triton matmuls tuned per shape; slow to compile)
+    compile_mode: str = "default"
     attention: str = "auto"  # the attention kernel SDPA prefers: auto (PyTorch's choice) | cudnn | flash | efficient | math
     # float32: under bf16 autocast the residual stream stays fp32, as in transformers; bfloat16: it is bf16 too, as in
     # torchtitan's bf16 parameter dtype (half the activation traffic between the matmuls; needs bf16)
@@ -254,6 +257,9 @@ class TrainConfig:
             raise ConfigError(f"--compile must be auto, yes or no, not {self.compile!r}")
         if self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, not {self.compile_mode!r}")
+        if self.compile_mode == "reduce-overhead" and self.grad_accum > 1:
+            raise ConfigError("--compile-mode reduce-overhead replays graphs whose outputs are the gradients, which "
+                              "a second micro-batch would overwrite: use --grad-accum 1 or another compile mode")
         if self.attention not in ATTENTION_KERNELS:
             raise ConfigError(f"--attention must be one of {', '.join(ATTENTION_KERNELS)}, not {self.attention!r}")
         if self.residual_dtype not in RESIDUAL_DTYPES:

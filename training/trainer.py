@@ -193,6 +193,8 @@ def train(cfg: TrainConfig, *, echo: bool = False) -> int:
     data_manifest = load_manifest(Path(cfg.data))
     env = Distributed(cfg.device)
     try:
+        if cfg.compile_mode == "reduce-overhead" and env.world > 1:
+            raise ConfigError("--compile-mode reduce-overhead runs in one process: drop it under torchrun")
         with attention_kernels(cfg.attention):
             return _train(cfg, env, out, data_manifest, echo)
     finally:

@@ -84,3 +84,13 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_checkpointed_step(tmp
     checkpoint = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
     assert checkpoint["step"] == stopped[0]["step"] and 5 <= checkpoint["step"] < 5000
     assert not (out / "export").exists()
+
+
+@pytest.mark.e2e
+def test_cuda_graph_compile_mode_is_refused_under_torchrun_before_anything_is_written(tmp_path, data_dir):
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "training", "train", "--out", str(tmp_path / "two"), "--data", str(data_dir),
+                          "--preset", "debug", "--compile-mode", "reduce-overhead"], capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "error: --compile-mode reduce-overhead runs in one process: drop it under torchrun" in run.stderr
+    assert not (tmp_path / "two").exists()
