@@ -175,15 +175,15 @@ class Engine:
         # at small batch a GPU otherwise waits on the host launching ~35 kernels a layer. compiled (the CUDA
         # default): the step through torch.compile first (fused elementwise kernels, fewer graph nodes), then
         # captured likewise; on an H100 at batch 1 it decoded 1,284 tokens/s against graphs' 721 (124M shape,
-        # tests/bench/generate.py). On a CPU the compiled step runs as it is (~5% faster than dynamic there, after
-        # a minute or two of compiling).
+        # tests/bench/generate.py; the step was then compiled whole, it now is region by region, not yet timed on a
+        # GPU). On a CPU the compiled step runs as it is, without graphs.
         self.decode_mode = {"auto": "compiled" if use_cuda else "dynamic"}.get(decode, decode)
         if self.decode_mode not in ("dynamic", "static", "graphs", "compiled"):
             raise ConfigError(f"decode must be auto, dynamic, static, graphs or compiled, not {decode!r}")
         if self.decode_mode == "graphs" and not use_cuda:
             raise ConfigError("decode graphs needs a CUDA device; on a CPU use dynamic (the default there)")
         self._use_graphs = use_cuda and self.decode_mode in ("graphs", "compiled")
-        self._step_function = self._compiled_step() if self.decode_mode == "compiled" else self._decode_step
+        self._set_step_regions(compiled=self.decode_mode == "compiled")
         self._graphs: dict[tuple[int, int], tuple] = {}
         self._graph_inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._graph_pool = None
@@ -672,7 +672,7 @@ class Engine:
                     if self._use_graphs:
                         self._replay(batch, context)
                     else:
-                        self._step_function(*inputs, context)
+                        self._decode_step(*inputs, context)
                 if self.decode_mode == "static":  # a capture failed: the engine decodes eagerly from now on
                     return prepared
                 prepared += 1
@@ -699,7 +699,7 @@ class Engine:
         if self._use_graphs:
             logits = self._replay(batch, context)
         else:
-            logits = self._step_function(token_in, slot_in, position_in, context)
+            logits = self._decode_step(token_in, slot_in, position_in, context)
         for s in slots:
             self.lengths[s] += 1
         return logits[:n]
@@ -712,10 +712,16 @@ class Engine:
                                               for _ in range(3))
         return self._graph_inputs[batch]
 
-    def _compiled_step(self):
-        # dynamic=True: a few compilations serve every (batch, context) bucket (batch 1 and the context at the
-        # limit get their own, four at most), where static shapes would compile once per bucket.
-        return torch.compile(self._decode_step, dynamic=True, fullgraph=True)
+    def _set_step_regions(self, compiled: bool) -> None:
+        """The fixed-shape step's three regions (_decode_start, _decode_layer, _decode_end), compiled or eager.
+        Compiled region by region, not as one step: every layer runs the same compiled code with its own weights and
+        cache as inputs, so a model's layers cost one layer's compilation; as one function, each layer was traced
+        and compiled again (the 'small' preset's warm-up, 12 shapes on this CPU: 73 s against 288 s). dynamic=True: a few
+        compilations serve every (batch, context) bucket, where static shapes would compile once per bucket."""
+        def region(function):
+            return torch.compile(function, dynamic=True, fullgraph=True) if compiled else function
+        self._start, self._layer, self._end = region(self._decode_start), region(self._decode_layer), \
+            region(self._decode_end)
 
     def _replay(self, batch: int, context: int) -> torch.Tensor:
         key = (batch, context)
@@ -726,7 +732,8 @@ class Engine:
             except Exception as exc:  # a capture that fails must not take serving down: decode eagerly from now on
                 print(f"engine: CUDA graph capture failed for batch {batch}, context {context} ({exc!r}); decoding "
                       "without graphs", file=sys.stderr, flush=True)
-                self.decode_mode, self._use_graphs, self._step_function = "static", False, self._decode_step
+                self.decode_mode, self._use_graphs = "static", False
+                self._set_step_regions(compiled=False)
                 return self._decode_step(*self._graph_inputs[batch], context)
         graph, output = self._graphs[key]
         graph.replay()
@@ -739,7 +746,7 @@ class Engine:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._step_function(*inputs, context)  # compiles here in compiled mode
+            self._decode_step(*inputs, context)  # compiles here in compiled mode
         torch.cuda.current_stream().wait_stream(stream)
         # One memory pool for every shape: graphs never run concurrently, and each output is consumed (sampled)
         # before the next replay, so reusing one another's scratch memory is safe.
@@ -748,33 +755,47 @@ class Engine:
         graph = torch.cuda.CUDAGraph()
         # thread_local: the HTTP threads of the server never touch CUDA, but must not fail a capture if they did.
         with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            output = self._step_function(*inputs, context)
+            output = self._decode_step(*inputs, context)
         return graph, output
 
     def _decode_step(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
                      context: int) -> torch.Tensor:
         """Logits for one new token per row at `positions`, attending to keys [0, context) of each row's slot.
         Only tensor operations on fixed shapes: nothing here may read a value back to the host."""
-        model, c = self.model, self.config
+        x, cos, sin, visible = self._start(tokens, positions, context)
+        for layer, w in enumerate(self.layers):
+            x = self._layer(x, w, self.cache_k[layer], self.cache_v[layer], cos, sin, visible, slots, positions)
+        return self._end(x)
+
+    def _decode_start(self, tokens: torch.Tensor, positions: torch.Tensor, context: int):
+        """The step's embeddings, its rows' RoPE factors and which of the context's keys each row sees."""
+        model = self.model
         cos = model.rope_cos[positions][:, None, None]  # (batch, 1, 1, head_dim)
         sin = model.rope_sin[positions][:, None, None]
         visible = (torch.arange(context, device=self.device)[None, :] <= positions[:, None])[:, None, None]
-        rows, heads = slots[:, None], torch.arange(c.num_kv_heads, device=self.device)[None, :]
-        x = model.model.embed_tokens(tokens[:, None])
-        batch, groups = tokens.shape[0], c.num_heads // c.num_kv_heads
-        for layer, w in enumerate(self.layers):
-            q, k, v = self._qkv(x, w, cos, sin)
-            cache_k, cache_v = self.cache_k[layer], self.cache_v[layer]
-            cache_k.index_put_((rows, heads, positions[:, None]), k[:, :, 0])
-            cache_v.index_put_((rows, heads, positions[:, None]), v[:, :, 0])
-            keys = cache_k[:, :, :context].index_select(0, slots)
-            values = cache_v[:, :, :context].index_select(0, slots)
-            q = q.reshape(batch, c.num_kv_heads, groups, c.head_dim)  # a group of query heads per key head
-            scores = torch.matmul(q, keys.transpose(-1, -2)) * (1.0 / math.sqrt(c.head_dim))
-            scores = scores.float().masked_fill(~visible, -math.inf)
-            y = torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)
-            x = self._after_attention(x, y.reshape(batch, c.num_heads, 1, c.head_dim), w)
-        return self.lm_head(model.model.norm(x[:, 0]))
+        return model.model.embed_tokens(tokens[:, None]), cos, sin, visible
+
+    def _decode_layer(self, x: torch.Tensor, w: "_LayerWeights", cache_k: torch.Tensor, cache_v: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor, visible: torch.Tensor, slots: torch.Tensor,
+                      positions: torch.Tensor) -> torch.Tensor:
+        """One layer of the step: its keys and values written to the cache, attention over the context's keys
+        (visible's last dimension), then the MLP."""
+        c = self.config
+        batch, groups, context = x.shape[0], c.num_heads // c.num_kv_heads, visible.shape[-1]
+        rows, heads = slots[:, None], torch.arange(c.num_kv_heads, device=x.device)[None, :]
+        q, k, v = self._qkv(x, w, cos, sin)
+        cache_k.index_put_((rows, heads, positions[:, None]), k[:, :, 0])
+        cache_v.index_put_((rows, heads, positions[:, None]), v[:, :, 0])
+        keys = cache_k[:, :, :context].index_select(0, slots)
+        values = cache_v[:, :, :context].index_select(0, slots)
+        q = q.reshape(batch, c.num_kv_heads, groups, c.head_dim)  # a group of query heads per key head
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * (1.0 / math.sqrt(c.head_dim))
+        scores = scores.float().masked_fill(~visible, -math.inf)
+        y = torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)
+        return self._after_attention(x, y.reshape(batch, c.num_heads, 1, c.head_dim), w)
+
+    def _decode_end(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.model.norm(x[:, 0]))
 
     # --- One layer's projections, shared by both decode steps --------------------------------------------------
     def _qkv(self, x: torch.Tensor, w: "_LayerWeights", cos: torch.Tensor, sin: torch.Tensor):
