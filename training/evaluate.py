@@ -92,7 +92,7 @@ def validation_loss(model, stream, *, batches: int, batch_size: int, device, aut
     count = min(batches, max(1, stream.windows // batch_size))
     for b in range(count):
         x, y = stream.batch(b * batch_size, min(batch_size, stream.windows))
-        with autocast():
+        with torch.no_grad(), autocast():  # no graph kept for a backward that never comes
             _, loss = model(x.to(device), y.to(device))
         losses.append(loss.item())
     model.train(was_training)

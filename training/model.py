@@ -200,8 +200,10 @@ class Transformer(nn.Module):
         for block in self.model.layers:
             x = block(x, cos, sin)
         hidden = self.model.norm(x)
-        # A LoRA-wrapped head computes more than its weight: it keeps the plain path.
-        if targets is not None and self.fused_head_loss and type(self.lm_head) is nn.Linear:
+        # A LoRA-wrapped head computes more than its weight: it keeps the plain path. So does a loss without a
+        # backward (validation), which would only pay for the gradient HeadLoss works out.
+        fused = self.fused_head_loss and torch.is_grad_enabled() and type(self.lm_head) is nn.Linear
+        if targets is not None and fused:
             kind = hidden.device.type
             dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
             loss = HeadLoss.apply(hidden.reshape(-1, hidden.size(-1)).to(dtype), self.lm_head.weight.to(dtype),

@@ -1,4 +1,6 @@
 """The fused head loss (--head-loss fused, model.HeadLoss) computes the plain path's loss and gradients."""
+from contextlib import nullcontext
+
 import pytest
 import torch
 
@@ -93,3 +95,20 @@ def test_an_unknown_head_loss_is_refused_in_one_line(tmp_path, data_dir):
     with pytest.raises(ConfigError, match=r"^--head-loss must be auto, plain or fused, not 'chunked'$"):
         train(quick_config(data_dir, tmp_path / "r", head_loss="chunked"))
     assert not (tmp_path / "r" / "events.jsonl").exists()
+
+
+def test_validation_keeps_no_graph_and_skips_the_fused_gradient(batch, monkeypatch, data_dir):
+    from training.data import TokenStream
+    from training.evaluate import validation_loss
+    from training.model import HeadLoss
+
+    model, idx, targets = batch
+    model.fused_head_loss = True
+    applied, grad_modes = [], []
+    original = HeadLoss.apply
+    monkeypatch.setattr(HeadLoss, "apply", lambda *args: applied.append(1) or original(*args))
+    model.register_forward_pre_hook(lambda module, inputs: grad_modes.append(torch.is_grad_enabled()))
+    stream = TokenStream(data_dir, "val", 24, seed=0, shuffle=False)
+    metrics = validation_loss(model, stream, batches=2, batch_size=2, device="cpu", autocast=nullcontext)
+    assert grad_modes == [False, False] and applied == []
+    assert metrics["val_loss"] > 0
