@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # GPU checks for a lent NVIDIA machine (device tool), from the repo root:
-#   bash tests/bench/gpu_check.sh generate               # 5-9 minutes (compiling the 124M decode step takes most
-#                                                        # of it): a device call of its own; lines come as each part ends
-#   bash tests/bench/gpu_check.sh train tests torchrun   # ~6 minutes
+#   bash tests/bench/gpu_check.sh generate               # compiling the 124M decode step takes most of it: 5.5+
+#                                                        # minutes compiled whole (an H200, 2026-11-27, ran out of
+#                                                        # time); now compiled per layer region, not yet timed
+#   bash tests/bench/gpu_check.sh train tests torchrun   # ~6 minutes (train: ~1 minute a variant, with its compile)
 #   bash tests/bench/gpu_check.sh profile                # ~1.5 minutes: where a training step's GPU time goes
-# (all stages, the default, outlast one 10-minute device call: run two calls back to back on the warm machine)
+# (all stages, the default, outlast one 10-minute device call: run two calls back to back on the warm machine).
+# A 15-minute lease, as planned after the 2026-11-27 H200 run (starting a machine costs 1-2 of those minutes):
+#   1. TRAIN_VARIANTS=residual_dtype=bfloat16,residual_dtype=bfloat16+compile_mode=reduce-overhead,default
+#      PEER_RUNS=1 TRAIN_LIMIT=300 bash tests/bench/gpu_check.sh train tests           (timeout_s ~560)
+#   2. at once: DECODE_MODES=compiled GENERATE_LIMIT=300 PROFILE_VARIANT=<the best of 1>
+#      bash tests/bench/gpu_check.sh generate profile                                  (timeout_s ~440)
 # TRAIN_VARIANTS (train_throughput --ours), PEER_RUNS (1 or 2), TRAIN_LIMIT and GENERATE_LIMIT (seconds) and
 # DECODE_MODES adjust stages.
 # Uses the machine's own python3 (torch, transformers, peft, tokenizers, safetensors are in its image);
