@@ -106,7 +106,10 @@ def test_fused_head_loss_on_cuda_equals_the_plain_one_compiled_in_bf16():
 def test_cuda_graph_compile_mode_trains_like_the_default_one(tmp_path, data_dir):
     """--compile-mode reduce-overhead replays the step as CUDA graphs: each step's loss is read after the next is
     queued, so the loop must have copied it out of the graph's output before that replay."""
+    from torch._dynamo.utils import counters
+
     losses = {}
+    counters.clear()
     for mode in ("default", "reduce-overhead"):
         out = tmp_path / mode
         assert train(quick_config(data_dir, out, device="cuda", compile_mode=mode, max_steps=30, batch_size=16,
@@ -114,3 +117,4 @@ def test_cuda_graph_compile_mode_trains_like_the_default_one(tmp_path, data_dir)
         losses[mode] = [e["loss"] for e in events(out, "step")]
     assert losses["reduce-overhead"][-1] < losses["reduce-overhead"][0] - 0.5
     assert losses["reduce-overhead"] == pytest.approx(losses["default"], rel=2e-2)
+    assert counters["inductor"]["cudagraph_skips"] == 0  # the graphs ran: inductor did not fall back to launches
