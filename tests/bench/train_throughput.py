@@ -59,7 +59,10 @@ def ours(args, data: Path, out: Path, variant: str) -> dict:
                       eval_interval=10**6, checkpoint_interval=10**6, device=args.device,
                       compile=args.compile, dtype=args.dtype, seed=0, vocab_size=args.model_vocab,
                       **settings)
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()  # each variant compiles from scratch, as a fresh process would
+    counters.clear()
     # The export at the end is part of a real run but not of throughput; the step events carry the figures.
     with inductor_config.patch(inductor):
         assert train(cfg) == 0
@@ -69,7 +72,9 @@ def ours(args, data: Path, out: Path, variant: str) -> dict:
     tokens_per_s = statistics.median(e["tokens_per_s"] for e in timed)
     return {"variant": variant, "tokens_per_s": tokens_per_s, "flops_per_token": start["flops_per_token"],
             "peak": start["peak_flops"], "attention_kernel": start["attention_kernel"],
-            "losses": [e["loss"] for e in timed][:3]}
+            "losses": [e["loss"] for e in timed][:3],
+            # compile_mode=reduce-overhead: graphs inductor declined to use (it then launches kernels as default does)
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
 
 
 def transformers_peer(args, data: Path, init_dir: Path) -> dict:
@@ -235,7 +240,9 @@ def main() -> None:
         for i, variant in enumerate(args.ours.split(",")):
             variants.append(ours(args, data, tmp / f"ours-{i}", variant))
             # Printed as it comes, so a run stopped at a time limit still reports the variants it finished.
-            print(f"ours ({variant}): {variants[-1]['tokens_per_s']:.0f} tokens/s", flush=True)
+            skips = variants[-1]["cudagraph_skips"]
+            print(f"ours ({variant}): {variants[-1]['tokens_per_s']:.0f} tokens/s"
+                  + (f" ({skips} CUDA graphs skipped by inductor)" if skips else ""), flush=True)
         if args.peer_runs > 1:
             peer_runs.append(transformers_peer(args, data, tmp / "init"))
         peer = max(peer_runs, key=lambda r: r["tokens_per_s"])
