@@ -224,9 +224,11 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(404, f"The model {body.get('model')!r} does not exist here; this server serves "
                                 f"{self.server.model_id!r}.", code="model_not_found", param="model")
         n = body.get("n", 1) if body.get("n") is not None else 1
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= engine.max_batch:
-            raise ApiError(400, f"n must be an integer from 1 to {engine.max_batch} (the choices are generated "
-                                "together).", code="invalid_value", param="n")
+        # The choices are decoded together, and wait in the queue together first (--max-waiting may be the smaller).
+        most = min(engine.max_batch, engine.max_waiting or engine.max_batch)
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= most:
+            raise ApiError(400, f"n must be an integer from 1 to {most} (the choices are generated together).",
+                           code="invalid_value", param="n")
         if chat:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:

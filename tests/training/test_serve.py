@@ -291,6 +291,14 @@ def test_more_choices_than_the_queue_holds_and_invalid_text_are_400s(server, mon
     monkeypatch.setattr(engine, "max_waiting", 4)  # serve --max-waiting 4: six choices could never all wait
     response = httpx.post(base + "/v1/completions", json={"prompt": ["a", "b", "c"], "n": 2, "max_tokens": 2})
     assert response.status_code == 400 and "at most 4" in response.json()["error"]["message"]
+    # One prompt, a chat's too: n within --max-batch (4) but above what may wait is a 400 (not a 503 to retry: it
+    # never fits).
+    monkeypatch.setattr(engine, "max_waiting", 3)
+    response = httpx.post(base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                                "n": 4, "max_tokens": 2})
+    error = response.json()["error"]
+    assert response.status_code == 400 and (error["param"], error["message"]) == (
+        "n", "n must be an integer from 1 to 3 (the choices are generated together).")
     # JSON allows an unpaired surrogate; no tokenizer takes it.
     for path, body, param in [("/v1/completions", {"prompt": "a\ud800b"}, "prompt"),
                               ("/v1/completions", {"prompt": ["ok", "a\ud800b"]}, "prompt"),
