@@ -309,3 +309,30 @@ def test_a_projection_gives_the_same_whichever_weight_layout_it_reads(rows, bias
     assert gpu_like.blocks is None and cpu.blocks.shape[0] * cpu.blocks.shape[2] == 32
     assert torch.allclose(cpu(x), expected, atol=1e-5) and cpu(x).shape == (1, rows, 32)
     assert torch.equal(gpu_like(x), expected)
+
+
+def test_a_cpu_engine_keeps_the_weight_blocks_only_where_they_read_faster(export_dir, monkeypatch):
+    """Which layout serves steps of a few rows is timed when the engine starts (it differs between CPUs): made
+    slow on purpose, each one loses, and the tokens are the same either way."""
+    import time
+
+    import torch.nn.functional as F
+
+    real_linear, real_bmm = F.linear, torch.bmm
+    monkeypatch.setattr(F, "linear", lambda *args: time.sleep(0.001) or real_linear(*args))
+    blocks = Engine(export_dir, device="cpu", max_batch=2)
+    monkeypatch.setattr(F, "linear", real_linear)
+    assert blocks.few_row_layout == "blocks" and blocks.lm_head.blocks is not None
+
+    monkeypatch.setattr(torch, "bmm", lambda *args: time.sleep(0.001) or real_bmm(*args))
+    weights = Engine(export_dir, device="cpu", max_batch=2)
+    monkeypatch.setattr(torch, "bmm", real_bmm)
+    assert weights.few_row_layout == "weight" and weights.lm_head.blocks is None
+    assert all(w.qkv.blocks is None and w.down.blocks is None for w in weights.layers)  # their memory is freed
+
+    outputs = []
+    for each in (blocks, weights):
+        request = each.submit(each.encode(PROMPTS[0]), SamplingParams(max_tokens=16, temperature=0))
+        each.run_until_idle()
+        outputs.append(request.output_ids)
+    assert outputs[0] == outputs[1] and outputs[0]
