@@ -152,6 +152,10 @@ class Request:
             self.wake.set()
 
 
+# (projection shapes, dtype, threads) -> whether the blocks read faster at one row: see Engine.__init__.
+_BLOCKS_FASTER: dict[tuple, bool] = {}
+
+
 class Engine:
     def __init__(self, model_dir: str | Path, *, device: str = "auto", max_batch: int = 32,
                  max_seq_len: int | None = None, dtype: str = "auto", prefill_tokens: int | None = None,
@@ -167,8 +171,14 @@ class Engine:
         # else "weight" as a GPU does; timed here, since it is not the same from one CPU to another.
         self.few_row_layout = "weight"
         self._set_projections(transposed=self.device.type == "cpu")
-        if self.device.type == "cpu" and not self._blocks_are_faster():
-            self._set_projections(transposed=False)  # and the blocks' memory is freed
+        if self.device.type == "cpu":
+            # Timed once per process and model shape: engines of one model in one process read it alike, so their
+            # greedy tokens cannot differ by the rounding of one layout against the other.
+            shapes = (tuple(p.weight.shape for p in self._projections()), self.dtype, torch.get_num_threads())
+            if shapes not in _BLOCKS_FASTER:
+                _BLOCKS_FASTER[shapes] = self._blocks_are_faster()
+            if not _BLOCKS_FASTER[shapes]:
+                self._set_projections(transposed=False)  # and the blocks' memory is freed
         self.model_dir = model_dir
         self.tokenizer, self.chat_template, self.special_tokens, self.eos_ids = _load_tokenizer(model_dir, hf_config)
         self.max_batch = max_batch
@@ -230,12 +240,15 @@ class Engine:
         self.lm_head = _Linear.of([self.model.lm_head.weight], [None], transposed=transposed)
         self.few_row_layout = "blocks" if transposed else "weight"
 
+    def _projections(self) -> list["_Linear"]:
+        return [p for w in self.layers for p in (w.qkv, w.o, w.gate_up, w.down)] + [self.lm_head]
+
     def _blocks_are_faster(self, rounds: int = 7) -> bool:
         """One row through every projection of the model, as a decode step at batch 1 reads them, from the blocks
         and from the weights in turn (the best of a few rounds each: ~15 ms for the 'small' preset). The blocks won
         on an AMD EPYC (see _Linear); on an Intel Xeon whose cache held the whole model, the weights decoded 10%
         faster (389 against 353 tokens/s, median of 6 alternating runs)."""
-        projections = [p for w in self.layers for p in (w.qkv, w.o, w.gate_up, w.down)] + [self.lm_head]
+        projections = self._projections()
         rows = {p.weight.shape[1]: torch.randn(1, 1, p.weight.shape[1], dtype=self.dtype) for p in projections}
         best = {True: math.inf, False: math.inf}
         with torch.inference_mode():

@@ -318,12 +318,17 @@ def test_a_cpu_engine_keeps_the_weight_blocks_only_where_they_read_faster(export
 
     import torch.nn.functional as F
 
+    import training.engine as engine_module
+
     real_linear, real_bmm = F.linear, torch.bmm
+    monkeypatch.setattr(engine_module, "_BLOCKS_FASTER", {})  # no choice made before this test
     monkeypatch.setattr(F, "linear", lambda *args: time.sleep(0.001) or real_linear(*args))
     blocks = Engine(export_dir, device="cpu", max_batch=2)
     monkeypatch.setattr(F, "linear", real_linear)
     assert blocks.few_row_layout == "blocks" and blocks.lm_head.blocks is not None
+    assert Engine(export_dir, device="cpu", max_batch=2).few_row_layout == "blocks"  # chosen once per process
 
+    engine_module._BLOCKS_FASTER.clear()
     monkeypatch.setattr(torch, "bmm", lambda *args: time.sleep(0.001) or real_bmm(*args))
     weights = Engine(export_dir, device="cpu", max_batch=2)
     monkeypatch.setattr(torch, "bmm", real_bmm)
