@@ -167,18 +167,18 @@ class Engine:
         model, hf_config = load_exported(model_dir, device=self.device)
         self.model = model.to(self.dtype).eval()  # the RoPE tables (buffers) are in this dtype too
         self.config = model.config
-        # How a CPU step of a few rows reads the weights: "blocks" (_Linear) where that is faster on this machine,
-        # else "weight" as a GPU does; timed here, since it is not the same from one CPU to another.
-        self.few_row_layout = "weight"
-        self._set_projections(transposed=self.device.type == "cpu")
-        if self.device.type == "cpu":
-            # Timed once per process and model shape: engines of one model in one process read it alike, so their
-            # greedy tokens cannot differ by the rounding of one layout against the other.
-            shapes = (tuple(p.weight.shape for p in self._projections()), self.dtype, torch.get_num_threads())
+        on_cpu = self.device.type == "cpu"
+        self.layers = [_LayerWeights.of(block, transposed=on_cpu) for block in self.model.model.layers]
+        self.lm_head = _Linear.of([self.model.lm_head.weight], [None], transposed=on_cpu)
+        if on_cpu:
+            # The blocks stay only where they read faster, which is not so on every CPU. Timed once per process and
+            # model shape: engines of one model in one process read it alike, so their greedy tokens cannot differ
+            # by the rounding of one layout against the other.
+            shapes = (tuple(p.shape for p in self.model.parameters()), self.dtype, torch.get_num_threads())
             if shapes not in _BLOCKS_FASTER:
                 _BLOCKS_FASTER[shapes] = self._blocks_are_faster()
             if not _BLOCKS_FASTER[shapes]:
-                self._set_projections(transposed=False)  # and the blocks' memory is freed
+                self._drop_blocks()
         self.model_dir = model_dir
         self.tokenizer, self.chat_template, self.special_tokens, self.eos_ids = _load_tokenizer(model_dir, hf_config)
         self.max_batch = max_batch
@@ -235,10 +235,18 @@ class Engine:
         self.failure: str | None = None  # why the decode loop stopped, when a step raised
         self.on_failure = None  # called once after a failure (the server shuts down, so its supervisor restarts it)
 
-    def _set_projections(self, *, transposed: bool) -> None:
-        self.layers = [_LayerWeights.of(block, transposed=transposed) for block in self.model.model.layers]
-        self.lm_head = _Linear.of([self.model.lm_head.weight], [None], transposed=transposed)
-        self.few_row_layout = "blocks" if transposed else "weight"
+    @property
+    def few_row_layout(self) -> str:
+        """How a CPU step of a few rows reads the weights: "blocks" (_Linear), or "weight" as a GPU does."""
+        return "weight" if self.lm_head.blocks is None else "blocks"
+
+    def _drop_blocks(self) -> None:
+        """Every projection reads its weight alone from now on, and the blocks' memory is freed."""
+        def plain(p: "_Linear") -> "_Linear":
+            return dataclasses.replace(p, blocks=None)
+        self.layers = [dataclasses.replace(w, qkv=plain(w.qkv), o=plain(w.o), gate_up=plain(w.gate_up),
+                                           down=plain(w.down)) for w in self.layers]
+        self.lm_head = plain(self.lm_head)
 
     def _projections(self) -> list["_Linear"]:
         return [p for w in self.layers for p in (w.qkv, w.o, w.gate_up, w.down)] + [self.lm_head]
