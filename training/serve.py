@@ -433,13 +433,11 @@ class Handler(BaseHTTPRequestHandler):
                 chunk([], usage=self._usage(requests, n))
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            for request in requests:
-                request.cancel()  # the client went away: free the slots at the next step
-        except BaseException:
-            for request in requests:  # nobody will read them
-                request.cancel()
-            raise
+        except BaseException as exc:
+            for request in requests:  # the client went away, or the stream broke: nobody will read them
+                request.cancel()  # the slots are freed at the next step
+            if not isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                raise
 
 def serve(model_dir: str, *, model_id: str, host: str = "127.0.0.1", port: int = 8100, max_batch: int = 32,
           device: str = "auto", decode: str = "auto", max_waiting: int = MAX_WAITING, max_seq_len: int | None = None,

@@ -15,8 +15,7 @@ from django.views.decorators.http import require_http_methods
 
 from gatehouse.accounts.authentication import client_address, token_from_header
 from gatehouse.accounts.models import User
-from gatehouse.core.badinput import JSON_MESSAGE
-from gatehouse.core.badinput import contains_unstorable_text
+from gatehouse.core.badinput import JSON_MESSAGE, contains_unstorable_text
 from gatehouse.core.errors import ApplicationError, NotAuthenticated, NotFound
 from gatehouse.registry.models import Model, ModelFile, ModelRef, ModelVersion
 from gatehouse.registry.selectors import model_list, version_resolve

@@ -34,14 +34,14 @@ def prepare_data(directory: Path, vocab: int) -> Path:
 
 def parse_variant(variant: str) -> tuple[dict, dict]:
     """"default", or settings joined by "+": TrainConfig fields (attention=KERNEL, compile_mode=MODE,
-    residual_dtype=DTYPE, head_loss=KIND) and inductor.NAME=VALUE (a torch._inductor.config flag set for that run only, to try one
-    before it becomes a trainer setting)."""
+    residual_dtype=DTYPE, head_loss=KIND) and inductor.NAME=VALUE (a torch._inductor.config flag set for that run
+    only, to try one before it becomes a trainer setting)."""
     settings = dict(part.partition("=")[::2] for part in variant.split("+") if part != "default")
     inductor = {k.removeprefix("inductor."): v for k, v in settings.items() if k.startswith("inductor.")}
     config = {k: v for k, v in settings.items() if not k.startswith("inductor.")}
     if set(config) - {"attention", "compile_mode", "residual_dtype", "head_loss"}:
         raise SystemExit(f"unknown variant {variant!r}: use default, attention=KERNEL, compile_mode=MODE, "
-                         "residual_dtype=DTYPE, head_loss=fused or inductor.FLAG=VALUE, joined by +")
+                         "residual_dtype=DTYPE, head_loss=KIND or inductor.FLAG=VALUE, joined by +")
     return config, {k: {"1": True, "0": False}.get(v, v) for k, v in inductor.items()}
 
 
@@ -49,6 +49,7 @@ def ours(args, data: Path, out: Path, variant: str) -> dict:
     """One run of our trainer with one variant (parse_variant)."""
     import torch
     import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
 
     from training.config import TrainConfig
     from training.trainer import train
@@ -59,8 +60,6 @@ def ours(args, data: Path, out: Path, variant: str) -> dict:
                       eval_interval=10**6, checkpoint_interval=10**6, device=args.device,
                       compile=args.compile, dtype=args.dtype, seed=0, vocab_size=args.model_vocab,
                       **settings)
-    from torch._dynamo.utils import counters
-
     torch._dynamo.reset()  # each variant compiles from scratch, as a fresh process would
     counters.clear()
     # The export at the end is part of a real run but not of throughput; the step events carry the figures.
