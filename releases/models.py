@@ -236,6 +236,10 @@ class InferenceBackend(models.Model):
     url = models.URLField(blank=True, help_text="Base URL including /v1; set by the supervisor for local engines")
     upstream_model = models.CharField(max_length=200, blank=True, help_text="The model id at the backend")
     api_key = models.CharField(max_length=200, blank=True, help_text="Sent as a Bearer token to an upstream")
+    usage_in_every_chunk = models.BooleanField(
+        default=False, help_text="Upstreams: it puts usage in every streamed chunk when asked (vLLM's and SGLang's "
+        "stream_options.continuous_usage_stats), so a client that leaves early is metered for its prompt too. Leave off "
+        "for a server that refuses options it does not know. Local engines always do it")
     version = models.ForeignKey(ModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
                                 help_text="Local engines: the version loaded (default: the model's latest)")
     enabled = models.BooleanField(default=True)

@@ -125,7 +125,7 @@ _CALL_FIELDS = ("id", "name", "tier", "created_at", "organization__id", "organiz
                 "access_policy__id", "access_policy__audience", "access_policy__acceptable_use",
                 "access_policy__cooldown_days", "inference_backend__id", "inference_backend__kind",
                 "inference_backend__url", "inference_backend__upstream_model", "inference_backend__api_key",
-                "inference_backend__enabled")
+                "inference_backend__usage_in_every_chunk", "inference_backend__enabled")
 
 
 def _for_calls(models):
@@ -237,9 +237,10 @@ def generate(request, endpoint: str, *, user, token, body):
     wants_usage = ("every" if options.get("continuous_usage_stats") else "last") if options.get("include_usage") else ""
     upstream_body = body | {"model": backend.upstream_model or model.repo_id}
     if stream:  # we always ask for usage upstream, to meter; the client sees it only if it asked
-        # The usage chunk comes last: with our engine, usage in every chunk too, so a client that leaves early is
-        # metered for its prompt as well (vLLM has the option as well, but not every OpenAI-compatible upstream).
-        extra = {"continuous_usage_stats": True} if backend.kind == InferenceBackend.Kind.LOCAL else {}
+        # The usage chunk comes last: usage in every chunk too, where the backend can, so a client that leaves early
+        # is metered for its prompt as well (our engine; vLLM and SGLang when their backend says so).
+        every_chunk = backend.kind == InferenceBackend.Kind.LOCAL or backend.usage_in_every_chunk
+        extra = {"continuous_usage_stats": True} if every_chunk else {}
         upstream_body["stream_options"] = options | {"include_usage": True} | extra
     call = inference_call_admit(user=user, token=token, organization_id=quota_organization(model, organization_ids),
                                 model=model, endpoint=endpoint, stream=stream)

@@ -352,9 +352,10 @@ def test_a_client_that_leaves_before_the_usage_chunk_is_metered_for_what_was_rel
         (499, "client_disconnected", 2)]
 
 
-def test_our_engine_sends_usage_in_every_chunk_so_a_client_leaving_early_pays_for_its_prompt(served):
-    served.backend.kind = "local"  # our engine, at the stand-in's address
-    served.backend.save()
+@pytest.mark.parametrize("backend", [{"kind": "local"},  # our engine, at the stand-in's address
+                                     {"kind": "upstream", "usage_in_every_chunk": True}])  # vLLM, marked so
+def test_usage_in_every_chunk_is_asked_for_so_a_client_leaving_early_pays_for_its_prompt(served, backend):
+    InferenceBackend.objects.filter(pk=served.backend.pk).update(**backend)
     usage = lambda n: {"prompt_tokens": 40, "completion_tokens": n, "total_tokens": 40 + n}  # noqa: E731
     events = [chat_chunk("a"), chat_chunk("b"), chat_chunk("c"), chat_chunk(finish="stop")]
     served.upstream.events = [e[:-1] + f', "usage": {json.dumps(usage(n))}}}' for n, e in enumerate(events, 1)] + [
