@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from training.config import ConfigError
 from training.export import load_exported
-from training.model import apply_rope
+from training.model import apply_rope, rms_norm
 
 
 class EngineError(ValueError):
@@ -849,7 +849,7 @@ class Engine:
         """Queries, keys and values (batch, heads, seq, head_dim) of x (batch, seq, hidden), q and k rotated."""
         c = self.config
         batch, seq = x.shape[:2]
-        qk, v = w.qkv(_rms_norm(x, w.input_norm, c.rms_norm_eps)).split(w.qk_v_split, dim=-1)
+        qk, v = w.qkv(rms_norm(x, w.input_norm, c.rms_norm_eps)).split(w.qk_v_split, dim=-1)
         # q and k rotated together: one RoPE over all their heads.
         qk = apply_rope(qk.view(batch, seq, c.num_heads + c.num_kv_heads, c.head_dim).transpose(1, 2), cos, sin)
         v = v.view(batch, seq, c.num_kv_heads, c.head_dim).transpose(1, 2)
@@ -860,7 +860,7 @@ class Engine:
         c = self.config
         batch, seq = x.shape[:2]
         x = x + w.o(y.transpose(1, 2).reshape(batch, seq, c.num_heads * c.head_dim))
-        gate, up = w.gate_up(_rms_norm(x, w.post_norm, c.rms_norm_eps)).chunk(2, dim=-1)
+        gate, up = w.gate_up(rms_norm(x, w.post_norm, c.rms_norm_eps)).chunk(2, dim=-1)
         return x + w.down(F.silu(gate) * up)
 
 
@@ -959,15 +959,6 @@ def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
         else:
             high = middle
     return low
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The model's RMSNorm (normalise in float32, scale in the model's dtype), without the module call."""
-    if x.dtype == torch.float32:  # one fused op computing the same thing
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    normed = x.float()
-    normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed.to(x.dtype)
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
