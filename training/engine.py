@@ -248,15 +248,12 @@ class Engine:
                                            down=plain(w.down)) for w in self.layers]
         self.lm_head = plain(self.lm_head)
 
-    def _projections(self) -> list["_Linear"]:
-        return [p for w in self.layers for p in (w.qkv, w.o, w.gate_up, w.down)] + [self.lm_head]
-
     def _blocks_are_faster(self, rounds: int = 7) -> bool:
         """One row through every projection of the model, as a decode step at batch 1 reads them, from the blocks
         and from the weights in turn (the best of a few rounds each: ~15 ms for the 'small' preset). The blocks won
         on an AMD EPYC (see _Linear); on an Intel Xeon whose cache held the whole model, the weights decoded 10%
         faster (389 against 353 tokens/s, median of 6 alternating runs)."""
-        projections = self._projections()
+        projections = [p for w in self.layers for p in (w.qkv, w.o, w.gate_up, w.down)] + [self.lm_head]
         rows = {p.weight.shape[1]: torch.randn(1, 1, p.weight.shape[1], dtype=self.dtype) for p in projections}
         best = {True: math.inf, False: math.inf}
         with torch.inference_mode():
