@@ -106,6 +106,63 @@ class HeadLoss(torch.autograd.Function):
         return grad_hidden, grad_weight, None
 
 
+class HeadLossInBlocks(torch.autograd.Function):
+    """HeadLoss for eager mode: the same loss and gradients, worked out a block of rows at a time, all in the forward.
+
+    Each block's logits are turned into their gradient in place and fed at once to the head's two matmuls, while the
+    block is still in cache: the (tokens x vocab) logits never exist whole, and no pass over them allocates. Written
+    with whole-tensor ops, HeadLoss's float temporaries made an eager CPU step 8% slower than the plain path; this
+    one is faster than the plain path (head and loss, forward and backward, 'small' preset's batch on a CPU: 197
+    against 247 ms). The backward only scales the two gradients kept. Under torch.compile HeadLoss is used instead:
+    inductor fuses its pointwise work into one kernel, and a loop over blocks would be unrolled into the graph."""
+
+    BLOCK_ELEMENTS = 2 * 1024 * 1024  # logits per block: 8 MB in float32, which a CPU's last-level cache holds
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # On a GPU one block: there the point is no temporaries, and a block's few kernels cost more to launch than
+        # they take to run.
+        rows = max(64, HeadLossInBlocks.BLOCK_ELEMENTS // weight.shape[0]) if hidden.device.type == "cpu" \
+            else hidden.shape[0]
+        valid = targets != -100
+        count = valid.sum()
+        safe = torch.where(valid, targets, 0)[:, None]
+        weights = valid / count  # each row's share of the mean
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        # Summed over blocks in float32 whatever the matmul dtype, as one matmul over all rows would.
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], rows):
+            block = slice(start, start + rows)
+            h = hidden[block]
+            scores = (h @ weight.t()).float()  # a copy in bf16, the matmul's own output in float32
+            scores.sub_(scores.amax(dim=-1, keepdim=True))
+            picked = scores.gather(1, safe[block]).squeeze(1)
+            scores.exp_()
+            sums = scores.sum(dim=-1)
+            total += (weights[block] * (sums.log() - picked)).sum()
+            # (softmax - one-hot) * the row's share, in place: two passes over the block.
+            scores.mul_((weights[block] / sums)[:, None])
+            scores.scatter_add_(1, safe[block], -weights[block][:, None].to(scores.dtype))
+            grad = scores.to(hidden.dtype)
+            if grad_hidden is not None:
+                torch.mm(grad, weight, out=grad_hidden[block])
+            if grad_weight is not None:
+                if grad.dtype == torch.float32:
+                    grad_weight.addmm_(grad.t(), h)
+                else:
+                    grad_weight += (grad.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (None if grad_hidden is None else grad_hidden * grad_loss,
+                None if grad_weight is None else grad_weight * grad_loss, None)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -214,8 +271,9 @@ class Transformer(nn.Module):
         if targets is not None and fused:
             kind = hidden.device.type
             dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
-            loss = HeadLoss.apply(hidden.reshape(-1, hidden.size(-1)).to(dtype), self.lm_head.weight.to(dtype),
-                                  targets.reshape(-1))
+            head_loss = HeadLoss if torch.compiler.is_compiling() else HeadLossInBlocks
+            loss = head_loss.apply(hidden.reshape(-1, hidden.size(-1)).to(dtype), self.lm_head.weight.to(dtype),
+                                   targets.reshape(-1))
             return None, loss
         logits = self.lm_head(hidden)
         if targets is None:

@@ -1,4 +1,5 @@
-"""The fused head loss (--head-loss fused, model.HeadLoss) computes the plain path's loss and gradients."""
+"""The fused head loss (--head-loss fused: model.HeadLoss compiled, model.HeadLossInBlocks eager) computes the plain
+path's loss and gradients."""
 from contextlib import nullcontext
 
 import pytest
@@ -31,7 +32,21 @@ def batch():
     return model, idx, targets
 
 
-def test_fused_equals_plain_in_float32(batch):
+# The batch's 72 rows as one block (the default for this vocabulary), and as blocks of 64 rows and of 8 (the last one
+# partial, an ignored row in the first).
+BLOCKS = [None, 1]
+
+
+@pytest.fixture(params=BLOCKS, ids=["one_block", "blocks_of_64_and_8"])
+def blocks(request, monkeypatch):
+    from training.model import HeadLossInBlocks
+
+    if request.param is not None:
+        monkeypatch.setattr(HeadLossInBlocks, "BLOCK_ELEMENTS", request.param)
+    return request.param
+
+
+def test_fused_equals_plain_in_float32(batch, blocks):
     model, idx, targets = batch
     plain_loss, plain = _loss_and_grads(model, idx, targets, fused=False)
     fused_loss, fused = _loss_and_grads(model, idx, targets, fused=True)
@@ -41,7 +56,7 @@ def test_fused_equals_plain_in_float32(batch):
         torch.testing.assert_close(fused[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_fused_equals_plain_under_bf16_autocast(batch):
+def test_fused_equals_plain_under_bf16_autocast(batch, blocks):
     """The head's matmuls run in bf16 either way; the gradients keep the parameters' float32."""
     model, idx, targets = batch
     plain_loss, plain = _loss_and_grads(model, idx, targets, fused=False, autocast=True)
@@ -52,9 +67,15 @@ def test_fused_equals_plain_under_bf16_autocast(batch):
         torch.testing.assert_close(fused[name], plain[name], rtol=2e-2, atol=2e-4, msg=name)
 
 
-def test_compiled_fused_equals_eager_plain(batch):
+def test_compiled_fused_equals_eager_plain(batch, monkeypatch):
+    from training.model import HeadLossInBlocks
+
     model, idx, targets = batch
     plain_loss, plain = _loss_and_grads(model, idx, targets, fused=False)
+
+    def eager_only(*args):
+        raise AssertionError("a compiled step takes HeadLoss, whose pointwise work inductor fuses")
+    monkeypatch.setattr(HeadLossInBlocks, "forward", staticmethod(eager_only))
     compiled = torch.compile(model)
     model.fused_head_loss = True
     model.zero_grad(set_to_none=True)
@@ -65,7 +86,28 @@ def test_compiled_fused_equals_eager_plain(batch):
         torch.testing.assert_close(p.grad, 2 * plain[name], rtol=1e-4, atol=1e-6, msg=name)  # plain's loss was halved
 
 
-def test_a_frozen_head_gets_no_gradient_and_the_rest_does(batch):
+def test_eager_fused_runs_in_blocks_in_place(batch, monkeypatch):
+    """Eager, no tensor of the whole tokens x vocab logits is made: the largest is one block's."""
+    from training.model import HeadLossInBlocks
+
+    model, idx, targets = batch
+    monkeypatch.setattr(HeadLossInBlocks, "BLOCK_ELEMENTS", 1)  # blocks of 64 rows
+    model.fused_head_loss = True
+    largest = []
+
+    class Sizes(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] == 512:
+                largest.append(out.shape[0])
+            return out
+    with Sizes():
+        _, loss = model(idx, targets)
+    loss.backward()
+    assert largest and max(largest) == 64  # 72 rows, vocabulary 512
+
+
+def test_a_frozen_head_gets_no_gradient_and_the_rest_does(batch, blocks):
     model, idx, targets = batch
     model.lm_head.weight.requires_grad_(False)  # as --method bias or lora leave it
     _, grads = _loss_and_grads(model, idx, targets, fused=True)
@@ -83,12 +125,12 @@ def test_training_with_the_fused_head_loss_follows_the_plain_run(tmp_path, data_
     assert events(tmp_path / "plain", "start")[0]["head_loss"] == "plain"
 
 
-def test_auto_fuses_the_head_loss_only_in_a_compiled_step(tmp_path, data_dir):
+def test_auto_fuses_the_head_loss_compiled_and_eager(tmp_path, data_dir):
     for compiled in ("no", "yes"):
         assert train(quick_config(data_dir, tmp_path / compiled, compile=compiled, max_steps=2, warmup_steps=1)) == 0
         start = events(tmp_path / compiled, "start")[0]
         assert start["train_config"]["head_loss"] == "auto"
-        assert start["head_loss"] == ("fused" if compiled == "yes" else "plain")
+        assert start["head_loss"] == "fused"
 
 
 def test_an_unknown_head_loss_is_refused_in_one_line(tmp_path, data_dir):
