@@ -45,6 +45,12 @@ class PreparedQuery:
                 raise ValueError(f"each of {', '.join(placeholders)} must be used once, as a whole filter value")
             if queryset._prefetch_related_lookups:
                 raise ValueError("prefetch_related runs further queries: prepare those separately")
+            # The columns' converters (database values to Python: datetimes, booleans, decimals), found once: the ORM
+            # looks them up again for every query it runs, a third of what these queries cost the gateway.
+            columns = [s[0] for s in compiler.select[0:compiler.col_count]]
+            if compiler.has_composite_fields(columns):
+                raise ValueError("composite primary keys are not supported")
+            converters = compiler.get_converters(columns)
             iterable = queryset._iterable_class
             if iterable is ModelIterable and not compiler.annotation_col_map and not queryset._known_related_objects:
                 klass_info = compiler.klass_info
@@ -56,18 +62,19 @@ class PreparedQuery:
                 build_row = None
             else:
                 raise ValueError("only plain model querysets and values_list(flat=True) can be prepared")
-            self._compiled[using] = (db, compiler, sql, list(params), slots, build_row)
+            self._compiled[using] = (db, compiler, sql, list(params), slots, converters, build_row)
             return self._compiled[using]
 
     def __call__(self, *, using: str | None = None, **values) -> list:
         """The rows for these values: model instances, or the one column's values for values_list(flat=True)."""
         compiled = self._compiled.get(using) or self._compile(using)
-        db, compiler, sql, params, slots, build_row = compiled
+        db, compiler, sql, params, slots, converters, build_row = compiled
         params = [values[slots[i]] if i in slots else value for i, value in enumerate(params)]
         with connections[db].cursor() as cursor:
             cursor.execute(sql, params)
             rows = cursor.fetchall()
-        rows = compiler.results_iter(results=[rows])
+        if converters:  # as QuerySet's results_iter does, less finding the converters
+            rows = compiler.apply_converters(rows, converters)
         if build_row is None:
             return [row[0] for row in rows]
         model, start, end, init_list, populators = build_row

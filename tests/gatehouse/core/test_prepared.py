@@ -11,8 +11,8 @@ from releases.models import AccessPolicy, InferenceBackend, InferenceCall
 def _served(org, name):
     return Model.objects.filter(organization__slug=org, name=name) \
         .select_related("organization", "access_policy", "inference_backend", "latest_version") \
-        .only("id", "name", "tier", "organization__slug", "access_policy__audience", "inference_backend__url",
-              "latest_version__context_length").order_by()[:1]
+        .only("id", "name", "tier", "created_at", "organization__slug", "access_policy__audience",
+              "inference_backend__url", "inference_backend__enabled", "latest_version__context_length").order_by()[:1]
 
 
 def test_a_prepared_query_returns_what_the_queryset_returns_in_one_query(register, aurora, alice,
@@ -30,8 +30,12 @@ def test_a_prepared_query_returns_what_the_queryset_returns_in_one_query(registe
             assert (got.pk, got.name, got.tier, got.organization.slug) == \
                    (expected.pk, expected.name, expected.tier, "aurora")
             assert got.latest_version.context_length == expected.latest_version.context_length
+            # Values the database stores in another form come back converted, as the queryset's (on SQLite a
+            # datetime is text and a boolean an integer).
+            assert got.created_at == expected.created_at and got.created_at.tzinfo is not None
             if model is served:
                 assert got.access_policy.audience == "gated" and got.inference_backend.url == "http://engine/v1"
+                assert got.inference_backend.enabled is True
             else:
                 with pytest.raises(Model.access_policy.RelatedObjectDoesNotExist):
                     got.access_policy  # known to be absent: no query
