@@ -135,16 +135,16 @@ class HeadLossInBlocks(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], rows):
             block = slice(start, start + rows)
-            h = hidden[block]
+            h, target, share = hidden[block], safe[block], weights[block]
             scores = (h @ weight.t()).float()  # a copy in bf16, the matmul's own output in float32
             scores.sub_(scores.amax(dim=-1, keepdim=True))
-            picked = scores.gather(1, safe[block]).squeeze(1)
+            picked = scores.gather(1, target).squeeze(1)
             scores.exp_()
             sums = scores.sum(dim=-1)
-            total += (weights[block] * (sums.log() - picked)).sum()
+            total += (share * (sums.log() - picked)).sum()
             # (softmax - one-hot) * the row's share, in place: two passes over the block.
-            scores.mul_((weights[block] / sums)[:, None])
-            scores.scatter_add_(1, safe[block], -weights[block][:, None].to(scores.dtype))
+            scores.mul_((share / sums)[:, None])
+            scores.scatter_add_(1, target, -share[:, None].to(scores.dtype))
             grad = scores.to(hidden.dtype)
             if grad_hidden is not None:
                 torch.mm(grad, weight, out=grad_hidden[block])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from training.config import ConfigError, preset
-from training.model import Transformer
+from training.model import HeadLossInBlocks, Transformer
 from training.trainer import train
 
 from .conftest import events, quick_config
@@ -34,13 +34,8 @@ def batch():
 
 # The batch's 72 rows as one block (the default for this vocabulary), and as blocks of 64 rows and of 8 (the last one
 # partial, an ignored row in the first).
-BLOCKS = [None, 1]
-
-
-@pytest.fixture(params=BLOCKS, ids=["one_block", "blocks_of_64_and_8"])
+@pytest.fixture(params=[None, 1], ids=["one_block", "blocks_of_64_and_8"])
 def blocks(request, monkeypatch):
-    from training.model import HeadLossInBlocks
-
     if request.param is not None:
         monkeypatch.setattr(HeadLossInBlocks, "BLOCK_ELEMENTS", request.param)
     return request.param
@@ -68,8 +63,6 @@ def test_fused_equals_plain_under_bf16_autocast(batch, blocks):
 
 
 def test_compiled_fused_equals_eager_plain(batch, monkeypatch):
-    from training.model import HeadLossInBlocks
-
     model, idx, targets = batch
     plain_loss, plain = _loss_and_grads(model, idx, targets, fused=False)
 
@@ -88,8 +81,6 @@ def test_compiled_fused_equals_eager_plain(batch, monkeypatch):
 
 def test_eager_fused_runs_in_blocks_in_place(batch, monkeypatch):
     """Eager, no tensor of the whole tokens x vocab logits is made: the largest is one block's."""
-    from training.model import HeadLossInBlocks
-
     model, idx, targets = batch
     monkeypatch.setattr(HeadLossInBlocks, "BLOCK_ELEMENTS", 1)  # blocks of 64 rows
     model.fused_head_loss = True
