@@ -289,13 +289,9 @@ class Engine:
 
         if not self.chat_template:
             raise EngineError("This model has no chat template; use /v1/completions.", code="chat_unsupported")
-        for message in messages:
-            if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant") \
-                    or not isinstance(message.get("content"), str):
-                raise EngineError("messages must be a list of {role: system|user|assistant, content: string}.",
-                                  param="messages")
         try:
-            return self.chat_template.render(messages=messages, add_generation_prompt=True, **self.special_tokens)
+            return self.chat_template.render(messages=[chat_message(m, i) for i, m in enumerate(messages)],
+                                             add_generation_prompt=True, **self.special_tokens)
         except TemplateError as exc:  # raise_exception: the template refuses these messages (roles not alternating)
             raise EngineError(f"This model's chat template refused the messages: {exc}", param="messages") from None
 
@@ -925,10 +921,36 @@ class _LayerWeights:
                    gate_up=linear(mlp.gate_proj, mlp.up_proj), down=linear(mlp.down_proj))
 
 
+def chat_message(message, index: int) -> dict:
+    """One message as a chat template takes it: {role, content} with text content. OpenAI's newer forms are accepted
+    as vLLM accepts them: content as a list of text parts (joined by newlines), and the developer role (OpenAI's new
+    name for system). Tool calls and non-text parts this engine cannot answer: refused, naming what to send instead."""
+    role = message.get("role") if isinstance(message, dict) else None
+    if role not in ("system", "developer", "user", "assistant"):
+        hint = " (this engine has no tool calling)" if role in ("tool", "function") else ""
+        raise EngineError(f"messages[{index}].role must be system, developer, user or assistant; got "
+                          f"{str(role)[:40]!r}{hint}.", param="messages")
+    if message.get("tool_calls") or message.get("function_call"):
+        raise EngineError(f"messages[{index}] holds tool calls, which this engine cannot answer; send text only.",
+                          param="messages")
+    content = message.get("content")
+    if isinstance(content, list):
+        if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                   for part in content):
+            raise EngineError(f"messages[{index}].content parts must all be {{\"type\": \"text\", \"text\": ...}}: "
+                              "this model takes text only.", param="messages")
+        content = "\n".join(part["text"] for part in content)
+    if not isinstance(content, str):
+        raise EngineError(f"messages[{index}].content must be a string or a list of text parts.", param="messages")
+    return message | {"role": "system" if role == "developer" else role, "content": content}
+
+
 def _logprob_entries(table: torch.Tensor, tokens: list[int], alternatives: int) -> list[tuple[float, list]]:
     """Per row of a log-softmax table: the log probability of that row's token, and the `alternatives` likeliest
     tokens' as (token id, log probability). Whole-table operations: a few device reads, not a few per row."""
-    chosen = table[torch.arange(len(tokens), device=table.device), torch.tensor(tokens, device=table.device)].tolist()
+    # long whatever the list holds: an empty one (a one-token prompt's) would make a float tensor, not an index.
+    chosen = table[torch.arange(len(tokens), device=table.device),
+                   torch.tensor(tokens, dtype=torch.long, device=table.device)].tolist()
     if not alternatives:
         return [(logprob, []) for logprob in chosen]
     top = torch.topk(table, alternatives, dim=-1)

@@ -62,6 +62,9 @@ def sampling_from(body: dict, *, chat: bool) -> SamplingParams:
         wanted = body.get("logprobs")
         if wanted is not None and not isinstance(wanted, bool):
             raise ApiError(400, "logprobs must be true or false.", code="invalid_value", param="logprobs")
+        if body.get("top_logprobs") and wanted is not True:  # 0 asks for nothing
+            raise ApiError(400, "top_logprobs needs logprobs: true; set both, or leave top_logprobs out.",
+                           code="invalid_value", param="top_logprobs")
         logprobs = number("top_logprobs", 0, int) if wanted else None
     else:
         logprobs = number("logprobs", None, int)

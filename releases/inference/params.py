@@ -104,6 +104,10 @@ def check_generation_parameters(endpoint: str, body: dict, *, context_length: in
     else:
         _boolean(body, "logprobs")
         _integer(body, "top_logprobs", 0, 20)
+        # As OpenAI and vLLM refuse it; 0 asks for nothing (a client sending every default).
+        if body.get("top_logprobs") and body.get("logprobs") is not True:
+            raise InvalidParameter("top_logprobs", "top_logprobs needs logprobs: true; set both, or leave "
+                                                   "top_logprobs out.")
     if body.get("logit_bias") is not None and not isinstance(body["logit_bias"], dict):
         raise InvalidParameter("logit_bias", "logit_bias must be an object mapping token ids to numbers.")
     for name, value in body.items():  # anything else: NaN and Infinity are not JSON, and no backend wants them
@@ -142,4 +146,16 @@ def check_engine_support(body: dict) -> None:
         if body.get(name) is not None and asks(body[name]):
             raise InvalidParameter(name, f"{name}={json.dumps(body[name])[:60]} is not supported by this model's "
                                          f"engine; leave {name} out (or at its default).",
+                                   code="unsupported_parameter")
+    # A conversation carrying tool calls or non-text parts: the engine refuses it too, but only once the call counts.
+    for index, message in enumerate(body.get("messages") or ()):
+        content = message.get("content")
+        if message.get("role") in ("tool", "function") or message.get("tool_calls") or message.get("function_call"):
+            raise InvalidParameter("messages", f"messages[{index}] is part of a tool call, which this model's engine "
+                                               "cannot answer; send system, developer, user and assistant text only.",
+                                   code="unsupported_parameter")
+        if isinstance(content, list) and not all(isinstance(part, dict) and part.get("type") == "text"
+                                                 and isinstance(part.get("text"), str) for part in content):
+            raise InvalidParameter("messages", f"messages[{index}].content has a part that is not text; this model "
+                                               "takes text only ({\"type\": \"text\", \"text\": ...}).",
                                    code="unsupported_parameter")

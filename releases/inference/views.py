@@ -29,7 +29,8 @@ from releases.models import InferenceBackend
 
 log = logging.getLogger("gatehouse.inference")
 TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
-         404: "invalid_request_error", 405: "invalid_request_error", 422: "invalid_request_error",
+         404: "invalid_request_error", 405: "invalid_request_error", 411: "invalid_request_error",
+         413: "invalid_request_error", 422: "invalid_request_error",
          429: "rate_limit_exceeded", 500: "server_error", 502: "upstream_error", 503: "server_error"}
 # What a backend answering these to the gateway means: the caller was authenticated and authorized by us already, so
 # it is our backend's configuration that is wrong (its api_key, its upstream_model or URL), for an administrator to
@@ -168,7 +169,8 @@ def _model_for(request, model_id: str, user, token, organization_ids) -> Model:
     storable = org and name and not contains_unstorable_text(model_id)
     model = next(iter(_served_model(org=org, name=name)), None) if storable else None
     if model is None:  # a closed model is judged below, by the policy, and answers exactly like this
-        raise OpenAIError(404, f"The model {model_id!r} does not exist or you do not have access to it.",
+        shown = model_id if len(model_id or "") <= 200 else model_id[:200] + "…"  # not a megabyte id back
+        raise OpenAIError(404, f"The model {shown!r} does not exist or you do not have access to it.",
                           "model_not_found", param="model")
     decision = _decide(request, model, user, token, organization_ids)
     if not decision.allowed:
@@ -202,16 +204,50 @@ def _generate(request, endpoint: str):
     if declared.isdigit() and int(declared) > limit:
         raise too_large  # refused before reading a byte of it
     try:
-        raw = request.body
+        raw = _chunked_body(request, limit) if not declared and _is_chunked(request) else request.body
     except RequestDataTooBig:
         raise too_large from None
     if len(raw) > limit:
         raise too_large
     try:
-        body = json.loads(raw or b"{}")  # NaN and Infinity parse here and are refused by parameter below
+        body = json.loads(raw or b"{}", parse_int=_json_int)  # NaN and Infinity parse, refused by parameter below
+    except HugeNumber as exc:
+        raise OpenAIError(400, f"The body holds a number of {exc.digits} digits; numbers may have at most "
+                               f"{MAX_DIGITS}.", "invalid_value") from None
     except (ValueError, RecursionError):
         raise OpenAIError(400, "The body must be a JSON object (not nested without bound).", "invalid_json") from None
     return generate(request, endpoint, user=user, token=token, body=body)
+
+
+def _is_chunked(request) -> bool:
+    return "chunked" in request.META.get("HTTP_TRANSFER_ENCODING", "").lower()
+
+
+def _chunked_body(request, limit: int) -> bytes:
+    """A body sent without Content-Length (Transfer-Encoding: chunked; nginx passes such bodies on unbuffered).
+    Django reads only up to Content-Length, so it would see no body at all. Gunicorn decodes the chunks and marks
+    its input as ending with the body (wsgi.input_terminated); a server that does not would leave a read waiting on
+    the open connection, so there the caller is asked for a Content-Length instead."""
+    if not request.META.get("wsgi.input_terminated"):
+        raise OpenAIError(411, "This server reads request bodies by their length: send the JSON body with a "
+                               "Content-Length header, not chunked.", "length_required")
+    return request.META["wsgi.input"].read(limit + 1)
+
+
+MAX_DIGITS = 4300  # Python's own limit on converting digits to an int (sys.get_int_max_str_digits)
+
+
+class HugeNumber(ValueError):
+    def __init__(self, digits: int):
+        super().__init__(digits)
+        self.digits = digits
+
+
+def _json_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_DIGITS:
+        raise HugeNumber(digits)
+    return int(text)
 
 
 def generate(request, endpoint: str, *, user, token, body):

@@ -137,6 +137,31 @@ def test_openai_client_lists_completes_chats_and_streams_with_metered_usage(gate
     assert metered[2]["completion_tokens"] == chat.usage.completion_tokens and metered[3]["completion_tokens"] > 0
 
 
+def test_a_chunked_body_is_read_under_gunicorn_and_refused_with_411_where_the_server_cannot_end_it(gateway,
+                                                                                                   deployment):
+    # nginx passes a chunked body on as it comes (proxy_request_buffering off): Django alone would read no body.
+    port = free_port()
+    gunicorn = subprocess.Popen([sys.executable, "-m", "gunicorn", "gatehouse.wsgi:application", "--bind",
+                                 f"127.0.0.1:{port}", "--workers", "1", "--worker-class", "gthread", "--threads", "2"],
+                                env=deployment["env"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deployment["processes"].append(gunicorn)
+    wait_for_http(f"http://127.0.0.1:{port}/api/v1/licenses")
+    body = json.dumps({"model": "aurora/tiny-served", "prompt": "def add(a, b):", "max_tokens": 4, "temperature": 0})
+    headers = {"Authorization": f"Bearer {gateway['tokens']['carol']}", "Content-Type": "application/json"}
+
+    def chunked(base):  # a generator body: httpx sends it chunked, with no Content-Length
+        return httpx.post(base + "/completions", content=iter([body[:10].encode(), body[10:].encode()]),
+                          headers=headers, timeout=60)
+    answered = chunked(f"http://127.0.0.1:{port}/v1")
+    assert answered.status_code == 200, answered.text
+    sized = httpx.post(gateway["base"] + "/completions", content=body, headers=headers, timeout=60).json()
+    assert answered.json()["choices"][0]["text"] == sized["choices"][0]["text"]
+    refused = chunked(gateway["base"])  # runserver: its input does not end with the body
+    assert refused.status_code == 411 and refused.json()["error"]["code"] == "length_required"
+    assert "Content-Length" in refused.json()["error"]["message"]
+    assert [c["status"] for c in gateway["calls"]()] == [200, 200]  # the refusal counted nothing
+
+
 def test_openai_client_reads_log_probabilities_and_echo(gateway):
     carol = client(gateway, "carol")  # eight calls below: her per-minute quota (RPM); a ninth would wait a minute
     completion = carol.completions.create(model="aurora/tiny-served", prompt="def add(a, b):", max_tokens=3,

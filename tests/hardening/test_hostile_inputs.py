@@ -395,8 +395,12 @@ def test_absurd_generation_parameters_are_refused(client, served, engine, endpoi
     ("completions", '{"model": "aurora/m", "prompt": "x", "temperature": NaN}', 400, "temperature"),
     ("completions", '{"model": "aurora/m", "prompt": "x", "vendor_knob": [1, Infinity]}', 400, "vendor_knob"),
     ("chat/completions", "[1, 2", 400, None),
+    # More digits than Python turns into an int: a number too big, not a body that is not JSON.
+    ("completions", '{"model": "aurora/m", "prompt": "x", "seed": ' + "9" * 5000 + "}", 400, None),
 ])
 def test_oversized_and_malformed_bodies_are_refused(client, served, engine, endpoint, body, status, param):
     error = _openai_error(_infer(client, served, endpoint, body), status)
-    assert error["param"] == param and error["message"]
+    assert error["param"] == param and error["message"] and error["type"] == "invalid_request_error"
+    if "9" * 5000 in body:
+        assert "5000 digits" in error["message"]
     assert engine == [] and InferenceCall.objects.count() == 0

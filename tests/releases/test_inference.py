@@ -218,6 +218,22 @@ def test_every_v1_failure_is_openai_error_json(served):
     assert not served.upstream.requests and not InferenceCall.objects.exists()
 
 
+def test_a_long_model_id_is_not_echoed_whole(served):
+    response = _chat(served, model="a/" + "b" * 100_000)
+    error = _error(response)
+    assert response.status_code == 404 and error["code"] == "model_not_found" and len(error["message"]) < 400
+    assert not served.upstream.requests and not InferenceCall.objects.exists()
+
+
+def test_top_logprobs_without_logprobs_is_refused(served):
+    for extra in ({"top_logprobs": 3}, {"top_logprobs": 3, "logprobs": False}):
+        response = _chat(served, **extra)
+        error = _error(response)
+        assert response.status_code == 400 and error["param"] == "top_logprobs" and "logprobs: true" in error["message"]
+    assert _chat(served, top_logprobs=3, logprobs=True).status_code == 200
+    assert len(served.upstream.requests) == 1 and InferenceCall.objects.count() == 1
+
+
 def test_a_model_id_with_a_nul_names_no_model(served):
     response = _chat(served, model="aurora/m\x00")  # PostgreSQL refuses a NUL in a query: this was a 500 there
     assert response.status_code == 404 and _error(response)["code"] == "model_not_found"
@@ -405,6 +421,27 @@ def test_a_local_engine_refuses_tools_and_formats_it_would_ignore(served, param,
     assert response.status_code == 400 and (error["param"], error["code"]) == (param, "unsupported_parameter")
     assert "not supported by this model's engine" in error["message"]
     assert not served.upstream.requests and not InferenceCall.objects.exists()  # never reached the engine
+
+
+@pytest.mark.parametrize("message", [
+    {"role": "tool", "tool_call_id": "1", "content": "sunny"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function",
+                                                           "function": {"name": "weather", "arguments": "{}"}}]},
+    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.org/a.png"}}]},
+])
+def test_a_local_engine_refuses_tool_turns_and_non_text_parts_before_the_call_counts(served, message):
+    InferenceBackend.objects.filter(pk=served.backend.pk).update(kind="local")
+    response = served.client.post("/v1/chat/completions", {"model": "aurora/m", "messages": [
+        {"role": "user", "content": "hi"}, message]}, content_type="application/json")
+    error = _error(response)
+    assert response.status_code == 400 and (error["param"], error["code"]) == ("messages", "unsupported_parameter")
+    assert "messages[1]" in error["message"]
+    assert not served.upstream.requests and not InferenceCall.objects.exists()
+    # Text parts and the developer role the engine takes (it joins the parts, and reads developer as system).
+    text = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    response = served.client.post("/v1/chat/completions", {"model": "aurora/m", "messages": text},
+                                  content_type="application/json")
+    assert response.status_code == 200 and served.upstream.requests[0]["messages"] == text
 
 
 def test_asking_for_plain_text_reaches_a_local_engine_and_tools_reach_an_upstream(served):

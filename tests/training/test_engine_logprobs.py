@@ -110,6 +110,29 @@ def test_completions_echo_logprobs_as_openai_shapes_them(server, hf):
     assert scored["choices"][0]["logprobs"]["token_logprobs"] == logprobs["token_logprobs"][:len(ids)]
 
 
+def test_a_one_token_prompt_is_scored_with_echo_and_the_engine_serves_on(server):
+    # Its prompt has no token to score (the first has no logprob): this was an empty index that stopped the engine.
+    base, running = server
+    body = {"prompt": [running.engine.encode("x")[-1]], "max_tokens": 2, "temperature": 0, "logprobs": 1,
+            "echo": True}
+    for stream in (False, True):
+        response = httpx.post(base + "/completions", json=body | {"stream": stream})
+        assert response.status_code == 200, response.text
+    logprobs = httpx.post(base + "/completions", json=body).json()["choices"][0]["logprobs"]
+    assert logprobs["token_logprobs"][0] is None and len(logprobs["token_logprobs"]) == 3
+    assert running.engine.failure is None
+    assert httpx.post(base + "/completions", json={"prompt": "def", "max_tokens": 2}).status_code == 200
+
+
+def test_top_logprobs_needs_logprobs_true(server):
+    base, _ = server
+    for extra in ({}, {"logprobs": False}):
+        response = httpx.post(base + "/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "top_logprobs": 2, **extra})
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["param"] == "top_logprobs"
+
+
 def test_chat_logprobs_as_openai_shapes_them(server):
     base, _ = server
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0,

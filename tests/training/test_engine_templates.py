@@ -114,6 +114,21 @@ def test_a_template_that_refuses_the_messages_is_a_400_saying_why(engine, llama_
     assert (refused.value.status, refused.value.param) == (400, "messages")
 
 
+def test_openai_message_forms_render_as_their_plain_equivalents_and_tool_turns_are_refused(engine):
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a\nb"}]
+    newer = [{"role": "developer", "content": "Be brief."},  # OpenAI's new name for system
+             {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    assert engine.render_chat(newer) == engine.render_chat(plain)
+    for bad, says in [({"role": "tool", "tool_call_id": "1", "content": "sunny"}, "no tool calling"),
+                      ({"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}, "tool calls"),
+                      ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, "text only"),
+                      ({"role": "user", "content": 3}, "string or a list of text parts")]:
+        with pytest.raises(EngineError, match=says) as refused:
+            engine.render_chat([{"role": "user", "content": "hi"}, bad])
+        assert (refused.value.status, refused.value.param) == (400, "messages")
+        assert "messages[1]" in str(refused.value)
+
+
 def test_completions_prompts_carry_the_bos_the_tokenizer_adds(engine, llama_dir, trained, monkeypatch):
     hf = hf_tokenizer(llama_dir, monkeypatch)
     for prompt in ["def add(a, b):", "import os"]:
