@@ -12,6 +12,8 @@ from training.files import sha256_file, unshared_state
 
 FORMAT_VERSION = 1
 FILES = ("model.safetensors", "optimizer.pt")
+# What resuming reads of checkpoint.json (the trainer's state, as save_checkpoint writes it).
+REQUIRED = ("sha256", "step", "cursor", "run_id", "tokens", "flops", "device_seconds", "model_config", "method")
 
 
 class CheckpointError(RuntimeError):
@@ -64,9 +66,15 @@ def read_checkpoint_meta(directory: Path) -> dict:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError:
         raise CheckpointError(f"{meta_path} is corrupt (not JSON); delete the checkpoint to start over") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path} is corrupt (not a JSON object); delete the checkpoint to start over")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{directory} has checkpoint format {meta.get('format_version')!r}; this trainer "
                               f"reads format {FORMAT_VERSION}")
+    missing = [key for key in REQUIRED if key not in meta]
+    if missing or not isinstance(meta["sha256"], dict):
+        raise CheckpointError(f"{meta_path} is incomplete (no {', '.join(missing) or 'sha256 table'}); delete the "
+                              "checkpoint to start over")
     for name in FILES:
         path = directory / name
         if not path.exists():

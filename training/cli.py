@@ -88,33 +88,44 @@ def main(argv=None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints and exits 75 on its own)
+        print(f"interrupted: {args.command} stopped; what it was writing was discarded", file=sys.stderr)
+        return 130
 
 
 def _run(args) -> int:
     if args.command == "prepare":
-        from training.data import prepare, stdlib_corpus
+        from training.data import load_mixture, prepare, stdlib_corpus
 
-        from training.data import InputGroup
-
+        # One kind of input at a time: each carries its own licence, and one must not relabel another's files.
+        given = [flag for flag, value in (("input paths", args.inputs), ("--mixture", args.mixture),
+                                          ("--demo-corpus", args.demo_corpus)) if value]
+        if not given:
+            raise DataError("give input files or folders, --mixture FILE, or --demo-corpus stdlib")
+        if len(given) > 1:
+            raise DataError(f"{' and '.join(given)} cannot be combined: to combine datasets, each with its own "
+                            "licence, list them in a --mixture file")
+        if args.license and not args.inputs:
+            raise DataError("--license is for input paths: --demo-corpus stdlib is PSF-2.0, and a --mixture file "
+                            "gives each dataset's licence")
         inputs, license, groups = list(args.inputs), args.license, None
         if args.demo_corpus == "stdlib":
-            roots, license = stdlib_corpus()
-            inputs.extend(roots)
+            inputs, license = stdlib_corpus()
         if args.mixture:
-            try:
-                spec = json.loads(args.mixture.read_text())
-                groups = [InputGroup(name=g["name"], paths=[Path(p) for p in g["paths"]], weight=float(g.get("weight", 1)),
-                                     license=g.get("license", "")) for g in spec]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise DataError(f"--mixture {args.mixture}: expected a JSON list of {{name, paths, weight, license}} "
-                                f"({exc.__class__.__name__}: {exc})") from None
-        elif not inputs:
-            raise DataError("give input files or folders, --mixture FILE, or --demo-corpus stdlib")
+            groups = load_mixture(args.mixture)
         prepared = prepare(inputs, args.out, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
                            tokenizer_from=args.tokenizer_from, redact=args.redact, license=license,
                            text_field=args.text_field, max_bytes=args.max_bytes, description=args.description,
                            groups=groups)
         m = prepared.manifest
+        undecodable = [s for s in m["sources"] if s["undecodable_bytes"]]
+        binary = [s for s in m["sources"] if s["skipped"] == "binary"]
+        if undecodable or binary:
+            found = [f"{sum(s['undecodable_bytes'] for s in undecodable)} bytes that are not UTF-8 (read as U+FFFD) "
+                     f"in {len(undecodable)} files"] if undecodable else []
+            found += [f"{len(binary)} binary files skipped"] if binary else []
+            print(f"warning: {'; '.join(found)}: see sources in {prepared.directory / 'manifest.json'}",
+                  file=sys.stderr)
         print(json.dumps({"out": str(prepared.directory), "documents": m["documents"], "tokens": m["tokens"],
                           "exact_duplicates_removed": m["exact_duplicates_removed"],
                           "personal_data_found": m["personal_data_found"]}))
@@ -160,7 +171,7 @@ def _merge(args) -> int:
     from safetensors.torch import load_file
 
     from training.adapt import apply_method, merge_lora
-    from training.export import check_export_target, export, load_exported
+    from training.export import check_adapter_base, check_export_target, export, load_exported, merged_card
 
     config_path = args.adapter / "adapter_config.json"
     if not config_path.exists():
@@ -174,6 +185,7 @@ def _merge(args) -> int:
     if args.out.resolve() in (args.base.resolve(), args.adapter.resolve()):
         raise ConfigError("--out must be a new folder, not the base model or the adapter (they would be replaced)")
     check_export_target(args.out)  # before the work, as export checks again before it writes
+    check_adapter_base(args.adapter, args.base)
     model, _ = load_exported(args.base)
     apply_method(model, "lora", lora_rank=rank, lora_alpha=alpha, lora_targets=tuple(targets))
     try:
@@ -187,10 +199,12 @@ def _merge(args) -> int:
         raise ConfigError(f"{args.adapter} does not fit {args.base}")
     merge_lora(model)
     manifest = json.loads((args.adapter / "manifest.json").read_text()) if (args.adapter / "manifest.json").exists() else {}
-    manifest.update({"method": "lora-merged", "adapter": False, "merged_from": str(args.adapter)})
+    # trainable_parameters stays: how many the adaptation trained; the model now has the base's parameters.
+    manifest.update({"method": "lora-merged", "adapter": False, "merged_from": str(args.adapter),
+                     "parameters": model.num_parameters()})
     manifest.pop("files", None)
     manifest.pop("format_version", None)
-    card = (args.adapter / "README.md").read_text().replace("library_name: peft", "library_name: transformers")
+    card = merged_card((args.adapter / "README.md").read_text())
     export(model, args.out, tokenizer_dir=args.adapter, manifest=manifest, card=card)
     print(json.dumps({"out": str(args.out)}))
     return 0

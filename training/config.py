@@ -1,4 +1,5 @@
 """Model and training configuration: small dataclasses, named presets, one clear line per mistake."""
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 
@@ -233,6 +234,10 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
+        for f in fields(self):  # inf or NaN passes every comparison below, and trains a model of NaNs
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, not {value}")
         positive = ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_interval", "eval_batches",
                     "checkpoint_interval", "lora_rank")
         for name in positive:

@@ -137,6 +137,36 @@ def check_export_target(directory: Path) -> None:
                           "(nothing was written)")
 
 
+def check_adapter_base(adapter_dir: Path, base_dir: Path) -> None:
+    """An adapter's manifest records the sha256 of its base's weight files: merged onto another model of the same
+    shape, it would load without complaint and be wrong. Adapters without that record are taken on trust."""
+    try:
+        recorded = json.loads((Path(adapter_dir) / "manifest.json").read_text()).get("base") or {}
+        weights = {name: entry["sha256"] for name, entry in (recorded.get("files") or {}).items()
+                   if name.endswith(".safetensors")}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return
+    for name, digest in weights.items():
+        path = Path(base_dir) / name
+        if not path.is_file() or sha256_file(path) != digest:
+            raise ConfigError(f"{base_dir} is not the model {adapter_dir} was trained on: its {name} differs from the "
+                              f"base recorded in the adapter's manifest ({recorded.get('path') or 'path unknown'}); "
+                              "give that base")
+
+
+def merged_card(card: str) -> str:
+    """An adapter's card, for the full model its merge writes: a transformers model, fine-tuned from the base."""
+    if not card.startswith("---\n"):  # an adapter from elsewhere, its card without metadata
+        return card
+    front, _, body = card.removeprefix("---\n").partition("\n---\n")
+    metadata = yaml.safe_load(front) or {}
+    metadata["library_name"] = "transformers"
+    metadata["tags"] = [tag for tag in metadata.get("tags") or [] if tag != "lora"]
+    if metadata.get("base_model_relation") == "adapter":
+        metadata["base_model_relation"] = "finetune"
+    return "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n" + body
+
+
 def export(model: Transformer, directory: Path, *, tokenizer_dir: Path, manifest: dict, card: str,
            adapter: bool = False, base_model_path: str = "", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write the folder, then manifest.json with the sha256 of every other file in it. An earlier export there is
@@ -146,9 +176,23 @@ def export(model: Transformer, directory: Path, *, tokenizer_dir: Path, manifest
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write_export(model, directory, tmp, tokenizer_dir=tokenizer_dir, manifest=manifest, card=card,
+                      adapter=adapter, base_model_path=base_model_path, max_shard_bytes=max_shard_bytes)
+    finally:  # whatever stopped it, no complete-looking export may stay beside the target
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def _write_export(model, directory: Path, tmp: Path, *, tokenizer_dir, manifest, card, adapter, base_model_path,
+                  max_shard_bytes) -> None:
     for name in TOKENIZER_FILES:
         if (Path(tokenizer_dir) / name).exists():
             shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
+    if (tmp / "tokenizer_config.json").exists():  # the longest input the model takes: its context, not the data's
+        tokenizer_config = json.loads((tmp / "tokenizer_config.json").read_text())
+        tokenizer_config["model_max_length"] = model.config.max_seq_len
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     eos = json.loads((tmp / "tokenizer.json").read_text())["added_tokens"]
     eos_id = next((t["id"] for t in eos if t["content"] == EOS), None)
     if adapter:
@@ -174,6 +218,15 @@ def export(model: Transformer, directory: Path, *, tokenizer_dir: Path, manifest
     files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **manifest, "files": files},
                                                   indent=2, default=str))
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
-    return directory
+    # The earlier export is set aside, not deleted, until the new one is in place: a rename that fails puts it back.
+    old = directory.with_name(directory.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        directory.rename(old)
+    try:
+        tmp.rename(directory)
+    except OSError:
+        if old.exists():
+            old.rename(directory)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

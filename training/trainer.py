@@ -33,7 +33,7 @@ from training.checkpoint import load_checkpoint, read_checkpoint_meta, recover_c
 from training.config import ConfigError, ModelConfig, TrainConfig, preset
 from training.data import TokenStream, load_manifest
 from training.evaluate import run_tasks, validation_loss
-from training.export import card_text, export, load_exported
+from training.export import card_text, check_export_target, export, load_exported
 from training.model import Transformer
 from training.tokenizer import load_tokenizer
 
@@ -126,7 +126,9 @@ class Events:
     def emit(self, kind: str, **fields):
         if not self.enabled:
             return
-        line = json.dumps({"event": kind, "time": time.time(), **fields}, default=str)
+        # Strict JSON: a NaN or an infinity (a diverged loss, its perplexity) is written as null.
+        fields = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in fields.items()}
+        line = json.dumps({"event": kind, "time": time.time(), **fields}, default=str, allow_nan=False)
         self.fh.write(line + "\n")
         if self.echo:
             print(line, flush=True)
@@ -171,6 +173,12 @@ def build_model(cfg: TrainConfig, data_manifest: dict) -> tuple[Transformer, dic
         base = {"path": str(cfg.init_from),
                 "manifest": json.loads(base_manifest.read_text()) if base_manifest.exists() else None}
         return model, base
+    # The model's context is the length it is trained on (a shorter one than the preset's costs nothing to ask for),
+    # never more than its preset allows.
+    limit = preset(cfg.preset).max_seq_len
+    if cfg.seq_len > limit:
+        raise ConfigError(f"--seq-len {cfg.seq_len} is longer than preset {cfg.preset}'s context of {limit} tokens: "
+                          "use a shorter --seq-len or a larger preset")
     return Transformer(preset(cfg.preset, vocab_size=cfg.vocab_size or vocab, max_seq_len=max(cfg.seq_len, 16))), {}
 
 
@@ -211,6 +219,7 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ConfigError(f"another trainer is running in {out}; wait for it or use another --out") from None
+        check_export_target(out / "export")  # before the run, not after its compute is spent
     torch.manual_seed(cfg.seed)
     model, base = build_model(cfg, data_manifest)
     if cfg.seq_len > model.config.max_seq_len:
@@ -408,7 +417,7 @@ def _weights_digest(model) -> str:
 def _finish(cfg, out, model, run_id, data_manifest, base, trainable, metrics, last_loss, tokens, flops,
             device_seconds, events, env):
     tokenizer = load_tokenizer(Path(cfg.data))
-    evaluations = run_tasks(model, tokenizer, seed=cfg.seed)
+    evaluations = run_tasks(model, tokenizer)  # the fixed suite `python -m training eval` scores too
     events.emit("evaluation", results=evaluations)
     adapter = cfg.method == "lora"
     # Only a repository id goes in the card's metadata; a local base is named in its text (its run's name).
@@ -440,6 +449,10 @@ def _finish(cfg, out, model, run_id, data_manifest, base, trainable, metrics, la
     path = export(model, out / "export", tokenizer_dir=Path(cfg.data), manifest=manifest, card=card,
                   adapter=adapter, base_model_path=cfg.init_from)
     events.emit("export", path=str(path), train_loss=last_loss, **metrics)
+
+
+class TrainingDiverged(ValueError):
+    """The loss is no longer a number: the run stops rather than export a model of NaNs."""
 
 
 class _StepClock:
@@ -489,6 +502,11 @@ class _StepClock:
         if signalled is not None and float(signalled) > 0:
             self.peer_signalled = True
         self.last_loss = float(loss)
+        if not math.isfinite(self.last_loss):
+            self.events.emit("diverged", step=step, loss=self.last_loss, lr=lr)
+            raise TrainingDiverged(f"the loss became {self.last_loss} at step {step} (learning rate {lr:g}): training "
+                                   "diverged and nothing was exported; lower --lr (or raise --warmup-steps) and run "
+                                   "again")
         now = time.perf_counter()
         elapsed, self.done_at = now - self.done_at, now
         self.device_seconds += elapsed * self.env.world

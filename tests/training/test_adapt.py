@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -75,7 +76,16 @@ def test_merged_adapter_equals_base_plus_adapter(lora_run, trained, tmp_path):
     ids = torch.randint(0, 500, (1, 32), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (peft(ids).logits - full(ids).logits).abs().max().item() < 1e-4
-    assert json.loads((merged / "manifest.json").read_text())["method"] == "lora-merged"
+    manifest = json.loads((merged / "manifest.json").read_text())
+    assert manifest["method"] == "lora-merged" and manifest["parameters"] == full.num_parameters()
+    metadata = yaml.safe_load((merged / "README.md").read_text().split("---\n")[1])
+    assert metadata["library_name"] == "transformers" and "lora" not in metadata["tags"]
+    # The merge is a model of the base's shape too: as a base, it is not the one the adapter was trained on.
+    again = subprocess.run([sys.executable, "-m", "training", "merge", str(lora_run / "export"), "--base",
+                            str(merged), "--out", str(tmp_path / "wrong")], capture_output=True, text=True)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1
+    assert f"{merged} is not the model {lora_run / 'export'} was trained on" in again.stderr
+    assert not (tmp_path / "wrong").exists()
 
 
 def test_last_layer_trains_only_the_last_block_and_head(tmp_path, data_dir, trained):

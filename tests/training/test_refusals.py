@@ -227,12 +227,13 @@ def test_lora_settings_that_cannot_train_are_refused(tmp_path, overrides, messag
         config.validate()
 
 
-def test_an_interrupted_prepare_leaves_no_manifest_claiming_the_folder_complete(tmp_path, corpus, monkeypatch):
+def test_an_interrupted_prepare_leaves_the_earlier_dataset_whole_and_nothing_beside_it(tmp_path, corpus,
+                                                                                         monkeypatch):
     import training.data as data
 
     out = tmp_path / "data"
     prepare([corpus], out, vocab_size=300, license="PSF-2.0")
-    assert (out / "manifest.json").exists()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # killed while the shards are being rewritten
@@ -240,7 +241,8 @@ def test_an_interrupted_prepare_leaves_no_manifest_claiming_the_folder_complete(
     monkeypatch.setattr(data, "_write_split", crash)
     with pytest.raises(KeyboardInterrupt):
         prepare([corpus], out, vocab_size=320, license="PSF-2.0")
-    assert not (out / "manifest.json").exists()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "weights"]  # no temporary folder left
 
 
 @pytest.mark.parametrize("flag, message", [("--max-seq-len", "--max-seq-len must be at least 2, not 1"),
@@ -265,3 +267,94 @@ def test_code_version_says_when_the_files_differ_from_the_commit(tmp_path):
     (tmp_path / "a.py").write_text("x = 2\n")
     assert code_version(tmp_path) == head + "+dirty"
     assert code_version(tmp_path.parent / "nowhere") == "unknown"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(lr=float("inf")), "--lr must be a finite number"),
+    (dict(lr=float("nan"), min_lr=float("nan")), "must be a finite number"),
+    (dict(seq_len=300), "--seq-len 300 is longer than preset debug's context of 256 tokens"),
+])
+def test_settings_that_cannot_train_a_sound_model_are_refused_before_anything_runs(tmp_path, data_dir, overrides,
+                                                                                   message):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=message):
+        train(quick_config(data_dir, out, max_steps=3, **overrides))
+    assert not (out / "events.jsonl").exists() and not (out / "checkpoint").exists()
+
+
+def test_a_diverging_run_stops_with_one_line_and_exports_nothing(tmp_path, data_dir):
+    out = tmp_path / "run"
+    result = _cli("train", "--data", data_dir, "--out", out, "--preset", "debug", "--seq-len", "64", "--max-steps",
+                  "6", "--warmup-steps", "0", "--lr", "1e30", "--min-lr", "1")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "training diverged and nothing was exported" in result.stderr
+    assert not (out / "export").exists()
+    log = [json.loads(line, parse_constant=lambda c: pytest.fail(f"events.jsonl holds {c}"))
+           for line in (out / "events.jsonl").read_text().splitlines()]
+    diverged = [e for e in log if e["event"] == "diverged"]
+    assert len(diverged) == 1 and diverged[0]["loss"] is None  # strict JSON: a NaN is written as null
+    assert [e["event"] for e in log][-1] == "diverged"
+
+
+def test_an_occupied_export_folder_is_refused_before_the_run_spends_anything(tmp_path, data_dir):
+    out = tmp_path / "run"
+    (out / "export").mkdir(parents=True)
+    (out / "export" / "notes.txt").write_text("keep")
+    with pytest.raises(ConfigError, match="is not empty and holds no earlier export"):
+        train(quick_config(data_dir, out, max_steps=3))
+    assert not (out / "events.jsonl").exists() and not (out / "checkpoint").exists()
+    assert (out / "export" / "notes.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("meta, message", [({"format_version": 1}, "is incomplete"), ([1], "not a JSON object")])
+def test_a_checkpoint_json_without_the_runs_state_is_refused_with_one_line(tmp_path, data_dir, meta, message):
+    out = tmp_path / "run"
+    assert train(quick_config(data_dir, out, max_steps=3)) == 0
+    (out / "checkpoint" / "checkpoint.json").write_text(json.dumps(meta))
+    result = _cli("train", "--data", data_dir, "--out", out, "--preset", "debug", "--seq-len", "64", "--max-steps",
+                  "5", "--warmup-steps", "3", "--batch-size", "8")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_an_export_whose_last_rename_fails_leaves_the_earlier_export_and_nothing_beside_it(tmp_path, trained,
+                                                                                            monkeypatch):
+    import shutil
+
+    from training.export import export, load_exported
+
+    target = tmp_path / "runs" / "export"
+    shutil.copytree(trained / "export", target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    model, _ = load_exported(target)
+    rename = Path.rename
+
+    def failing(self, destination):
+        if Path(destination) == target and self.name == "export.tmp":
+            raise OSError(1, "Operation not permitted", str(target))
+        return rename(self, destination)
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError):
+        export(model, target, tokenizer_dir=target, manifest={"name": "again"}, card="---\n{}\n---\n")
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in target.parent.iterdir()) == ["export"]  # no export.tmp, no export.old
+
+
+def test_eval_scores_the_suite_the_card_reports_and_the_tokenizer_knows_the_context(trained):
+    result = _cli("eval", trained / "export")
+    assert result.returncode == 0, result.stderr
+    manifest = _strict_json(trained / "export" / "manifest.json")
+    assert json.loads(result.stdout) == manifest["evaluations"]
+    config = _strict_json(trained / "export" / "config.json")
+    tokenizer_config = _strict_json(trained / "export" / "tokenizer_config.json")
+    assert tokenizer_config["model_max_length"] == config["max_position_embeddings"] == 64
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(monkeypatch, capsys):
+    from training import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_run", interrupted)
+    assert cli.main(["eval", "some/export"]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("interrupted: eval stopped")
