@@ -154,12 +154,14 @@ def _run(args) -> int:
             raise ConfigError(f"--max-waiting must be at least 1, not {args.max_waiting}")
         if args.max_seq_len is not None and args.max_seq_len < 2:
             raise ConfigError(f"--max-seq-len must be at least 2, not {args.max_seq_len}")
+        if args.max_batch < 1:
+            raise ConfigError(f"--max-batch must be at least 1, not {args.max_batch}")
+        if not 0 <= args.port <= 65535:
+            raise ConfigError(f"--port must be from 0 to 65535, not {args.port}")
         try:
             serve(str(args.model), model_id=args.model_id or args.model.resolve().name, host=args.host, port=args.port,
                   max_batch=args.max_batch, device=args.device, decode=args.decode, max_waiting=args.max_waiting,
                   max_seq_len=args.max_seq_len, prefix_cache=args.prefix_cache)
-        except OSError as exc:  # the port is taken, say
-            raise ConfigError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
         except KeyboardInterrupt:
             pass
         return 0

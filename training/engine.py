@@ -161,6 +161,12 @@ class Engine:
                  max_seq_len: int | None = None, dtype: str = "auto", prefill_tokens: int | None = None,
                  decode: str = "auto", max_waiting: int | None = None, prefix_cache: bool = True):
         model_dir = Path(model_dir)
+        if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, not {device!r}")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device {device}: no CUDA device is available here (use cpu or auto)")
+        if max_batch < 1:
+            raise ConfigError(f"max_batch must be at least 1, not {max_batch}")
         use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         self.device = torch.device(device if device.startswith("cuda") else "cuda" if use_cuda else "cpu")
         self.dtype = torch.bfloat16 if (dtype == "bfloat16" or (dtype == "auto" and use_cuda)) else torch.float32
@@ -294,6 +300,9 @@ class Engine:
                                              add_generation_prompt=True, **self.special_tokens)
         except TemplateError as exc:  # raise_exception: the template refuses these messages (roles not alternating)
             raise EngineError(f"This model's chat template refused the messages: {exc}", param="messages") from None
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:  # the template's own arithmetic
+            raise EngineError(f"This model's chat template failed on these messages ({type(exc).__name__}: {exc}).",
+                              param="messages") from None
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         # The rendered template already holds its special tokens (the BOS of a Llama template): add none, as
@@ -316,8 +325,13 @@ class Engine:
             if len(prompt_ids) >= self.max_seq_len:
                 raise EngineError(f"This model's context is {self.max_seq_len} tokens and the prompt has "
                                   f"{len(prompt_ids)}, leaving none to generate. Shorten the prompt.",
-                                  code="context_length_exceeded", param=None)
+                                  code="context_length_exceeded", param="prompt")
             params = dataclasses.replace(params, max_tokens=self.max_seq_len - len(prompt_ids))
+        prompt_fits = len(prompt_ids) + (1 if params.max_tokens else 0) <= self.max_seq_len
+        if not prompt_fits:  # the prompt alone leaves no room: no max_tokens would help
+            raise EngineError(f"This model's context is {self.max_seq_len} tokens and the prompt has "
+                              f"{len(prompt_ids)}, leaving none to generate. Shorten the prompt.",
+                              code="context_length_exceeded", param="prompt")
         if len(prompt_ids) + params.max_tokens > self.max_seq_len:
             raise EngineError(f"This model's context is {self.max_seq_len} tokens; the prompt has {len(prompt_ids)} "
                               f"and max_tokens asks for {params.max_tokens} more. Shorten the prompt or lower "
@@ -986,20 +1000,25 @@ def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
 
 
 def _load_tokenizer(model_dir: Path, hf_config: dict):
+    import jinja2
     from tokenizers import Tokenizer
 
     path = model_dir / "tokenizer.json"
     if not path.exists():
         raise ConfigError(f"{model_dir} has no tokenizer.json; the engine needs a fast tokenizer")
-    tokenizer = Tokenizer.from_file(str(path))
-    config_path = model_dir / "tokenizer_config.json"
-    tokenizer_config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # the tokenizers library raises a bare Exception
+        raise ConfigError(f"{path} is not a readable tokenizer ({exc})") from None
+    tokenizer_config = _json_file(model_dir / "tokenizer_config.json")
     source = _chat_template_source(model_dir, tokenizer_config)
-    chat_template = _chat_environment().from_string(source) if source is not None else None
+    try:
+        chat_template = _chat_environment().from_string(source) if source is not None else None
+    except jinja2.TemplateError as exc:
+        raise ConfigError(f"{model_dir}: the chat template does not compile ({exc})") from None
     # The special tokens a template may write ({{ bos_token }} in Llama's), as strings: transformers passes its
     # special_tokens_map. special_tokens_map.json fills in what an older checkpoint's config leaves out.
-    map_path = model_dir / "special_tokens_map.json"
-    token_map = json.loads(map_path.read_text()) if map_path.exists() else {}
+    token_map = _json_file(model_dir / "special_tokens_map.json")
     special_tokens = {}
     for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
         value = tokenizer_config.get(name) or token_map.get(name)
@@ -1007,14 +1026,26 @@ def _load_tokenizer(model_dir: Path, hf_config: dict):
         if isinstance(value, str):  # unset ones stay undefined in the template (render as ""), never "None"
             special_tokens[name] = value
     eos = set()
-    generation = model_dir / "generation_config.json"
-    for source in (hf_config, json.loads(generation.read_text()) if generation.exists() else {}):
+    for source in (hf_config, _json_file(model_dir / "generation_config.json")):
         value = source.get("eos_token_id")
         eos.update(value if isinstance(value, list) else [value] if value is not None else [])
     token = special_tokens.get("eos_token")
     if token and tokenizer.token_to_id(token) is not None:
         eos.add(tokenizer.token_to_id(token))
     return tokenizer, chat_template, special_tokens, eos
+
+
+def _json_file(path: Path) -> dict:
+    """An optional JSON object beside the weights: {} when absent; one line naming it when it is not an object."""
+    if not path.exists():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path} is not a JSON object")
+    return value
 
 
 def _chat_template_source(model_dir: Path, tokenizer_config: dict) -> str | None:

@@ -53,11 +53,15 @@ def load_weights(directory: Path) -> dict[str, torch.Tensor]:
         weight_map = json.loads(index.read_text())["weight_map"]
         state = {}
         for shard in sorted(set(weight_map.values())):
+            if not (directory / shard).is_file():
+                raise ConfigError(f"{directory / shard} is missing: model.safetensors.index.json lists it")
             state.update(load_file(str(directory / shard)))
         return state
     single = directory / "model.safetensors"
     if not single.exists():
-        raise ConfigError(f"{directory} has no model.safetensors (nor a sharded index)")
+        pickled = " (PyTorch .bin weights are not read: save them as safetensors)" \
+            if any(directory.glob("*.bin")) else ""
+        raise ConfigError(f"{directory} has no model.safetensors (nor a sharded index){pickled}")
     return load_file(str(single))
 
 
@@ -76,6 +80,8 @@ def load_exported(directory: Path, *, device="cpu") -> tuple[Transformer, dict]:
     model = Transformer(ModelConfig.from_hf(hf_config))
     try:
         state = load_weights(directory)
+    except ConfigError:
+        raise
     except (SafetensorError, ValueError, KeyError) as exc:
         raise ConfigError(f"{directory}: the weights cannot be read, the files may be truncated or corrupt "
                           f"({exc.__class__.__name__}: {exc})") from None

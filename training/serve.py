@@ -22,9 +22,11 @@ import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
+from training.config import ConfigError
 from training.engine import SEED_RANGE, Engine, EngineError, Request, SamplingParams
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 # Requests waiting for a slot before new ones are refused: past a few hundred, a client would wait minutes.
 MAX_WAITING = 256
 # How often a handler waiting on the engine checks whether its client has gone (a cancel frees the slot).
@@ -75,11 +77,13 @@ def sampling_from(body: dict, *, chat: bool) -> SamplingParams:
     if not isinstance(bias, dict) or not all(isinstance(t, str) and t.isascii() and t.isdigit() for t in bias):
         raise ApiError(400, 'logit_bias maps token ids to a bias from -100 to 100, e.g. {"50256": -100}.',
                        code="invalid_value", param="logit_bias")
+    top_k = number("top_k", 0, int)
+    top_k = 0 if top_k == -1 else top_k  # vLLM's way to say no top-k, which some clients send
     limit = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     # Without a limit a chat may use the rest of the context (the engine computes it), as vLLM does; a fixed
     # default would refuse every chat on a model whose context is shorter. Completions keep OpenAI's 16.
     return SamplingParams(max_tokens=number(limit, None if chat else 16, int), temperature=number("temperature", 1.0),
-                          top_p=number("top_p", 1.0), top_k=number("top_k", 0, int), stop=tuple(stop),
+                          top_p=number("top_p", 1.0), top_k=top_k, stop=tuple(stop),
                           seed=number("seed", None, int), ignore_eos=ignore_eos, logprobs=logprobs,
                           prompt_logprobs=echo and logprobs is not None, logit_bias={int(t): b for t, b in bias.items()},
                           presence_penalty=number("presence_penalty", 0.0),
@@ -120,14 +124,30 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- plumbing -------------------------------------------------------------------------------------------
     def _json(self, status: int, payload: dict, headers: dict | None = None) -> None:
-        data = json.dumps(payload).encode()
+        self._send(status, json.dumps(payload).encode(), "application/json", headers)
+
+    def _send(self, status: int, data: bytes, content_type: str, headers: dict | None = None) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
+        if self._body_unread():
+            # Answered before its body was read (a wrong route, a body too large): on a kept-alive connection the
+            # rest of it would be taken for the next request.
+            self.close_connection = True
+            self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _body_unread(self) -> bool:
+        if getattr(self, "_body_read", False):
+            return False
+        return self.headers.get("Content-Length", "0") != "0" or "chunked" in self._transfer_encoding()
+
+    def _transfer_encoding(self) -> str:
+        return self.headers.get("Transfer-Encoding", "").lower()
 
     def _guard(self, handler) -> None:
         self._streaming = False  # once an event stream has begun, an error can no longer be a JSON response
@@ -168,24 +188,73 @@ class Handler(BaseHTTPRequestHandler):
             return True
 
     def _body(self) -> dict:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY_BYTES:
-            raise ApiError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.", code="request_too_large")
+        too_large = ApiError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.", code="request_too_large")
+        if "chunked" in self._transfer_encoding():
+            raw = self._chunked_body(too_large)
+        else:
+            declared = self.headers.get("Content-Length") or "0"
+            if not declared.isdigit():
+                raise ApiError(400, f"Content-Length must be a number of bytes, not {declared[:40]!r}.",
+                               code="invalid_value")
+            if int(declared) > MAX_BODY_BYTES:
+                raise too_large
+            raw = self.rfile.read(int(declared))
+        self._body_read = True
         try:
-            body = json.loads(self.rfile.read(length) or b"{}")
+            body = json.loads(raw or b"{}")
         except ValueError:
             raise ApiError(400, "The body must be JSON.", code="invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, "The body must be a JSON object.", code="invalid_json")
         return body
 
+    def _chunked_body(self, too_large: "ApiError") -> bytes:
+        """A body sent in chunks (Transfer-Encoding: chunked), which vLLM's server takes too; at most MAX_BODY_BYTES."""
+        parts, size = [], 0
+        while True:
+            line = self.rfile.readline(1024)
+            try:
+                length = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise ApiError(400, "The chunked request body is malformed.", code="invalid_body") from None
+            if length == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):  # trailer fields, if any
+                    pass
+                return b"".join(parts)
+            size += length
+            if size > MAX_BODY_BYTES:
+                raise too_large
+            parts.append(self.rfile.read(length))
+            self.rfile.readline(1024)  # the line end after the chunk
+
     def _model_object(self) -> dict:
         return {"id": self.server.model_id, "object": "model", "created": self.server.created, "owned_by": "gatehouse",
-                "max_model_len": self.server.engine.max_seq_len}
+                "root": self.server.model_id, "parent": None, "max_model_len": self.server.engine.max_seq_len}
 
     # --- routes ---------------------------------------------------------------------------------------------
     def do_GET(self):
+        self._body_read = False
         self._guard(self._get)
+
+    do_HEAD = do_GET  # a load balancer's check: the GET's status and headers, no body (see _send)
+
+    def _not_allowed(self):
+        """Any other method: OpenAI's error shape, not the standard library's HTML page."""
+        self._body_read = False
+        path = unquote(self.path.split("?", 1)[0])
+        allowed = "POST" if path in GENERATION_PATHS else "GET, HEAD" if (
+            path in ("/health", "/metrics", "/v1/models") or path.startswith("/v1/models/")) else None
+        if allowed is None:
+            return self._no_route(path)
+        self._json(405, {"error": {"message": f"{self.command} is not allowed on {path}; use {allowed}.",
+                                   "type": "invalid_request_error", "param": None, "code": "method_not_allowed"}},
+                   {"Allow": allowed})
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
+    def _no_route(self, path: str) -> None:
+        self._json(404, {"error": {"message": f"No route {path}.", "type": "invalid_request_error", "param": None,
+                                   "code": "not_found"}})
 
     def _get(self):
         path = unquote(self.path.split("?", 1)[0])
@@ -198,27 +267,25 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/metrics":
             lines = [f"# TYPE engine_{k}_total counter\nengine_{k}_total {v}" for k, v in engine.stats.items()]
             lines += [f"engine_active_requests {len(engine.active)}", f"engine_waiting_requests {len(engine.waiting)}"]
-            data = ("\n".join(lines) + "\n").encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            return self.wfile.write(data)
+            return self._send(200, ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4")
         if path == "/v1/models":
             return self._json(200, {"object": "list", "data": [self._model_object()]})
         if path == f"/v1/models/{self.server.model_id}":
             return self._json(200, self._model_object())
-        self._json(404, {"error": {"message": f"No route {path}.", "type": "invalid_request_error", "param": None,
-                                   "code": "not_found"}})
+        if path in GENERATION_PATHS:
+            return self._not_allowed()
+        self._no_route(path)
 
     def do_POST(self):
+        self._body_read = False
         path = unquote(self.path.split("?", 1)[0])
         if path == "/v1/completions":
             return self._guard(lambda: self._generate(chat=False))
         if path == "/v1/chat/completions":
             return self._guard(lambda: self._generate(chat=True))
-        self._json(404, {"error": {"message": f"No route {path}.", "type": "invalid_request_error", "param": None,
-                                   "code": "not_found"}})
+        if path in ("/health", "/metrics", "/v1/models") or path.startswith("/v1/models/"):
+            return self._not_allowed()
+        self._no_route(path)
 
     def _generate(self, *, chat: bool) -> None:
         body = self._body()
@@ -243,6 +310,8 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(options, dict):  # checked before anything is queued
             raise ApiError(400, 'stream_options must be an object, e.g. {"include_usage": true}.',
                            code="invalid_value", param="stream_options")
+        if body.get("stream") is not None and not isinstance(body["stream"], bool):  # "false" is a true value
+            raise ApiError(400, "stream must be true or false.", code="invalid_value", param="stream")
         params, stream = sampling_from(body, chat=chat), bool(body.get("stream"))
         # The n choices of each prompt: n requests of it, each its own sample (a seed gives choice i seed + i, so
         # seeded choices differ from one another and repeat from call to call); choice k * n + i is prompt k's i-th,
@@ -452,7 +521,10 @@ def serve(model_dir: str, *, model_id: str, host: str = "127.0.0.1", port: int =
     if shapes := engine.warm_up():
         print(f"engine: prepared {shapes} decode shapes ({engine.decode_mode}) in {time.perf_counter() - started:.0f} s",
               flush=True)
-    server = EngineServer((host, port), engine, model_id)
+    try:
+        server = EngineServer((host, port), engine, model_id)
+    except OSError as exc:  # the port is taken, say
+        raise ConfigError(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
     # A failed engine ends the process, and the platform's supervisor restarts it; the second lets the callers it
     # failed get their 503 first.
     engine.on_failure = lambda: threading.Timer(1.0, server.shutdown).start()

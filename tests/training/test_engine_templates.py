@@ -10,6 +10,7 @@ import jinja2
 import pytest
 from tokenizers import Tokenizer, processors
 
+from training.config import ConfigError
 from training.engine import Engine, EngineError
 from training.serve import serve_in_thread
 
@@ -188,3 +189,38 @@ def test_a_template_marking_the_assistants_part_renders_as_transformers_does(lla
         assert engine.render_chat(messages) == hf.apply_chat_template(messages, tokenize=False,
                                                                       add_generation_prompt=True)
     assert "<|assistant|>\nx = 1</s><|user|>" in engine.render_chat(CONVERSATIONS[1])  # trim_blocks, as there
+
+
+def _damaged(source, tmp_path, damage):
+    import shutil
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(source, folder)
+    damage(folder)
+    return folder
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "chat_template.jinja").write_text("{% for m in messages %}"), "the chat template does not compile"),
+    (lambda d: (d / "tokenizer.json").write_text("{"), "tokenizer.json is not a readable tokenizer"),
+    (lambda d: (d / "generation_config.json").write_text("{"), "generation_config.json is not valid JSON"),
+    (lambda d: (d / "model.safetensors").rename(d / "pytorch_model.bin"), "PyTorch .bin weights are not read"),
+])
+def test_a_checkpoint_the_engine_cannot_serve_is_refused_naming_what_is_wrong(llama_dir, tmp_path, damage, message):
+    with pytest.raises(ConfigError, match=message):
+        Engine(_damaged(llama_dir, tmp_path, damage), device="cpu", max_batch=1)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"device": "foo"}, "device must be auto, cpu, cuda or cuda:N"),
+                                             ({"max_batch": 0}, "max_batch must be at least 1")])
+def test_engine_settings_that_cannot_serve_are_refused(llama_dir, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        Engine(llama_dir, **{"device": "cpu", "max_batch": 1} | kwargs)
+
+
+def test_a_template_failing_on_the_messages_is_a_400_not_a_500(llama_dir, tmp_path):
+    folder = _damaged(llama_dir, tmp_path, lambda d: (d / "chat_template.jinja").write_text(
+        "{{ messages[0]['content'] + 1 }}"))
+    with pytest.raises(EngineError, match="chat template failed on these messages") as refused:
+        Engine(folder, device="cpu", max_batch=1).render_chat([{"role": "user", "content": "hi"}])
+    assert (refused.value.status, refused.value.param) == (400, "messages")

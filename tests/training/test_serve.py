@@ -309,3 +309,71 @@ def test_more_choices_than_the_queue_holds_and_invalid_text_are_400s(server, mon
         assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
     time.sleep(0.3)
     assert engine.stats["requests"] == admitted and not engine.waiting
+
+
+def _raw(base: str, request: bytes) -> list[bytes]:
+    """Send bytes as they are on one connection and return every response read back before it closes."""
+    import socket
+
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(request)
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    return [part for part in data.split(b"HTTP/1.1 ")[1:]]
+
+
+def test_a_kept_alive_connection_survives_answers_given_before_the_body_was_read(server):
+    base, _ = server
+    # A POST to another route is answered without reading its body: the connection is closed, not left holding it.
+    body = b'{"input": "x"}'
+    answers = _raw(base, b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                   + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert len(answers) == 1 and answers[0].startswith(b"404") and b"Connection: close" in answers[0]
+    with httpx.Client(base_url=base) as client:  # the openai client's way: one pool, the next call works
+        assert client.post("/v1/embeddings", json={"input": "x"}).json()["error"]["code"] == "not_found"
+        assert client.post("/v1/completions", json={"prompt": "def", "max_tokens": 2}).status_code == 200
+        too_large = client.post("/v1/completions", content=b"x" * (5 * 1024 * 1024),
+                                headers={"Content-Type": "application/json"})
+        assert too_large.status_code == 413 and too_large.headers["Connection"] == "close"
+        assert client.post("/v1/completions", json={"prompt": "def", "max_tokens": 2}).status_code == 200
+    bad_length = _raw(base, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+    assert len(bad_length) == 1 and bad_length[0].startswith(b"400") and b"Content-Length must be" in bad_length[0]
+
+
+def test_a_chunked_body_is_read_as_vllm_reads_it(server):
+    base, _ = server
+    body = json.dumps({"prompt": "def add(a, b):", "max_tokens": 4, "temperature": 0}).encode()
+    chunked = httpx.post(base + "/v1/completions", content=iter([body[:7], body[7:]]),
+                         headers={"Content-Type": "application/json"})
+    sized = httpx.post(base + "/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert chunked.status_code == 200 and chunked.json()["choices"] == sized.json()["choices"]
+
+
+def test_other_methods_are_405s_in_openai_shape_and_head_checks_health(server):
+    base, _ = server
+    for method, path, allowed in [("PUT", "/v1/completions", "POST"), ("DELETE", "/health", "GET, HEAD"),
+                                  ("GET", "/v1/chat/completions", "POST"), ("POST", "/v1/models", "GET, HEAD"),
+                                  ("OPTIONS", "/metrics", "GET, HEAD")]:
+        response = httpx.request(method, base + path)
+        assert response.status_code == 405 and response.headers["Allow"] == allowed, (method, path)
+        assert response.json()["error"]["code"] == "method_not_allowed"
+    head = httpx.head(base + "/health")
+    assert head.status_code == 200 and head.content == b"" and int(head.headers["Content-Length"]) > 0
+
+
+def test_vllm_habits_top_k_minus_one_and_typed_stream_and_the_prompt_named_when_it_fills_the_context(server):
+    base, running = server
+    greedy = {"prompt": "def", "max_tokens": 3, "temperature": 0}
+    assert httpx.post(base + "/v1/completions", json=greedy | {"top_k": -1}).json()["choices"] == \
+        httpx.post(base + "/v1/completions", json=greedy).json()["choices"]
+    refused = httpx.post(base + "/v1/completions", json=greedy | {"stream": "false"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream"
+    long = [1] * running.engine.max_seq_len
+    refused = httpx.post(base + "/v1/completions", json={"prompt": long, "max_tokens": 1})
+    error = refused.json()["error"]
+    assert (refused.status_code, error["code"], error["param"]) == (400, "context_length_exceeded", "prompt")
+    model = httpx.get(base + "/v1/models").json()["data"][0]
+    assert model["root"] == "acme/coder" and model["max_model_len"] == running.engine.max_seq_len
