@@ -52,7 +52,7 @@ def main() -> int:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, interrupted)
     print(f"\nGatehouse is running at http://{args.host}:{args.port}/  (API docs: /api/docs/, admin: /admin/)"
-          "\nPress Ctrl-C to stop the web server and the worker.\n", flush=True)
+          "\nPress Ctrl-C to stop the web server, the workers and the engines.\n", flush=True)
     try:
         while True:
             for name, proc in processes.items():

@@ -31,7 +31,7 @@ def with_visible_model(view):
         try:
             model = model_get(user=request.user, org=org, name=name)
         except ApplicationError as exc:
-            return render(request, "web/404.html", {"message": exc.message}, status=404)
+            return render(request, "web/404.html", {"path": request.path}, status=404)
         return view(request, model)
     return wrapper
 
@@ -158,24 +158,43 @@ def playground(request, model):
         return render(request, "releases/playground.html", context, status=decision.status)
     status = 200
     if request.method == "POST":
+        # The form comes back as it was typed, whatever is wrong with it.
+        context.update(message=request.POST.get("message", ""), max_tokens=request.POST.get("max_tokens", ""),
+                       temperature=request.POST.get("temperature", ""))
         try:
-            max_tokens, temperature = int(request.POST.get("max_tokens", 64)), float(request.POST.get("temperature", 0.7))
-        except ValueError:
-            max_tokens, temperature = 0, -1.0  # refused below with the engine's own message
-        context.update(message=request.POST.get("message", ""), max_tokens=max_tokens, temperature=temperature)
-        body = {"model": model.repo_id, "messages": [{"role": "user", "content": context["message"]}],
-                "max_tokens": max_tokens, "temperature": temperature}
+            numbers = {"max_tokens": _form_number(context["max_tokens"], int, 64, "Max tokens"),
+                       "temperature": _form_number(context["temperature"], float, 0.7, "Temperature")}
+        except ValueError as exc:  # not a number at all: the gateway's range checks say the rest
+            context["error"] = str(exc)
+            return render(request, "releases/playground.html", context, status=400)
+        body = {"model": model.repo_id, "messages": [{"role": "user", "content": context["message"]}], **numbers}
         try:
             response = generate(request, "chat/completions", user=request.user, token=None, body=body)
             payload = json.loads(response.content)
-            if response.status_code == 200:
-                context["answer"] = payload["choices"][0]["message"]["content"]
+            choice = (payload.get("choices") or [None])[0] if response.status_code == 200 else None
+            message = choice.get("message") if isinstance(choice, dict) else None
+            if isinstance(message, dict) and isinstance(message.get("content"), str):
+                context["answer"] = message["content"]
                 context["usage"] = payload.get("usage")
+            elif response.status_code == 200:  # a backend answering chat in another shape (a completion's, say)
+                context["error"], status = ("The model's backend answered without a chat message; retry, or tell "
+                                            f"{model.organization.slug}'s administrators."), 502
             else:
                 context["error"], status = payload["error"]["message"], response.status_code
         except OpenAIError as exc:
             context["error"], status = exc.message, exc.status
     return render(request, "releases/playground.html", context, status=status)
+
+
+def _form_number(text: str, kind, default, label: str):
+    """A number field of the playground's form: its default when left empty."""
+    if not text.strip():
+        return default
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{label} must be {'a whole number' if kind is int else 'a number'}; got {text[:40]!r}.") \
+            from None
 
 
 def sort_by_downloads(models):
@@ -200,12 +219,13 @@ def model_page_panel(request, model) -> str:
     inference = policy.inference_access(repo_id=model.repo_id, tier=model.tier, audience=access_policy.audience,
                                         acceptable_use=bool(access_policy.acceptable_use), caller=facts,
                                         request_url=request_url)
+    backend = backend_served(model)
     needs_request = model.tier != "closed" and not facts.is_member and policy.needs_grant(
         access_policy.audience, bool(access_policy.acceptable_use))
     return render_to_string("releases/model_panel.html", {
         "model": model, "version": version, "facts": facts, "downloads": downloads, "needs_request": needs_request,
         "files": version.files.order_by("path") if version and downloads.allowed else [],
-        "served": backend_served(model) and inference.allowed, "base": base,
+        "backend": backend, "served": backend and inference.allowed, "base": base,
         "approver": request.user.is_authenticated and approves_for(request.user, model.organization),
         "history": Release.objects.filter(model=model).exclude(status=Release.Status.CANCELLED)
         .select_related("version").order_by("-effective_at", "-id")[:10],

@@ -168,6 +168,11 @@ def _model_for(request, model_id: str, user, token, organization_ids) -> Model:
     # names no model.
     storable = org and name and not contains_unstorable_text(model_id)
     model = next(iter(_served_model(org=org, name=name)), None) if storable else None
+    if model is None and storable and model_visible_queryset(user).filter(organization__slug=org, name=name).exists():
+        # One the caller can see on its page: "does not exist" would be false. (One it cannot see answers as below.)
+        raise OpenAIError(404, f"{model_id} is not served by the inference API: no inference backend is enabled for "
+                               "it. Its organization's administrators can enable one.", "model_not_served",
+                          param="model")
     if model is None:  # a closed model is judged below, by the policy, and answers exactly like this
         shown = model_id if len(model_id or "") <= 200 else model_id[:200] + "…"  # not a megabyte id back
         raise OpenAIError(404, f"The model {shown!r} does not exist or you do not have access to it.",

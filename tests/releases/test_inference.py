@@ -17,6 +17,7 @@ from gatehouse.accounts.models import Membership, Organization
 from releases import policy
 from releases.inference import metering
 from releases.inference.metering import quota_check
+from gatehouse.registry.models import Model
 from releases.models import AccessPolicy, InferenceBackend, InferenceCall
 from tests.releases.upstream import FakeUpstream, chat_chunk
 
@@ -520,3 +521,39 @@ def test_the_playground_of_a_model_not_served_says_so(served, browser):
     page = browser.get("/releases/models/aurora/m/playground")
     assert page.status_code == 404 and b"not served by the inference API" in page.content
     assert b'<textarea id="message"' not in page.content and b"OpenAI(base_url=" not in page.content
+    # The API says the same to whoever can see the model, not that it does not exist.
+    response = _chat(served)
+    error = _error(response)
+    assert response.status_code == 404 and error["code"] == "model_not_served"
+    assert "not served by the inference API" in error["message"]
+    assert "does not serve it yet" in browser.get("/aurora/m").content.decode()
+    # A closed model answers as one that does not exist, served or not.
+    Model.objects.filter(pk=served.model.pk).update(tier="closed")
+    closed, missing = _chat(served), _chat(served, model="aurora/nothing-here")
+    assert closed.status_code == missing.status_code == 404
+    assert _error(closed)["code"] == _error(missing)["code"] == "model_not_found"
+    assert not served.upstream.requests and not InferenceCall.objects.exists()
+
+
+def test_the_playground_keeps_what_was_typed_and_names_the_field_that_is_not_a_number(served, browser):
+    page = browser.post("/releases/models/aurora/m/playground", {"message": "hi", "max_tokens": "1e1",
+                                                                  "temperature": "0.3"})
+    text = page.content.decode()
+    assert page.status_code == 400 and "Max tokens must be a whole number; got &#x27;1e1&#x27;." in text
+    assert 'value="1e1"' in text and 'value="0.3"' in text and "hi</textarea>" in text
+    assert not served.upstream.requests and not InferenceCall.objects.exists()
+    page = browser.post("/releases/models/aurora/m/playground", {"message": "hi", "max_tokens": "",
+                                                                  "temperature": "0.3"})
+    assert page.status_code == 502 and "answered without a chat message" in page.content.decode()  # a completion
+    assert served.upstream.requests[-1]["max_tokens"] == 64  # empty: the default
+    served.upstream.body = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "hello there"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}).encode()
+    page = browser.post("/releases/models/aurora/m/playground", {"message": "hi", "max_tokens": "8",
+                                                                  "temperature": "0"})
+    assert page.status_code == 200 and "hello there" in page.content.decode()
+
+
+def test_a_page_of_a_model_one_may_not_see_names_the_path_in_its_404(served, browser):
+    page = browser.get("/releases/models/aurora/nothing-here/playground")
+    assert page.status_code == 404 and b"<code>/releases/models/aurora/nothing-here/playground</code>" in page.content

@@ -202,3 +202,12 @@ def test_catalog_filters_by_worst_risk_outcome(aurora, alice, register, client):
     unsure = client.get("/?risk=cannot_rule_out").content.decode()
     assert "aurora/edgy" in unsure and "aurora/calm" not in unsure
     assert "No models match" in client.get("/?risk=nonsense").content.decode()
+
+
+def test_pages_name_an_icon_we_serve_and_favicon_ico_leads_to_it(client, db):
+    home = client.get("/")
+    assert b'<link rel="icon" href="/static/web/favicon.svg" type="image/svg+xml">' in home.content
+    redirect = client.get("/favicon.ico")
+    assert redirect.status_code == 301 and redirect["Location"] == "/static/web/favicon.svg"
+    icon = client.get("/static/web/favicon.svg")
+    assert icon.status_code == 200 and b"<svg" in b"".join(icon.streaming_content)
