@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from training.config import ConfigError
 from training.export import load_exported
+from training.files import read_json_object
 from training.model import apply_rope, rms_norm
 
 
@@ -1036,16 +1037,8 @@ def _load_tokenizer(model_dir: Path, hf_config: dict):
 
 
 def _json_file(path: Path) -> dict:
-    """An optional JSON object beside the weights: {} when absent; one line naming it when it is not an object."""
-    if not path.exists():
-        return {}
-    try:
-        value = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ConfigError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path} is not a JSON object")
-    return value
+    """An optional JSON object beside the weights: {} when absent."""
+    return read_json_object(path) if path.exists() else {}
 
 
 def _chat_template_source(model_dir: Path, tokenizer_config: dict) -> str | None:

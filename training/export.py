@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from training.adapt import lora_modules, lora_state_for_peft
 from training.config import ConfigError, ModelConfig
-from training.files import sha256_file, unshared_state
+from training.files import read_json_object, sha256_file, unshared_state
 from training.model import Transformer
 from training.tokenizer import EOS, TOKENIZER_FILES
 
@@ -71,12 +71,7 @@ def load_exported(directory: Path, *, device="cpu") -> tuple[Transformer, dict]:
     config_path = directory / "config.json"
     if not config_path.exists():
         raise ConfigError(f"{directory} is not a model folder (no config.json)")
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except ValueError as exc:
-        raise ConfigError(f"{config_path} is not valid JSON ({exc})") from None
-    if not isinstance(hf_config, dict):
-        raise ConfigError(f"{config_path} is not a JSON object")
+    hf_config = read_json_object(config_path)
     model = Transformer(ModelConfig.from_hf(hf_config))
     try:
         state = load_weights(directory)
