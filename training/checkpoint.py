@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.files import sha256_file, unshared_state
+from training.files import replace_folder, sha256_file, unshared_state
 
 FORMAT_VERSION = 1
 FILES = ("model.safetensors", "optimizer.pt")
@@ -33,12 +33,7 @@ def save_checkpoint(directory: Path, *, model: torch.nn.Module, optimizer: torch
     torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "optimizer.pt")
     meta = {"format_version": FORMAT_VERSION, **state, "sha256": {name: sha256_file(tmp / name) for name in FILES}}
     (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2))
-    old = directory.with_name(directory.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, directory)
 
 
 def recover_checkpoint(directory: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.files import sha256_file
+from training.files import check_replaceable, replace_folder, sha256_file
 from training.tokenizer import EOS, load_tokenizer, save_tokenizer, train_tokenizer
 
 FORMAT_VERSION = 1
@@ -214,24 +214,6 @@ def _repeats(text: str, weight: float) -> int:
     return whole + (1 if int.from_bytes(digest, "big") / 2**64 < fraction else 0)
 
 
-def _check_out(out: Path) -> None:
-    """Only a new or empty folder, or an earlier prepared dataset, may be --out: prepare replaces it whole."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise DataError(f"--out {out} is a file: give an empty or new folder")
-    if not any(out.iterdir()):
-        return
-    try:
-        manifest = json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError):
-        manifest = None
-    if not (isinstance(manifest, dict) and manifest.get("kind") == "gatehouse.training.dataset"
-            and "splits" in manifest):
-        raise DataError(f"--out {out} is not empty and holds no earlier prepared dataset: give an empty or new folder "
-                        "(nothing was written)")
-
-
 def prepare(paths: list[Path], out: Path, *, vocab_size: int = 2048, val_fraction: float = 0.05,
             tokenizer_from: Path | None = None, redact: bool = False, license: str = "", text_field: str = "text",
             max_bytes: int | None = None, seq_len_hint: int = 2048, description: str = "",
@@ -247,7 +229,8 @@ def prepare(paths: list[Path], out: Path, *, vocab_size: int = 2048, val_fractio
         if not (math.isfinite(group.weight) and group.weight > 0):
             raise DataError(f"dataset {group.name!r}: mixture weight must be a positive number, not {group.weight}")
     out = Path(out)
-    _check_out(out)
+    check_replaceable(out, earlier="prepared dataset", error=DataError, label=f"--out {out}",
+                      is_earlier=lambda m: m.get("kind") == "gatehouse.training.dataset" and "splits" in m)
     # Written beside --out and renamed over it at the end: a failed or interrupted run leaves --out as it was.
     target = out.resolve()
     tmp = target.with_name(f".{target.name}.preparing")
@@ -256,14 +239,7 @@ def prepare(paths: list[Path], out: Path, *, vocab_size: int = 2048, val_fractio
         manifest = _prepare_into(tmp, groups, exclude=(out, tmp), vocab_size=vocab_size, val_fraction=val_fraction,
                                  tokenizer_from=tokenizer_from, redact=redact, text_field=text_field,
                                  max_bytes=max_bytes, seq_len_hint=seq_len_hint, description=description)
-        if out.exists():  # empty, or an earlier dataset: moved aside first, so that the swap is two renames
-            aside = target.with_name(f".{target.name}.replaced")
-            shutil.rmtree(aside, ignore_errors=True)
-            out.rename(aside)
-            tmp.rename(out)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        replace_folder(tmp, target)  # an empty --out, or an earlier dataset
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Prepared(directory=out, manifest=manifest)

@@ -322,17 +322,13 @@ class Engine:
                               f"{self.config.vocab_size - 1}.", param="logit_bias")
         if not prompt_ids:
             raise EngineError("The prompt is empty.", param="prompt")
-        if params.max_tokens is None:
-            if len(prompt_ids) >= self.max_seq_len:
-                raise EngineError(f"This model's context is {self.max_seq_len} tokens and the prompt has "
-                                  f"{len(prompt_ids)}, leaving none to generate. Shorten the prompt.",
-                                  code="context_length_exceeded", param="prompt")
-            params = dataclasses.replace(params, max_tokens=self.max_seq_len - len(prompt_ids))
-        prompt_fits = len(prompt_ids) + (1 if params.max_tokens else 0) <= self.max_seq_len
-        if not prompt_fits:  # the prompt alone leaves no room: no max_tokens would help
+        # The prompt alone leaves no room (for one token, unless max_tokens 0 only scores it): no max_tokens would help.
+        if len(prompt_ids) + (0 if params.max_tokens == 0 else 1) > self.max_seq_len:
             raise EngineError(f"This model's context is {self.max_seq_len} tokens and the prompt has "
                               f"{len(prompt_ids)}, leaving none to generate. Shorten the prompt.",
                               code="context_length_exceeded", param="prompt")
+        if params.max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=self.max_seq_len - len(prompt_ids))
         if len(prompt_ids) + params.max_tokens > self.max_seq_len:
             raise EngineError(f"This model's context is {self.max_seq_len} tokens; the prompt has {len(prompt_ids)} "
                               f"and max_tokens asks for {params.max_tokens} more. Shorten the prompt or lower "

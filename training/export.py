@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from training.adapt import lora_modules, lora_state_for_peft
 from training.config import ConfigError, ModelConfig
-from training.files import read_json_object, sha256_file, unshared_state
+from training.files import check_replaceable, read_json_object, replace_folder, sha256_file, unshared_state
 from training.model import Transformer
 from training.tokenizer import EOS, TOKENIZER_FILES
 
@@ -123,19 +123,8 @@ def card_text(*, name: str, license: str, datasets: list[str], base_model: str |
 
 def check_export_target(directory: Path) -> None:
     """Only an empty folder or an earlier export may be replaced: --out pointing at a project folder must not wipe it."""
-    if not directory.exists():
-        return
-    if not directory.is_dir():
-        raise ConfigError(f"{directory} is a file: give an empty or new folder to export to")
-    if not any(directory.iterdir()):
-        return
-    try:
-        manifest = json.loads((directory / "manifest.json").read_text())
-    except (OSError, ValueError):
-        manifest = None
-    if not (isinstance(manifest, dict) and "format_version" in manifest and "files" in manifest):
-        raise ConfigError(f"{directory} is not empty and holds no earlier export: give an empty or new folder "
-                          "(nothing was written)")
+    check_replaceable(directory, earlier="export", is_earlier=lambda m: "format_version" in m and "files" in m,
+                      error=ConfigError)
 
 
 def check_adapter_base(adapter_dir: Path, base_dir: Path) -> None:
@@ -219,15 +208,4 @@ def _write_export(model, directory: Path, tmp: Path, *, tokenizer_dir, manifest,
     files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **manifest, "files": files},
                                                   indent=2, default=str))
-    # The earlier export is set aside, not deleted, until the new one is in place: a rename that fails puts it back.
-    old = directory.with_name(directory.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        directory.rename(old)
-    try:
-        tmp.rename(directory)
-    except OSError:
-        if old.exists():
-            old.rename(directory)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, directory)

@@ -1,6 +1,7 @@
 """Small file helpers shared by data preparation, checkpoints and exports."""
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,6 +18,43 @@ def read_json_object(path: Path) -> dict:
     if not isinstance(value, dict):
         raise ConfigError(f"{path} is not a JSON object")
     return value
+
+
+def check_replaceable(directory: Path, *, earlier: str, is_earlier, error: type[Exception], label: str = "") -> None:
+    """Only a new or empty folder, or one holding an earlier output of the same kind (is_earlier(its manifest.json)),
+    may be replaced whole by replace_folder: an --out naming anything else (a project folder, another kind of output)
+    must not be wiped. Refusals raise `error`, naming the folder as `label` (its path by default)."""
+    label = label or str(directory)
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise error(f"{label} is a file: give an empty or new folder")
+    if not any(directory.iterdir()):
+        return
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if not (isinstance(manifest, dict) and is_earlier(manifest)):
+        raise error(f"{label} is not empty and holds no earlier {earlier}: give an empty or new folder (nothing was "
+                    "written)")
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put the finished folder `new` in place of `target` (a checkpoint, an export, a prepared dataset). What was
+    there is set aside as TARGET.old, not deleted, until the new one is in place: a rename that fails puts it back,
+    and a crash between the two renames leaves both whole (recover_checkpoint takes the newest)."""
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    try:
+        new.rename(target)
+    except OSError:
+        if old.exists():
+            old.rename(target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def sha256_file(path: Path) -> str:

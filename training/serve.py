@@ -27,6 +27,7 @@ from training.engine import SEED_RANGE, Engine, EngineError, Request, SamplingPa
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+GET_PATHS = ("/health", "/metrics", "/v1/models")  # and /v1/models/{id}
 # Requests waiting for a slot before new ones are refused: past a few hundred, a client would wait minutes.
 MAX_WAITING = 256
 # How often a handler waiting on the engine checks whether its client has gone (a cancel frees the slot).
@@ -141,8 +142,12 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
+    def parse_request(self) -> bool:
+        self._body_read = False  # per request: a kept-alive connection reuses this handler
+        return super().parse_request()
+
     def _body_unread(self) -> bool:
-        if getattr(self, "_body_read", False):
+        if self._body_read:
             return False
         return self.headers.get("Content-Length", "0") != "0" or "chunked" in self._transfer_encoding()
 
@@ -233,17 +238,15 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- routes ---------------------------------------------------------------------------------------------
     def do_GET(self):
-        self._body_read = False
         self._guard(self._get)
 
     do_HEAD = do_GET  # a load balancer's check: the GET's status and headers, no body (see _send)
 
     def _not_allowed(self):
-        """Any other method: OpenAI's error shape, not the standard library's HTML page."""
-        self._body_read = False
+        """Any other method: OpenAI's error shape, not the standard library's HTML page (a 404 off every route)."""
         path = unquote(self.path.split("?", 1)[0])
         allowed = "POST" if path in GENERATION_PATHS else "GET, HEAD" if (
-            path in ("/health", "/metrics", "/v1/models") or path.startswith("/v1/models/")) else None
+            path in GET_PATHS or path.startswith("/v1/models/")) else None
         if allowed is None:
             return self._no_route(path)
         self._json(405, {"error": {"message": f"{self.command} is not allowed on {path}; use {allowed}.",
@@ -277,15 +280,12 @@ class Handler(BaseHTTPRequestHandler):
         self._no_route(path)
 
     def do_POST(self):
-        self._body_read = False
         path = unquote(self.path.split("?", 1)[0])
         if path == "/v1/completions":
             return self._guard(lambda: self._generate(chat=False))
         if path == "/v1/chat/completions":
             return self._guard(lambda: self._generate(chat=True))
-        if path in ("/health", "/metrics", "/v1/models") or path.startswith("/v1/models/"):
-            return self._not_allowed()
-        self._no_route(path)
+        self._not_allowed()
 
     def _generate(self, *, chat: bool) -> None:
         body = self._body()
