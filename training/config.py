@@ -227,6 +227,9 @@ class TrainConfig:
     # +1.4% on an H200, 124M shape; eager, model.HeadLossInBlocks: a block of rows at a time, in place, -3 to -8% of a
     # CPU step, 'small' preset). auto: fused
     head_loss: str = "auto"
+    # no: clip_grad_norm_ then fused AdamW, eagerly; yes: the clipping and a foreach AdamW compiled together
+    # (torch.compile), so the clipped gradients are never written back and the update takes a few kernels
+    compile_optimizer: str = "no"
     run_id: str = ""
     license: str = ""  # the exported card's license; defaults to the data's license
     datasets: tuple[str, ...] = ()  # registry dataset ids (org/name) named in the exported card
@@ -272,6 +275,8 @@ class TrainConfig:
             raise ConfigError(f"--residual-dtype must be float32 or bfloat16, not {self.residual_dtype!r}")
         if self.residual_dtype == "bfloat16" and self.dtype == "float32":
             raise ConfigError("--residual-dtype bfloat16 needs bf16 training: drop --dtype float32")
+        if self.compile_optimizer not in ("yes", "no"):
+            raise ConfigError(f"--compile-optimizer must be yes or no, not {self.compile_optimizer!r}")
         if self.head_loss not in ("auto", "plain", "fused"):
             raise ConfigError(f"--head-loss must be auto, plain or fused, not {self.head_loss!r}")
         if self.vocab_size < 0:

@@ -175,10 +175,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
+        # Rotated in the projections' own (batch, seq, heads, dim) layout, then transposed as views. Rotated after
+        # the transpose, torch.compile wrote q and k out head-major, and cuDNN's attention allocates its output in
+        # q's layout: y then cost a copy before o_proj, and its gradient another before the attention's backward.
+        cos, sin = cos[:, None], sin[:, None]
+        q = apply_rope(q, cos, sin).to(v.dtype).transpose(1, 2)
+        k = apply_rope(k, cos, sin).to(v.dtype).transpose(1, 2)
         if self.num_kv_heads != self.num_heads:
             groups = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)

@@ -238,9 +238,27 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     # Fused on both devices a run can have, CPUs included (torch 2.4+): one pass over each tensor where the
-    # default makes six.
+    # default makes six. Compiled (--compile-optimizer yes), torch.compile fuses a foreach AdamW itself, with the
+    # clipping; its lr is then a device tensor that the schedule fills, so a new lr is not a new compilation.
+    compiled_optimizer = cfg.compile_optimizer == "yes"
+    flags = {"foreach": True, "capturable": True, "fused": None} if compiled_optimizer else {"fused": True}
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  fused=True)
+                                  **flags)
+
+    def set_lr(lr: float) -> None:
+        for group in optimizer.param_groups:
+            if compiled_optimizer:
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+    def as_run_wants(group: dict) -> None:
+        group.update(flags)
+        lr = float(group["lr"])
+        group["lr"] = torch.tensor(lr, device=env.device) if compiled_optimizer else lr
+
+    for group in optimizer.param_groups:
+        as_run_wants(group)
 
     checkpoint_dir = out / "checkpoint"
     step, cursor, run_id = 0, 0, cfg.run_id or uuid.uuid4().hex[:12]
@@ -270,7 +288,7 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
                               "the checkpoint")
         meta = load_checkpoint(checkpoint_dir, model=model, optimizer=optimizer)
         for group in optimizer.param_groups:  # a checkpoint carries its optimizer's flags; this run's choice wins
-            group["fused"] = True
+            as_run_wants(group)
         step, cursor, run_id = meta["step"], meta["cursor"], meta["run_id"]
         started_tokens, flops_done, device_seconds = meta["tokens"], meta["flops"], meta["device_seconds"]
         resumed = meta
@@ -284,6 +302,13 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
     mode = None if cfg.compile_mode == "default" else cfg.compile_mode
     model.fused_head_loss = cfg.head_loss in ("auto", "fused")
     forward_model = torch.compile(model, mode=mode) if compiled else model
+
+    def clip_and_step() -> None:
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+
+    optimizer_step = torch.compile(clip_and_step) if compiled_optimizer else clip_and_step
     if env.world > 1:
         forward_model = DistributedDataParallel(forward_model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
 
@@ -304,6 +329,7 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
                 peak_flops=peak, peak_source=peak_source, bf16=use_bf16, compiled=compiled,
                 compile_mode=cfg.compile_mode if compiled else None,
                 head_loss="fused" if model.fused_head_loss else "plain",
+                optimizer="AdamW, compiled with the clipping" if compiled_optimizer else "AdamW, fused",
                 attention_kernel=attention_kernel_used(model.config, env.device,
                                                        torch.bfloat16 if use_bf16 else torch.float32),
                 model_config=model.config.to_dict(), train_config=asdict(cfg))
@@ -323,8 +349,7 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
     try:
         while step < cfg.max_steps:
             lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(lr)
             total_loss = torch.zeros((), device=env.device)
             for micro in range(cfg.grad_accum):
                 first = cursor + (micro * env.world + env.rank) * cfg.batch_size
@@ -336,9 +361,7 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
                     loss = loss / cfg.grad_accum
                 loss.backward()
                 total_loss += loss.detach()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
+            optimizer_step()
             optimizer.zero_grad(set_to_none=True)
             cursor += cfg.batch_size * cfg.grad_accum * env.world
             step += 1

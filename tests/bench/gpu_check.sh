@@ -6,11 +6,11 @@
 #   bash tests/bench/gpu_check.sh train tests torchrun   # ~6 minutes (train: ~1 minute a variant, with its compile)
 #   bash tests/bench/gpu_check.sh profile                # ~1.5 minutes: where a training step's GPU time goes
 # (all stages, the default, outlast one 10-minute device call: run two calls back to back on the warm machine).
-# A 15-minute lease, as planned after the 2026-11-27 H200 run (starting a machine costs 1-2 of those minutes):
-#   1. TRAIN_VARIANTS=residual_dtype=bfloat16,residual_dtype=bfloat16+compile_mode=reduce-overhead,default
-#      PEER_RUNS=1 TRAIN_LIMIT=300 bash tests/bench/gpu_check.sh train tests           (timeout_s ~560)
-#   2. at once: DECODE_MODES=compiled GENERATE_LIMIT=300 PROFILE_VARIANT=<the best of 1>
-#      bash tests/bench/gpu_check.sh generate profile                                  (timeout_s ~440)
+# A 15-minute lease, as planned 2026-11-27 evening (starting a machine costs 1-2 of those minutes):
+#   1. TRAIN_VARIANTS=residual_dtype=bfloat16+compile_mode=reduce-overhead+compile_optimizer=yes,residual_dtype=bfloat16,
+#      residual_dtype=bfloat16+compile_mode=reduce-overhead,residual_dtype=bfloat16+compile_optimizer=yes
+#      PEER_RUNS=1 TRAIN_LIMIT=300 bash tests/bench/gpu_check.sh train tests           (timeout_s ~570)
+#   2. with what is left: PROFILE_VARIANT=<the best of 1> bash tests/bench/gpu_check.sh profile   (timeout_s ~150)
 # TRAIN_VARIANTS (train_throughput --ours), PEER_RUNS (1 or 2), TRAIN_LIMIT and GENERATE_LIMIT (seconds) and
 # DECODE_MODES adjust stages.
 # Uses the machine's own python3 (torch, transformers, peft, tokenizers, safetensors are in its image);

@@ -108,6 +108,7 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path, data_dir):
      "error: --residual-dtype bfloat16 needs bf16 training: drop --dtype float32"),
     (["--residual-dtype", "bfloat16", "--device", "cpu"],
      "error: --residual-dtype bfloat16 needs bf16 training (--dtype bfloat16, or auto on CUDA)"),
+    (["--compile-optimizer", "maybe"], "error: --compile-optimizer must be yes or no, not 'maybe'"),
     (["--method", "bias"], "error: --method bias adapts an existing model: give --init-from EXPORT_DIR"),
     (["--method", "lora", "--init-from", "/nonexistent"], "error: /nonexistent is not a model folder (no config.json)"),
 ])
@@ -250,6 +251,13 @@ def test_a_resumed_run_uses_this_runs_optimizer_flags_not_the_checkpoints(tmp_pa
     assert train(quick_config(data_dir, out, max_steps=4, warmup_steps=1, checkpoint_interval=2, eval_interval=2)) == 0
     assert [e["resumed_from_step"] for e in events(out, "start")] == [None, 2]
     assert all(group["fused"] for group in optimizers[0].param_groups)
+    # And a fused run's checkpoint resumes under the compiled optimizer, its lr turned into the tensor that one fills.
+    assert train(quick_config(data_dir, out, max_steps=6, warmup_steps=1, checkpoint_interval=2, eval_interval=2,
+                              compile_optimizer="yes")) == 0
+    assert [e["resumed_from_step"] for e in events(out, "start")] == [None, 2, 4]
+    groups = optimizers[1].param_groups
+    assert all(g["foreach"] and g["capturable"] and not g["fused"] and isinstance(g["lr"], torch.Tensor) for g in groups)
+    assert float(groups[0]["lr"]) == pytest.approx(lr_at(5, quick_config(data_dir, out, max_steps=6, warmup_steps=1)))
 
 
 def test_the_cuda_graph_compile_mode_trains_where_there_are_no_graphs(tmp_path, data_dir):
@@ -259,3 +267,34 @@ def test_the_cuda_graph_compile_mode_trains_where_there_are_no_graphs(tmp_path, 
     losses = [e["loss"] for e in events(out, "step")]
     assert losses[-1] < losses[0] - 0.5
     assert events(out, "start")[0]["compile_mode"] == "reduce-overhead"
+
+
+def test_the_compiled_optimizer_follows_the_fused_one_and_resumes_exactly(tmp_path, data_dir):
+    steps = 40
+    runs = {flag: tmp_path / flag for flag in ("no", "yes")}
+    for flag, out in runs.items():
+        done = subprocess.run(_train_cmd(data_dir, out, steps) + ["--compile-optimizer", flag], capture_output=True,
+                              text=True)
+        assert done.returncode == 0, done.stderr
+    assert events(runs["no"], "start")[0]["optimizer"] == "AdamW, fused"
+    assert events(runs["yes"], "start")[0]["optimizer"] == "AdamW, compiled with the clipping"
+    # The same update and clipping, summed in another order: equal up to rounding, step after step.
+    assert [e["loss"] for e in events(runs["yes"], "step")] == \
+        pytest.approx([e["loss"] for e in events(runs["no"], "step")], rel=2e-3)
+
+    interrupted = tmp_path / "interrupted"
+    cmd = _train_cmd(data_dir, interrupted, steps) + ["--compile-optimizer", "yes"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    log = interrupted / "events.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and log.read_text().count('"event": "step"') >= 10):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == EXIT_STOPPED, proc.stderr.read()
+    stopped = events(interrupted, "stopped")[0]["step"]
+    assert 10 <= stopped < steps
+    # The lr lives in a tensor the schedule fills: the checkpoint carries it, and the resumed run goes on exactly.
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert events(interrupted, "start")[1]["resumed_from_step"] == stopped
+    assert [(e["step"], e["loss"]) for e in events(interrupted, "step")] == \
+        [(e["step"], e["loss"]) for e in events(runs["yes"], "step")]
