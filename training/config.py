@@ -228,8 +228,9 @@ class TrainConfig:
     # CPU step, 'small' preset). auto: fused
     head_loss: str = "auto"
     # no: clip_grad_norm_ then fused AdamW, eagerly; yes: the clipping and a foreach AdamW compiled together
-    # (torch.compile), so the clipped gradients are never written back and the update takes a few kernels
-    compile_optimizer: str = "no"
+    # (torch.compile), so the clipped gradients are never written back and the update takes a few kernels (+1.6% on
+    # an H200, 124M shape); auto: yes where the model is compiled (on CUDA by default)
+    compile_optimizer: str = "auto"
     run_id: str = ""
     license: str = ""  # the exported card's license; defaults to the data's license
     datasets: tuple[str, ...] = ()  # registry dataset ids (org/name) named in the exported card
@@ -275,8 +276,8 @@ class TrainConfig:
             raise ConfigError(f"--residual-dtype must be float32 or bfloat16, not {self.residual_dtype!r}")
         if self.residual_dtype == "bfloat16" and self.dtype == "float32":
             raise ConfigError("--residual-dtype bfloat16 needs bf16 training: drop --dtype float32")
-        if self.compile_optimizer not in ("yes", "no"):
-            raise ConfigError(f"--compile-optimizer must be yes or no, not {self.compile_optimizer!r}")
+        if self.compile_optimizer not in ("auto", "yes", "no"):
+            raise ConfigError(f"--compile-optimizer must be auto, yes or no, not {self.compile_optimizer!r}")
         if self.head_loss not in ("auto", "plain", "fused"):
             raise ConfigError(f"--head-loss must be auto, plain or fused, not {self.head_loss!r}")
         if self.vocab_size < 0:

@@ -238,9 +238,10 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     # Fused on both devices a run can have, CPUs included (torch 2.4+): one pass over each tensor where the
-    # default makes six. Compiled (--compile-optimizer yes), torch.compile fuses a foreach AdamW itself, with the
+    # default makes six. Compiled (--compile-optimizer, by default with the model), torch.compile fuses a foreach AdamW itself, with the
     # clipping; its lr is then a device tensor that the schedule fills, so a new lr is not a new compilation.
-    compiled_optimizer = cfg.compile_optimizer == "yes"
+    compiled = cfg.compile == "yes" or (cfg.compile == "auto" and env.device.type == "cuda")
+    compiled_optimizer = cfg.compile_optimizer == "yes" or (cfg.compile_optimizer == "auto" and compiled)
     flags = {"foreach": True, "capturable": True, "fused": None} if compiled_optimizer else {"fused": True}
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   **flags)
@@ -298,7 +299,6 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
     if train_stream.vocab_size > model.config.vocab_size:
         raise ConfigError("the data's tokenizer is larger than the model's vocabulary")
 
-    compiled = cfg.compile == "yes" or (cfg.compile == "auto" and env.device.type == "cuda")
     mode = None if cfg.compile_mode == "default" else cfg.compile_mode
     model.fused_head_loss = cfg.head_loss in ("auto", "fused")
     forward_model = torch.compile(model, mode=mode) if compiled else model

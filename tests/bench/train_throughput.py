@@ -34,14 +34,14 @@ def prepare_data(directory: Path, vocab: int) -> Path:
 
 def parse_variant(variant: str) -> tuple[dict, dict]:
     """"default", or settings joined by "+": TrainConfig fields (attention=KERNEL, compile_mode=MODE,
-    residual_dtype=DTYPE, head_loss=KIND, compile_optimizer=yes|no) and inductor.NAME=VALUE (a torch._inductor.config flag set for that run
+    residual_dtype=DTYPE, head_loss=KIND, compile_optimizer=auto|yes|no) and inductor.NAME=VALUE (a torch._inductor.config flag set for that run
     only, to try one before it becomes a trainer setting)."""
     settings = dict(part.partition("=")[::2] for part in variant.split("+") if part != "default")
     inductor = {k.removeprefix("inductor."): v for k, v in settings.items() if k.startswith("inductor.")}
     config = {k: v for k, v in settings.items() if not k.startswith("inductor.")}
     if set(config) - {"attention", "compile_mode", "residual_dtype", "head_loss", "compile_optimizer"}:
         raise SystemExit(f"unknown variant {variant!r}: use default, attention=KERNEL, compile_mode=MODE, "
-                         "residual_dtype=DTYPE, head_loss=KIND, compile_optimizer=yes|no or inductor.FLAG=VALUE, "
+                         "residual_dtype=DTYPE, head_loss=KIND, compile_optimizer=auto|yes|no or inductor.FLAG=VALUE, "
                          "joined by +")
     return config, {k: {"1": True, "0": False}.get(v, v) for k, v in inductor.items()}
 

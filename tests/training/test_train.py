@@ -26,6 +26,7 @@ def test_loss_falls_and_events_carry_the_facts(trained):
     assert start["flops_per_token"] == 6 * start["matmul_parameters"] + 12 * 2 * 4 * 16 * 64
     assert start["peak_source"] == "measured fp32 matmul on this CPU" and start["peak_flops"] > 1e9
     assert start["attention_kernel"] == "flash_attention"  # PyTorch's CPU flash kernel (SDPA's own choice)
+    assert start["optimizer"] == "AdamW, fused"  # --compile-optimizer auto: compiled only with a compiled model
     step = steps[-1]
     assert step["tokens"] == 40 * 8 * 64
     assert step["flops"] == pytest.approx(start["flops_per_token"] * step["tokens"])
@@ -108,7 +109,7 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path, data_dir):
      "error: --residual-dtype bfloat16 needs bf16 training: drop --dtype float32"),
     (["--residual-dtype", "bfloat16", "--device", "cpu"],
      "error: --residual-dtype bfloat16 needs bf16 training (--dtype bfloat16, or auto on CUDA)"),
-    (["--compile-optimizer", "maybe"], "error: --compile-optimizer must be yes or no, not 'maybe'"),
+    (["--compile-optimizer", "maybe"], "error: --compile-optimizer must be auto, yes or no, not 'maybe'"),
     (["--method", "bias"], "error: --method bias adapts an existing model: give --init-from EXPORT_DIR"),
     (["--method", "lora", "--init-from", "/nonexistent"], "error: /nonexistent is not a model folder (no config.json)"),
 ])
@@ -267,6 +268,7 @@ def test_the_cuda_graph_compile_mode_trains_where_there_are_no_graphs(tmp_path, 
     losses = [e["loss"] for e in events(out, "step")]
     assert losses[-1] < losses[0] - 0.5
     assert events(out, "start")[0]["compile_mode"] == "reduce-overhead"
+    assert events(out, "start")[0]["optimizer"] == "AdamW, compiled with the clipping"  # auto, with the model
 
 
 def test_the_compiled_optimizer_follows_the_fused_one_and_resumes_exactly(tmp_path, data_dir):
