@@ -147,7 +147,7 @@ def test_validation_keeps_no_graph_and_skips_the_fused_gradient(batch, monkeypat
     assert metrics["val_loss"] > 0
 
 
-def test_the_compiled_head_loss_has_the_shape_inductors_online_softmax_matches(monkeypatch):
+def test_the_compiled_head_loss_has_the_shape_inductors_online_softmax_matches():
     """On a GPU inductor finds the max and the sum of exponentials in one pass over the logits when the graph holds
     softmax's exact shape (amax, subtract, exp, sum); logsumexp's masked_fill broke it, and the kernel read the
     (tokens x vocab) logits three times. That rewrite only fires on CUDA, so the same pattern is matched here on a
@@ -163,13 +163,13 @@ def test_the_compiled_head_loss_has_the_shape_inductors_online_softmax_matches(m
                          [torch.empty(4, 8)], scalar_workaround=dict(dim=-1), trace_fn=fwd_only, pass_dicts=probe,
                          extra_check=lambda match: True)
     matches = []
-    monkeypatch.setattr(config, "post_grad_custom_pre_pass",
-                        lambda graph: matches.append(probe.apply(copy.deepcopy(graph.owning_module).graph)))
     torch._dynamo.reset()
     model = Transformer(preset("debug", vocab_size=512))
     model.fused_head_loss = True
     idx = torch.randint(0, 512, (2, 16))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    probed = lambda graph: matches.append(probe.apply(copy.deepcopy(graph.owning_module).graph))  # noqa: E731
+    with config.patch(post_grad_custom_pre_pass=probed), torch.autocast("cpu", dtype=torch.bfloat16):
         _, loss = torch.compile(model)(idx, idx)
-    loss.backward()
+        loss.backward()
+    torch._dynamo.reset()  # nothing compiled under the probe is reused
     assert matches == [1, 0]  # the forward graph's head loss; the backward graph holds no softmax
