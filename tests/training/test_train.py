@@ -47,20 +47,25 @@ def _train_cmd(data_dir, out, steps):
             "--warmup-steps", "5", "--eval-interval", "1000", "--eval-batches", "1", "--checkpoint-interval", "1000"]
 
 
+def _stopped_by_sigterm(cmd: list[str], out, *, after_steps: int, wait: float = 60) -> dict:
+    """Starts a training run, sends it SIGTERM once it has logged after_steps steps; its "stopped" event."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    log = out / "events.jsonl"
+    deadline = time.time() + wait
+    while time.time() < deadline and not (log.exists() and log.read_text().count('"event": "step"') >= after_steps):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == EXIT_STOPPED, proc.stderr.read()
+    return events(out, "stopped")[0]
+
+
 def test_sigterm_checkpoints_and_a_resumed_run_matches_an_uninterrupted_one(tmp_path, data_dir):
     steps = 250
     straight = tmp_path / "straight"
     assert subprocess.run(_train_cmd(data_dir, straight, steps), capture_output=True).returncode == 0
 
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(_train_cmd(data_dir, interrupted, steps), stderr=subprocess.PIPE, text=True)
-    log = interrupted / "events.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and not (log.exists() and log.read_text().count('"event": "step"') >= 20):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == EXIT_STOPPED, proc.stderr.read()
-    stopped = events(interrupted, "stopped")[0]
+    stopped = _stopped_by_sigterm(_train_cmd(data_dir, interrupted, steps), interrupted, after_steps=20)
     assert stopped["signal"] == "SIGTERM" and stopped["resumable"] is True
     assert 20 <= stopped["step"] < steps
     assert not (interrupted / "export").exists()
@@ -286,14 +291,7 @@ def test_the_compiled_optimizer_follows_the_fused_one_and_resumes_exactly(tmp_pa
 
     interrupted = tmp_path / "interrupted"
     cmd = _train_cmd(data_dir, interrupted, steps) + ["--compile-optimizer", "yes"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    log = interrupted / "events.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and log.read_text().count('"event": "step"') >= 10):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == EXIT_STOPPED, proc.stderr.read()
-    stopped = events(interrupted, "stopped")[0]["step"]
+    stopped = _stopped_by_sigterm(cmd, interrupted, after_steps=10, wait=120)["step"]  # the first compiles
     assert 10 <= stopped < steps
     # The lr lives in a tensor the schedule fills: the checkpoint carries it, and the resumed run goes on exactly.
     assert subprocess.run(cmd, capture_output=True).returncode == 0
