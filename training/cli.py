@@ -10,6 +10,47 @@ from training.config import PRESETS, ConfigError, TrainConfig
 from training.data import DataError
 
 
+# `train --help`: one line per TrainConfig field (config.py says more where a choice needs it); the default is added.
+TRAIN_HELP = {
+    "data": "a folder written by `prepare`",
+    "out": "the run folder: checkpoint, events.jsonl, export; run the same command again to resume",
+    "preset": "the model's shape",
+    "vocab_size": "0: the tokenizer's; larger pads the embedding (50304, a multiple of 64, is faster on GPUs)",
+    "init_from": "an exported model folder to adapt instead of a fresh model",
+    "method": "with --init-from: full | lora | last-layer | bias",
+    "lora_rank": "LoRA's rank",
+    "lora_alpha": "LoRA's scale numerator (the update is scaled by alpha/rank)",
+    "lora_targets": "the projections LoRA adapts",
+    "batch_size": "sequences per micro-batch and process",
+    "seq_len": "tokens per sequence (at most the preset's context)",
+    "grad_accum": "micro-batches per optimizer step",
+    "max_steps": "optimizer steps of the whole run",
+    "lr": "peak learning rate, after warm-up",
+    "min_lr": "learning rate at the end of the cosine decay",
+    "warmup_steps": "linear warm-up steps",
+    "weight_decay": "AdamW's decay, on matrices only",
+    "beta1": "AdamW's beta1",
+    "beta2": "AdamW's beta2",
+    "grad_clip": "clip the gradients' global norm to this (0: no clipping)",
+    "eval_interval": "steps between validation losses",
+    "eval_batches": "validation batches per evaluation",
+    "checkpoint_interval": "steps between checkpoints (SIGTERM checkpoints too)",
+    "seed": "seed of the initialisation and the data order",
+    "device": "auto | cpu | cuda",
+    "dtype": "auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16",
+    "compile": "torch.compile the model: auto (on CUDA) | yes | no",
+    "compile_mode": "default | reduce-overhead (CUDA graphs; one process, no accumulation) | max-autotune-no-cudagraphs",
+    "attention": "the SDPA kernel tried first: auto (PyTorch's choice) | cudnn | flash | efficient | math",
+    "residual_dtype": "float32 (as transformers) | bfloat16 (as torchtitan; needs bf16)",
+    "head_loss": "auto (fused) | fused (the head and the loss as one step, no logits kept) | plain",
+    "compile_optimizer": "compile the clipping with AdamW: auto (with the model) | yes | no",
+    "run_id": "the run's id in events and the manifest (default: a new one)",
+    "license": "the exported card's license (default: the data's)",
+    "datasets": "registry dataset ids (org/name) named in the exported card",
+    "base_model_id": "the base's registry id (org/name), the card's base_model",
+}
+
+
 def _train_parser(sub):
     parser = sub.add_parser("train", help="train a model, or adapt an exported one (--init-from)")
     defaults = TrainConfig()
@@ -18,12 +59,14 @@ def _train_parser(sub):
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        text = TRAIN_HELP[f.name] + (f" (default {shown})" if shown not in ("", None) else "")
         if isinstance(default, tuple):
-            parser.add_argument(flag, default=",".join(default), help=f"comma-separated (default {','.join(default)})")
+            parser.add_argument(flag, default=",".join(default), help=f"{text}; comma-separated")
         elif isinstance(default, bool):
-            parser.add_argument(flag, action="store_true")
+            parser.add_argument(flag, action="store_true", help=TRAIN_HELP[f.name])
         else:
-            parser.add_argument(flag, type=type(default), default=default,
+            parser.add_argument(flag, type=type(default), default=default, help=text,
                                 **({"choices": list(PRESETS)} if f.name == "preset" else {}))
     parser.add_argument("--echo", action="store_true", help="also print events to stdout")
 
@@ -33,52 +76,57 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m training", description="Gatehouse training module")
     sub = parser.add_subparsers(dest="command", required=True)
 
     prep = sub.add_parser("prepare", help="tokenize text files, folders and JSONL into shards + manifest")
-    prep.add_argument("inputs", nargs="*", type=Path)
-    prep.add_argument("--out", type=Path, required=True)
+    prep.add_argument("inputs", nargs="*", type=Path, help="text files, folders (read recursively) and .jsonl files")
+    prep.add_argument("--out", type=Path, required=True,
+                      help="a new or empty folder, or an earlier prepared dataset to replace")
     prep.add_argument("--demo-corpus", choices=["stdlib"], help="use the Python standard library's sources (PSF-2.0)")
-    prep.add_argument("--vocab-size", type=int, default=2048)
-    prep.add_argument("--val-fraction", type=float, default=0.05)
+    prep.add_argument("--vocab-size", type=int, default=2048, help="the BPE tokenizer's size (default 2048)")
+    prep.add_argument("--val-fraction", type=float, default=0.05,
+                      help="share of documents held out for validation, in (0, 0.5] (default 0.05)")
     prep.add_argument("--tokenizer-from", type=Path, help="reuse the tokenizer of a prepared or exported folder")
     prep.add_argument("--redact", action="store_true", help="replace personal data with placeholders")
     prep.add_argument("--license", default="", help="the source data's licence, recorded as given")
     prep.add_argument("--text-field", default="text", help="JSONL field holding the text")
     prep.add_argument("--max-bytes", type=int, help="stop reading inputs after this many bytes")
-    prep.add_argument("--description", default="")
+    prep.add_argument("--description", default="", help="a line about the data, kept in the manifest")
     prep.add_argument("--mixture", type=Path, help='JSON list of {"name", "paths", "weight", "license"}: a weighted '
                       "mixture of datasets, with facts kept per dataset")
 
     _train_parser(sub)
 
     merge = sub.add_parser("merge", help="merge a LoRA adapter export into full weights")
-    merge.add_argument("adapter", type=Path)
+    merge.add_argument("adapter", type=Path, help="a LoRA run's export (adapter_config.json, adapter_model.safetensors)")
     merge.add_argument("--base", type=Path, required=True, help="the exported base model the adapter was trained on")
-    merge.add_argument("--out", type=Path, required=True)
+    merge.add_argument("--out", type=Path, required=True, help="a new or empty folder, or an earlier export to replace")
 
     ev = sub.add_parser("eval", help="score an exported model on the built-in tasks")
-    ev.add_argument("model", type=Path)
+    ev.add_argument("model", type=Path, help="an exported model folder")
 
     srv = sub.add_parser("serve", help="serve an exported model over OpenAI-compatible HTTP (loopback)")
     srv.add_argument("--model", type=Path, required=True, help="a Llama-architecture Hugging Face folder")
     srv.add_argument("--model-id", default="", help="the id clients ask for (default: the folder's name)")
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8100)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8100, help="port to listen on (default 8100)")
     srv.add_argument("--max-batch", type=int, default=32, help="requests decoded together (KV cache slots)")
     srv.add_argument("--max-waiting", type=int, default=256,
                      help="requests that may wait for a slot; beyond it new ones get 503 + Retry-After")
     srv.add_argument("--max-seq-len", type=int, help="context served, prompt and answer (default the model's "
                      "max_position_embeddings; the KV cache holds --max-batch x this many positions)")
-    srv.add_argument("--device", default="auto")
+    srv.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N (default auto)")
     srv.add_argument("--decode", default="auto", choices=["auto", "dynamic", "static", "graphs", "compiled"],
                      help="decode step: CUDA graphs on a GPU, eager slices on a CPU (auto); compiled: torch.compile, then graphs")
     srv.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                      help="prefill every prompt whole, even where a slot still holds its start")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return _run(args)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError) as exc:

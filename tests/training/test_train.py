@@ -298,3 +298,26 @@ def test_the_compiled_optimizer_follows_the_fused_one_and_resumes_exactly(tmp_pa
     assert events(interrupted, "start")[1]["resumed_from_step"] == stopped
     assert [(e["step"], e["loss"]) for e in events(interrupted, "step")] == \
         [(e["step"], e["loss"]) for e in events(runs["yes"], "step")]
+
+
+def test_train_help_explains_every_option_with_its_default():
+    from dataclasses import fields
+
+    from training.cli import TRAIN_HELP
+    from training.config import TrainConfig
+
+    assert set(TRAIN_HELP) == {f.name for f in fields(TrainConfig)} - {"extra"}  # a new field needs its line
+    shown = subprocess.run([sys.executable, "-m", "training", "train", "--help"], capture_output=True, text=True)
+    assert shown.returncode == 0
+    text = " ".join(shown.stdout.split())  # argparse wraps lines
+    assert "--compile-optimizer COMPILE_OPTIMIZER compile the clipping with AdamW: auto (with the model) | yes | no " \
+           "(default auto)" in text
+    assert "--lora-targets LORA_TARGETS the projections LoRA adapts (default q_proj,v_proj); comma-separated" in text
+    # And every argument of every command says what it is.
+    from training.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert set(commands) == {"prepare", "train", "merge", "eval", "serve"}
+    unexplained = [f"{name} {action.dest}" for name, command in commands.items() for action in command._actions
+                   if action.dest != "help" and not action.help]
+    assert unexplained == []
