@@ -12,7 +12,9 @@
 #      TRAIN_LIMIT=250 bash tests/bench/gpu_check.sh train tests                       (timeout_s ~520)
 #      (times the head loss's online-softmax form: the last figures were 565,665 and 556,538 tokens/s for the first
 #      two variants without it)
-#   2. with what is left: PROFILE_VARIANT=residual_dtype=bfloat16 bash tests/bench/gpu_check.sh profile (timeout_s ~150)
+#   2. with what is left, on the warm machine: DECODE_MODES=compiled GENERATE_LIMIT=240 bash tests/bench/gpu_check.sh
+#      generate (issue 7: the CUDA default decode, compiled region by region, never timed; timeout_s ~260), or, if
+#      step 1 left MFU under 0.50, PROFILE_VARIANT=residual_dtype=bfloat16 bash tests/bench/gpu_check.sh profile (~150)
 # TRAIN_VARIANTS (train_throughput --ours), PEER_RUNS (1 or 2), TRAIN_LIMIT and GENERATE_LIMIT (seconds) and
 # DECODE_MODES adjust stages.
 # Uses the machine's own python3 (torch, transformers, peft, tokenizers, safetensors are in its image);
