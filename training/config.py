@@ -227,9 +227,9 @@ class TrainConfig:
     # +1.4% on an H200, 124M shape; eager, model.HeadLossInBlocks: a block of rows at a time, in place, -3 to -8% of a
     # CPU step, 'small' preset). auto: fused
     head_loss: str = "auto"
-    # no: clip_grad_norm_ then fused AdamW, eagerly; yes: the clipping and a foreach AdamW compiled together
-    # (torch.compile), so the clipped gradients are never written back and the update takes a few kernels (+1.6% on
-    # an H200, 124M shape); auto: yes where the model is compiled (on CUDA by default)
+    # no: clip_grad_norm_ then fused AdamW, eagerly; yes: both through torch.compile (the clipping, then, past the
+    # graph break in torch.optim's step, a foreach AdamW: inductor's own kernels for each; +1.6% on an H200, 124M
+    # shape); auto: yes where the model is compiled (on CUDA by default)
     compile_optimizer: str = "auto"
     run_id: str = ""
     license: str = ""  # the exported card's license; defaults to the data's license

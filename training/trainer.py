@@ -3,7 +3,7 @@
     python -m training train --data data/ --out runs/r1 --preset debug             # CPU or one GPU
     torchrun --nproc_per_node 8 -m training train --data data/ --out runs/r1 ...   # DDP, rank 0 does I/O
 
-AdamW (fused, on CUDA and CPU; compiled together with the clipping where the model is compiled) with warmup + cosine
+AdamW (fused, on CUDA and CPU; compiled, as the clipping is, where the model is compiled) with warmup + cosine
 decay, gradient accumulation and clipping, optional bf16 autocast and torch.compile, periodic validation, exact checkpoint/resume (re-running the same command resumes),
 SIGTERM → checkpoint and exit with status 75. Events go to OUT/events.jsonl, one JSON object per line.
 Exit status: 0 done, 2 bad configuration or data, 75 stopped by a signal with a resumable checkpoint.
@@ -238,11 +238,16 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     # Fused on both devices a run can have, CPUs included (torch 2.4+): one pass over each tensor where the
-    # default makes six. Compiled (--compile-optimizer, by default with the model), torch.compile fuses a foreach AdamW itself, with the
-    # clipping; its lr is then a device tensor that the schedule fills, so a new lr is not a new compilation.
+    # default makes six. Compiled (--compile-optimizer, by default with the model), torch.compile makes its own
+    # kernels of the clipping and, after the graph break torch.optim's step takes, of AdamW's update; the lr is then a
+    # device tensor that the schedule fills, so a new lr is not a new compilation. A tensor lr needs the single-tensor
+    # path or a capturable one, and only the single-tensor path runs on a CPU if dynamo falls back to eager (past its
+    # recompile limit: a process that trains more than eight times).
     compiled = cfg.compile == "yes" or (cfg.compile == "auto" and env.device.type == "cuda")
     compiled_optimizer = cfg.compile_optimizer == "yes" or (cfg.compile_optimizer == "auto" and compiled)
-    flags = {"foreach": True, "capturable": True, "fused": None} if compiled_optimizer else {"fused": True}
+    on_cpu = env.device.type == "cpu"
+    flags = ({"foreach": not on_cpu, "capturable": not on_cpu, "fused": None} if compiled_optimizer
+             else {"fused": True, "foreach": None, "capturable": False})
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   **flags)
 
@@ -329,7 +334,7 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
                 peak_flops=peak, peak_source=peak_source, bf16=use_bf16, compiled=compiled,
                 compile_mode=cfg.compile_mode if compiled else None,
                 head_loss="fused" if model.fused_head_loss else "plain",
-                optimizer="AdamW, compiled with the clipping" if compiled_optimizer else "AdamW, fused",
+                optimizer="AdamW and clipping compiled" if compiled_optimizer else "AdamW, fused",
                 attention_kernel=attention_kernel_used(model.config, env.device,
                                                        torch.bfloat16 if use_bf16 else torch.float32),
                 model_config=model.config.to_dict(), train_config=asdict(cfg))

@@ -205,7 +205,8 @@ def main() -> None:
     parser.add_argument("--model-vocab", type=int, default=0, help="pad the model's vocabulary (50304 = GPT-2's)")
     parser.add_argument("--ours", default="default",
                         help="comma-separated variants of our trainer, each timed: default, or settings joined "
-                             "by + (attention=KERNEL, compile_mode=MODE, residual_dtype=DTYPE, inductor.FLAG=VALUE); "
+                             "by + (attention=KERNEL, compile_mode=MODE, residual_dtype=DTYPE, head_loss=KIND, "
+                             "compile_optimizer=auto|yes|no, inductor.FLAG=VALUE); "
                              "the first is the headline")
     parser.add_argument("--peer-runs", type=int, default=2, choices=(1, 2),
                         help="2: the peer runs before and after ours and its better figure is compared")
@@ -275,7 +276,8 @@ def main() -> None:
     ratio = us["tokens_per_s"] / peer["tokens_per_s"]
     print(f"ratio (ours / transformers): {ratio:.2f}x; peak {peak:.3g} FLOP/s, {flops_per_token:.4g} FLOP/token")
     print(json.dumps({"bench": "train_throughput", "preset": args.preset, "seq_len": args.seq_len,
-                      "batch_size": args.batch_size, "device": args.device, "ours_tokens_per_s": round(us["tokens_per_s"]),
+                      "batch_size": args.batch_size, "device": args.device, "ours_variant": us["variant"],
+                      "ours_tokens_per_s": round(us["tokens_per_s"]),
                       "transformers_tokens_per_s": round(peer["tokens_per_s"]),
                       "transformers_runs_tokens_per_s": [round(r["tokens_per_s"]) for r in peer_runs],
                       "ratio": round(ratio, 3), "ours_mfu": round(mfu(us["tokens_per_s"]), 4) if peak else None,

@@ -106,13 +106,13 @@ def test_fused_head_loss_on_cuda_equals_the_plain_one_compiled_in_bf16():
 def test_cuda_graph_compile_mode_and_the_compiled_optimizer_train_like_the_default(tmp_path, data_dir):
     """--compile-mode reduce-overhead replays the step as CUDA graphs: each step's loss is read after the next is
     queued, so the loop must have copied it out of the graph's output before that replay. --compile-optimizer yes
-    on top (the 124M bench's best variant) compiles the optimizer once, not once per new lr."""
+    on top compiles the optimizer once, not once per new lr."""
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()  # earlier tests' compilations count towards the recompile limit
     losses, graphs = {}, {}
     for mode, optimizer in (("default", "no"), ("reduce-overhead", "no"), ("reduce-overhead", "yes")):
         out = tmp_path / f"{mode}-{optimizer}"
+        torch._dynamo.reset()  # each run compiles from scratch, so its graphs are its own
         counters.clear()
         assert train(quick_config(data_dir, out, device="cuda", compile_mode=mode, compile_optimizer=optimizer,
                                   max_steps=30, batch_size=16, seq_len=128)) == 0
@@ -123,5 +123,7 @@ def test_cuda_graph_compile_mode_and_the_compiled_optimizer_train_like_the_defau
     for run in (("reduce-overhead", "no"), ("reduce-overhead", "yes")):
         assert losses[run][-1] < losses[run][0] - 0.5
         assert losses[run] == pytest.approx(losses["default", "no"], rel=2e-2)
-    assert graphs["reduce-overhead", "yes"] == graphs["reduce-overhead", "no"] + 1, graphs
+    # The clipping's graph and AdamW's (torch.optim's step breaks the graph; 2 on a CPU), whatever the lr: a
+    # recompilation per lr would add one a step.
+    assert 1 <= graphs["reduce-overhead", "yes"] - graphs["reduce-overhead", "no"] <= 3, graphs
 

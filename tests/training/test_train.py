@@ -235,17 +235,23 @@ def test_a_resumed_run_uses_this_runs_optimizer_flags_not_the_checkpoints(tmp_pa
     """A checkpoint written by an unfused AdamW (before CPUs got the fused one) resumes fused."""
     import training.trainer as trainer
 
-    out = tmp_path / "r"
-    assert train(quick_config(data_dir, out, max_steps=2, warmup_steps=1, checkpoint_interval=2, eval_interval=2)) == 0
-    saved = torch.load(out / "checkpoint" / "optimizer.pt", weights_only=True)
-    for group in saved["optimizer"]["param_groups"]:
-        group["fused"] = False
-    torch.save(saved, out / "checkpoint" / "optimizer.pt")
     from training.files import sha256_file
 
-    meta = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
-    meta["sha256"]["optimizer.pt"] = sha256_file(out / "checkpoint" / "optimizer.pt")  # as the older trainer wrote it
-    (out / "checkpoint" / "checkpoint.json").write_text(json.dumps(meta))
+    out = tmp_path / "r"
+
+    def rewrite_saved_groups(**flags):  # as another trainer (or device) wrote them
+        saved = torch.load(out / "checkpoint" / "optimizer.pt", weights_only=True)
+        for group in saved["optimizer"]["param_groups"]:
+            group.update(flags)
+        torch.save(saved, out / "checkpoint" / "optimizer.pt")
+        meta = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
+        meta["sha256"]["optimizer.pt"] = sha256_file(out / "checkpoint" / "optimizer.pt")
+        (out / "checkpoint" / "checkpoint.json").write_text(json.dumps(meta))
+
+    def run(max_steps, **overrides):
+        assert train(quick_config(data_dir, out, max_steps=max_steps, warmup_steps=1, checkpoint_interval=2,
+                                  eval_interval=2, **overrides)) == 0
+
     optimizers = []
     load = trainer.load_checkpoint
 
@@ -254,16 +260,27 @@ def test_a_resumed_run_uses_this_runs_optimizer_flags_not_the_checkpoints(tmp_pa
         return load(directory, model=model, optimizer=optimizer)
 
     monkeypatch.setattr(trainer, "load_checkpoint", load_and_keep)
-    assert train(quick_config(data_dir, out, max_steps=4, warmup_steps=1, checkpoint_interval=2, eval_interval=2)) == 0
+    run(2)
+    rewrite_saved_groups(fused=False)
+    run(4)
     assert [e["resumed_from_step"] for e in events(out, "start")] == [None, 2]
     assert all(group["fused"] for group in optimizers[0].param_groups)
-    # And a fused run's checkpoint resumes under the compiled optimizer, its lr turned into the tensor that one fills.
-    assert train(quick_config(data_dir, out, max_steps=6, warmup_steps=1, checkpoint_interval=2, eval_interval=2,
-                              compile_optimizer="yes")) == 0
+    # A fused run's checkpoint resumes under the compiled optimizer, its lr turned into the tensor that one fills; on
+    # a CPU through the single-tensor path, the one that takes a tensor lr and can also run eagerly there.
+    run(6, compile_optimizer="yes")
     assert [e["resumed_from_step"] for e in events(out, "start")] == [None, 2, 4]
-    groups = optimizers[1].param_groups
-    assert all(g["foreach"] and g["capturable"] and not g["fused"] and isinstance(g["lr"], torch.Tensor) for g in groups)
-    assert float(groups[0]["lr"]) == pytest.approx(lr_at(5, quick_config(data_dir, out, max_steps=6, warmup_steps=1)))
+    assert all(not (g["fused"] or g["foreach"] or g["capturable"]) and isinstance(g["lr"], torch.Tensor)
+               for g in optimizers[1].param_groups)
+    last_lr = lr_at(5, quick_config(data_dir, out, max_steps=6, warmup_steps=1))
+    assert float(optimizers[1].param_groups[0]["lr"]) == pytest.approx(last_lr)
+    # And back, from a compiled run's checkpoint as CUDA writes it (foreach, capturable): fused, none of those left.
+    rewrite_saved_groups(foreach=True, capturable=True, fused=None)
+    run(8, compile_optimizer="no")
+    assert all(g["fused"] and not g["foreach"] and not g["capturable"] and isinstance(g["lr"], float)
+               for g in optimizers[2].param_groups)
+    saved = torch.load(out / "checkpoint" / "optimizer.pt", weights_only=True)["optimizer"]["param_groups"]
+    # Flags AdamW accepts together: fused with foreach or capturable left over would not be.
+    torch.optim.AdamW([torch.zeros(1)], **{k: saved[0][k] for k in ("lr", "fused", "foreach", "capturable")})
 
 
 def test_the_cuda_graph_compile_mode_trains_where_there_are_no_graphs(tmp_path, data_dir):
@@ -273,7 +290,7 @@ def test_the_cuda_graph_compile_mode_trains_where_there_are_no_graphs(tmp_path, 
     losses = [e["loss"] for e in events(out, "step")]
     assert losses[-1] < losses[0] - 0.5
     assert events(out, "start")[0]["compile_mode"] == "reduce-overhead"
-    assert events(out, "start")[0]["optimizer"] == "AdamW, compiled with the clipping"  # auto, with the model
+    assert events(out, "start")[0]["optimizer"] == "AdamW and clipping compiled"  # auto, with the model
 
 
 def test_the_compiled_optimizer_follows_the_fused_one_and_resumes_exactly(tmp_path, data_dir):
@@ -284,7 +301,7 @@ def test_the_compiled_optimizer_follows_the_fused_one_and_resumes_exactly(tmp_pa
                               text=True)
         assert done.returncode == 0, done.stderr
     assert events(runs["no"], "start")[0]["optimizer"] == "AdamW, fused"
-    assert events(runs["yes"], "start")[0]["optimizer"] == "AdamW, compiled with the clipping"
+    assert events(runs["yes"], "start")[0]["optimizer"] == "AdamW and clipping compiled"
     # The same update and clipping, summed in another order: equal up to rounding, step after step.
     assert [e["loss"] for e in events(runs["yes"], "step")] == \
         pytest.approx([e["loss"] for e in events(runs["no"], "step")], rel=2e-3)
@@ -310,8 +327,8 @@ def test_train_help_explains_every_option_with_its_default():
     shown = subprocess.run([sys.executable, "-m", "training", "train", "--help"], capture_output=True, text=True)
     assert shown.returncode == 0
     text = " ".join(shown.stdout.split())  # argparse wraps lines
-    assert "--compile-optimizer COMPILE_OPTIMIZER compile the clipping with AdamW: auto (with the model) | yes | no " \
-           "(default auto)" in text
+    assert "--compile-optimizer COMPILE_OPTIMIZER torch.compile the clipping and AdamW: auto (with the model) | yes | " \
+           "no (default auto)" in text
     assert "--lora-targets LORA_TARGETS the projections LoRA adapts (default q_proj,v_proj); comma-separated" in text
     # And every argument of every command says what it is.
     from training.cli import build_parser
@@ -321,3 +338,18 @@ def test_train_help_explains_every_option_with_its_default():
     unexplained = [f"{name} {action.dest}" for name, command in commands.items() for action in command._actions
                    if action.dest != "help" and not action.help]
     assert unexplained == []
+
+
+def test_the_compiled_optimizer_compiles_once_whatever_the_lr_and_survives_dynamos_eager_fallback(tmp_path, data_dir):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    assert train(quick_config(data_dir, tmp_path / "r", compile_optimizer="yes", max_steps=12, warmup_steps=4)) == 0
+    # torch.optim's step breaks the graph: the clipping is one graph and AdamW's update another, for every lr the
+    # schedule sets (a recompilation per lr would add one a step).
+    assert counters["stats"]["unique_graphs"] == 2
+    # Past dynamo's recompile limit (a process that trains again and again) the step runs eagerly, and still trains.
+    with torch._dynamo.config.patch(recompile_limit=1):
+        assert train(quick_config(data_dir, tmp_path / "again", compile_optimizer="yes", max_steps=4)) == 0
+    torch._dynamo.reset()
