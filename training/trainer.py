@@ -4,8 +4,9 @@
     torchrun --nproc_per_node 8 -m training train --data data/ --out runs/r1 ...   # DDP, rank 0 does I/O
 
 AdamW (fused, on CUDA and CPU; compiled, as the clipping is, where the model is compiled) with warmup + cosine
-decay, gradient accumulation and clipping, optional bf16 autocast and torch.compile, periodic validation, exact checkpoint/resume (re-running the same command resumes),
-SIGTERM → checkpoint and exit with status 75. Events go to OUT/events.jsonl, one JSON object per line.
+decay, gradient accumulation and clipping, optional bf16 autocast and torch.compile, periodic validation, exact
+checkpoint/resume (re-running the same command resumes), SIGTERM → checkpoint and exit with status 75.
+Events go to OUT/events.jsonl, one JSON object per line.
 Exit status: 0 done, 2 bad configuration or data, 75 stopped by a signal with a resumable checkpoint.
 """
 import fcntl

@@ -32,17 +32,20 @@ def prepare_data(directory: Path, vocab: int) -> Path:
     return directory
 
 
+# The TrainConfig fields a variant may set, each with what it takes: the one list the check, its error and --help use.
+VARIANT_SETTINGS = ("attention=KERNEL", "compile_mode=MODE", "residual_dtype=DTYPE", "head_loss=KIND",
+                    "compile_optimizer=auto|yes|no")
+
+
 def parse_variant(variant: str) -> tuple[dict, dict]:
-    """"default", or settings joined by "+": TrainConfig fields (attention=KERNEL, compile_mode=MODE,
-    residual_dtype=DTYPE, head_loss=KIND, compile_optimizer=auto|yes|no) and inductor.NAME=VALUE (a torch._inductor.config flag set for that run
-    only, to try one before it becomes a trainer setting)."""
+    """"default", or settings joined by "+": TrainConfig fields (VARIANT_SETTINGS) and inductor.NAME=VALUE (a
+    torch._inductor.config flag set for that run only, to try one before it becomes a trainer setting)."""
     settings = dict(part.partition("=")[::2] for part in variant.split("+") if part != "default")
     inductor = {k.removeprefix("inductor."): v for k, v in settings.items() if k.startswith("inductor.")}
     config = {k: v for k, v in settings.items() if not k.startswith("inductor.")}
-    if set(config) - {"attention", "compile_mode", "residual_dtype", "head_loss", "compile_optimizer"}:
-        raise SystemExit(f"unknown variant {variant!r}: use default, attention=KERNEL, compile_mode=MODE, "
-                         "residual_dtype=DTYPE, head_loss=KIND, compile_optimizer=auto|yes|no or inductor.FLAG=VALUE, "
-                         "joined by +")
+    if set(config) - {setting.partition("=")[0] for setting in VARIANT_SETTINGS}:
+        raise SystemExit(f"unknown variant {variant!r}: use default, {', '.join(VARIANT_SETTINGS)} or "
+                         "inductor.FLAG=VALUE, joined by +")
     return config, {k: {"1": True, "0": False}.get(v, v) for k, v in inductor.items()}
 
 
@@ -205,9 +208,7 @@ def main() -> None:
     parser.add_argument("--model-vocab", type=int, default=0, help="pad the model's vocabulary (50304 = GPT-2's)")
     parser.add_argument("--ours", default="default",
                         help="comma-separated variants of our trainer, each timed: default, or settings joined "
-                             "by + (attention=KERNEL, compile_mode=MODE, residual_dtype=DTYPE, head_loss=KIND, "
-                             "compile_optimizer=auto|yes|no, inductor.FLAG=VALUE); "
-                             "the first is the headline")
+                             f"by + ({', '.join(VARIANT_SETTINGS)}, inductor.FLAG=VALUE); the first is the headline")
     parser.add_argument("--peer-runs", type=int, default=2, choices=(1, 2),
                         help="2: the peer runs before and after ours and its better figure is compared")
     parser.add_argument("--profile", action="store_true",
