@@ -43,7 +43,8 @@ TRAIN_HELP = {
     "compile_mode": "default | reduce-overhead (CUDA graphs; one process, no accumulation) | max-autotune-no-cudagraphs",
     "attention": "the SDPA kernel tried first: auto (PyTorch's choice) | cudnn | flash | efficient | math",
     "residual_dtype": "float32 (as transformers) | bfloat16 (as torchtitan; needs bf16)",
-    "head_loss": "auto (fused) | fused (the head and the loss as one step, no logits kept) | plain",
+    "head_loss": "auto (fused) | fused (the head and the loss as one step, no logits kept) | plain | triton (fused, "
+                 "its pass over the logits a Triton kernel; CUDA)",
     "compile_optimizer": "torch.compile the clipping and AdamW: auto (with the model) | yes | no",
     "run_id": "the run's id in events and the manifest (default: a new one; a resumed run keeps its own)",
     "license": "the exported card's license (default: the data's)",

@@ -182,6 +182,7 @@ ATTENTION_KERNELS = ("auto", "cudnn", "flash", "efficient", "math")
 # loss out of the graph's output before the next replay; gradients are graph outputs too, so no accumulation.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 RESIDUAL_DTYPES = ("float32", "bfloat16")
+HEAD_LOSSES = ("auto", "plain", "fused", "triton")
 
 
 @dataclass
@@ -225,7 +226,8 @@ class TrainConfig:
     # plain: logits, then cross_entropy; fused: the head's matmul and the loss as one autograd step that keeps the
     # loss's gradient instead of the logits (compiled, model.HeadLoss: one pass less over the tokens x vocab logits,
     # +1.4% on an H200, 124M shape; eager, model.HeadLossInBlocks: a block of rows at a time, in place, -3 to -8% of a
-    # CPU step, 'small' preset). auto: fused
+    # CPU step, 'small' preset); triton: fused, with the loss's pass over the logits one hand-written Triton kernel
+    # (training.kernels; CUDA only) in place of inductor's. auto: fused
     head_loss: str = "auto"
     # no: clip_grad_norm_ then fused AdamW, eagerly; yes: both through torch.compile (the clipping, then, past the
     # graph break in torch.optim's step, a foreach AdamW: inductor's own kernels for each; +1.6% on an H200, 124M
@@ -278,8 +280,8 @@ class TrainConfig:
             raise ConfigError("--residual-dtype bfloat16 needs bf16 training: drop --dtype float32")
         if self.compile_optimizer not in ("auto", "yes", "no"):
             raise ConfigError(f"--compile-optimizer must be auto, yes or no, not {self.compile_optimizer!r}")
-        if self.head_loss not in ("auto", "plain", "fused"):
-            raise ConfigError(f"--head-loss must be auto, plain or fused, not {self.head_loss!r}")
+        if self.head_loss not in HEAD_LOSSES:
+            raise ConfigError(f"--head-loss must be auto, plain, fused or triton, not {self.head_loss!r}")
         if self.vocab_size < 0:
             raise ConfigError("--vocab-size cannot be negative (0 means the tokenizer's size)")
         if self.grad_clip < 0 or self.weight_decay < 0:

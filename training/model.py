@@ -114,6 +114,23 @@ class HeadLoss(torch.autograd.Function):
         return grad_hidden, grad_weight, None
 
 
+class TritonHeadLoss(HeadLoss):
+    """HeadLoss with the pass that turns the logits into the loss and its gradient done by training.kernels'
+    Triton kernel (a torch custom op, which torch.compile calls as it is), compiled or eager. inductor's kernel for
+    HeadLoss reads the logits twice from HBM; this one reads them once, the second pass coming from L2. The backward
+    is HeadLoss's."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        from training.kernels import head_loss_grad  # Triton: imported only by the runs that ask for it
+
+        logits = hidden @ weight.t()
+        valid = targets != -100
+        grad, row_loss = head_loss_grad(logits, torch.where(valid, targets, 0), valid / valid.sum())
+        ctx.save_for_backward(grad, hidden, weight)
+        return row_loss.sum()
+
+
 class HeadLossInBlocks(torch.autograd.Function):
     """HeadLoss for eager mode: the same loss and gradients, worked out a block of rows at a time, all in the forward.
 
@@ -244,6 +261,8 @@ class Transformer(nn.Module):
         self.residual_dtype: torch.dtype | None = None
         # The trainer may set it (--head-loss fused): the head and the loss as one autograd step, HeadLoss.
         self.fused_head_loss = False
+        # --head-loss triton: the fused head loss with its pass over the logits a Triton kernel (TritonHeadLoss).
+        self.triton_head_loss = False
         cos, sin = rope_tables(config, config.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -284,7 +303,10 @@ class Transformer(nn.Module):
         if targets is not None and fused:
             kind = hidden.device.type
             dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
-            head_loss = HeadLoss if torch.compiler.is_compiling() else HeadLossInBlocks
+            if self.triton_head_loss:
+                head_loss = TritonHeadLoss
+            else:
+                head_loss = HeadLoss if torch.compiler.is_compiling() else HeadLossInBlocks
             loss = head_loss.apply(hidden.reshape(-1, hidden.size(-1)).to(dtype), self.lm_head.weight.to(dtype),
                                    targets.reshape(-1))
             return None, loss

@@ -196,6 +196,18 @@ def _run_facts(cfg: TrainConfig, env, data_manifest: dict) -> dict:
             "grad_accum": cfg.grad_accum, "world_size": env.world, "seed": cfg.seed}
 
 
+def check_triton(device: torch.device) -> None:
+    """--head-loss triton launches a CUDA kernel (training.kernels); Triton's CPU interpreter (TRITON_INTERPRET=1) runs
+    it on a CPU too, for tests."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("--head-loss triton is a CUDA kernel: train on a GPU, or use --head-loss fused")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise ConfigError("--head-loss triton needs Triton (CUDA builds of torch install it): pip install triton, or "
+                          "use --head-loss fused") from None
+
+
 def train(cfg: TrainConfig, *, echo: bool = False) -> int:
     cfg.validate()
     out = Path(cfg.out)
@@ -204,6 +216,8 @@ def train(cfg: TrainConfig, *, echo: bool = False) -> int:
     try:
         if cfg.compile_mode == "reduce-overhead" and env.world > 1:
             raise ConfigError("--compile-mode reduce-overhead runs in one process: drop it under torchrun")
+        if cfg.head_loss == "triton":
+            check_triton(env.device)
         with attention_kernels(cfg.attention):
             return _train(cfg, env, out, data_manifest, echo)
     finally:
@@ -306,7 +320,8 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
         raise ConfigError("the data's tokenizer is larger than the model's vocabulary")
 
     mode = None if cfg.compile_mode == "default" else cfg.compile_mode
-    model.fused_head_loss = cfg.head_loss in ("auto", "fused")
+    model.fused_head_loss = cfg.head_loss in ("auto", "fused", "triton")
+    model.triton_head_loss = cfg.head_loss == "triton"
     forward_model = torch.compile(model, mode=mode) if compiled else model
 
     def clip_and_step() -> None:
@@ -334,7 +349,7 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
                 flops_formula="6N + 12*L*H*Q*T (N: matmul parameters, embedding lookup excluded unless tied)",
                 peak_flops=peak, peak_source=peak_source, bf16=use_bf16, compiled=compiled,
                 compile_mode=cfg.compile_mode if compiled else None,
-                head_loss="fused" if model.fused_head_loss else "plain",
+                head_loss="triton" if model.triton_head_loss else "fused" if model.fused_head_loss else "plain",
                 optimizer="AdamW and clipping compiled" if compiled_optimizer else "AdamW, fused",
                 attention_kernel=attention_kernel_used(model.config, env.device,
                                                        torch.bfloat16 if use_bf16 else torch.float32),

@@ -77,7 +77,16 @@ def ours(args, data: Path, out: Path, variant: str) -> dict:
             "peak": start["peak_flops"], "attention_kernel": start["attention_kernel"],
             "losses": [e["loss"] for e in timed][:3],
             # compile_mode=reduce-overhead: graphs inductor declined to use (it then launches kernels as default does)
-            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+            # head_loss=triton: the kernel's launch settings its autotuning picked
+            "head_loss_kernel": triton_head_loss_config()}
+
+
+def triton_head_loss_config() -> str | None:
+    kernels = sys.modules.get("training.kernels")
+    if kernels is None or kernels.INTERPRETED or kernels._head_loss_rows_tuned.best_config is None:
+        return None
+    return str(kernels._head_loss_rows_tuned.best_config)
 
 
 def transformers_peer(args, data: Path, init_dir: Path) -> dict:
@@ -253,7 +262,8 @@ def main() -> None:
                   + (f", MFU {run['flops_per_token'] * run['tokens_per_s'] / variants[0]['peak']:.3f}"
                      if variants[0]["peak"] else "")
                   + f", {run['tokens_per_s'] / peer_runs[0]['tokens_per_s']:.2f}x"
-                  + (f" ({skips} CUDA graphs skipped by inductor)" if skips else ""), flush=True)
+                  + (f" ({skips} CUDA graphs skipped by inductor)" if skips else "")
+                  + (f" (head-loss kernel: {run['head_loss_kernel']})" if run["head_loss_kernel"] else ""), flush=True)
         if args.peer_runs > 1:
             peer_runs.append(transformers_peer(args, data, tmp / "init"))
         peer = max(peer_runs, key=lambda r: r["tokens_per_s"])

@@ -82,7 +82,8 @@ def test_grouped_query_decoding_on_cuda_equals_generate_in_every_mode(tmp_path, 
         assert [r.output_ids for r in requests] == expected, mode
 
 
-def test_fused_head_loss_on_cuda_equals_the_plain_one_compiled_in_bf16():
+def test_fused_and_triton_head_losses_on_cuda_equal_the_plain_one_in_bf16():
+    """HeadLoss compiled, and TritonHeadLoss (training.kernels, autotuned on its first call) compiled and eager."""
     from training.config import preset
     from training.model import Transformer
 
@@ -90,17 +91,21 @@ def test_fused_head_loss_on_cuda_equals_the_plain_one_compiled_in_bf16():
     model = Transformer(preset("debug", vocab_size=4096)).cuda()
     compiled = torch.compile(model)
     idx = torch.randint(0, 4096, (8, 128), device="cuda")
+    targets = idx.roll(-1, dims=1)
+    targets[:, :5] = -100  # ignored rows
     results = {}
-    for fused in (False, True):
-        model.fused_head_loss = fused
+    for kind, forward in (("plain", compiled), ("fused", compiled), ("triton", compiled), ("triton eager", model)):
+        model.fused_head_loss = kind != "plain"
+        model.triton_head_loss = kind.startswith("triton")
         model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = compiled(idx, idx.roll(-1, dims=1))
+            _, loss = forward(idx, targets)
         loss.backward()
-        results[fused] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
-    assert results[True][0] == pytest.approx(results[False][0], rel=1e-3)
-    for name, grad in results[False][1].items():
-        torch.testing.assert_close(results[True][1][name], grad, rtol=5e-2, atol=1e-4, msg=name)
+        results[kind] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    for kind in ("fused", "triton", "triton eager"):
+        assert results[kind][0] == pytest.approx(results["plain"][0], rel=1e-3), kind
+        for name, grad in results["plain"][1].items():
+            torch.testing.assert_close(results[kind][1][name], grad, rtol=5e-2, atol=1e-4, msg=f"{kind}: {name}")
 
 
 def test_cuda_graph_compile_mode_and_the_compiled_optimizer_train_like_the_default(tmp_path, data_dir):

@@ -125,7 +125,7 @@ def test_auto_fuses_the_head_loss_compiled_and_eager(tmp_path, data_dir):
 
 
 def test_an_unknown_head_loss_is_refused_in_one_line(tmp_path, data_dir):
-    with pytest.raises(ConfigError, match=r"^--head-loss must be auto, plain or fused, not 'chunked'$"):
+    with pytest.raises(ConfigError, match=r"^--head-loss must be auto, plain, fused or triton, not 'chunked'$"):
         train(quick_config(data_dir, tmp_path / "r", head_loss="chunked"))
     assert not (tmp_path / "r" / "events.jsonl").exists()
 
