@@ -51,13 +51,17 @@ def _head_loss_rows(logits, grad, row_loss, targets, shares, rows, vocab, BLOCK:
                         eviction_policy="evict_first").to(tl.float32)
             g = tl.exp(x - lse) * share
             g = tl.where(offsets == target, g - share, g)
-            tl.store(grad + start_of_row + offsets, g.to(grad.dtype.element_ty), mask=inside)
+            tl.store(grad + start_of_row + offsets, g.to(grad.dtype.element_ty), mask=inside,
+                     eviction_policy="evict_first")  # read by the backward's matmuls, long after: not worth L2
 
 
-# How many programs per SM, how wide a block and how many warps: picked by timing on the first call for each shape.
-# PER_SM 64 is in effect a program per row, as inductor launches it.
+# Block width, warps and programs per SM, picked by timing on the first call for each shape. A persistent grid must
+# fit on the GPU at once (a program waiting for a slot would wait for another's whole share of rows): ptxas gives
+# these 40 to 64 registers a thread for bf16 on sm_90, so each config's programs fit in an SM's 64K registers. Each
+# keeps 16 to 32 KB of loads in flight per SM, and 13 to 40 MB of rows in L2 (50 MB on an H100 or H200). The last is
+# a program per row, as inductor launches it, for comparison.
 _CONFIGS = [triton.Config({"BLOCK": block, "PER_SM": per_sm}, num_warps=warps)
-            for block, warps, per_sm in ((4096, 16, 1), (4096, 16, 2), (2048, 8, 2), (2048, 8, 4), (8192, 32, 1),
+            for block, warps, per_sm in ((16384, 32, 1), (8192, 16, 2), (4096, 8, 3), (4096, 16, 3), (4096, 8, 4),
                                          (2048, 8, 64))]
 _head_loss_rows_tuned = triton.autotune(configs=_CONFIGS, key=["rows", "vocab"])(_head_loss_rows)
 
