@@ -15,7 +15,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _head_loss_rows(logits, grad, row_loss, targets, shares, rows, vocab, BLOCK: tl.constexpr,
-                    PER_SM: tl.constexpr):  # PER_SM: programs per SM, read by the launch grid only
+                    PER_SM: tl.constexpr):  # programs per SM (0: one per row), read by the launch grid only
     """For each row of logits: the mean cross-entropy's share (lse - the target's logit) * share, and its gradient
     (softmax - one-hot) * share, written in the logits' dtype. share is 1/targets counted, 0 for an ignored row.
 
@@ -42,7 +42,7 @@ def _head_loss_rows(logits, grad, row_loss, targets, shares, rows, vocab, BLOCK:
         lse = tl.log(tl.sum(total * tl.exp(top - best), 0)) + best
         target = tl.load(targets + row)
         share = tl.load(shares + row)
-        picked = tl.load(logits + start_of_row + target).to(tl.float32)
+        picked = tl.load(logits + start_of_row + target, mask=share != 0.0, other=0.0).to(tl.float32)
         tl.store(row_loss + row, tl.where(share != 0.0, (lse - picked) * share, 0.0))
         for start in range(0, vocab, BLOCK):
             offsets = start + cols
@@ -55,14 +55,20 @@ def _head_loss_rows(logits, grad, row_loss, targets, shares, rows, vocab, BLOCK:
                      eviction_policy="evict_first")  # read by the backward's matmuls, long after: not worth L2
 
 
-# Block width, warps and programs per SM, picked by timing on the first call for each shape. A persistent grid must
-# fit on the GPU at once (a program waiting for a slot would wait for another's whole share of rows): ptxas gives
-# these 40 to 64 registers a thread for bf16 on sm_90, so each config's programs fit in an SM's 64K registers. Each
-# keeps 16 to 32 KB of loads in flight per SM, and 13 to 40 MB of rows in L2 (50 MB on an H100 or H200). The last is
-# a program per row, as inductor launches it, for comparison.
-_CONFIGS = [triton.Config({"BLOCK": block, "PER_SM": per_sm}, num_warps=warps)
-            for block, warps, per_sm in ((16384, 32, 1), (8192, 16, 2), (4096, 8, 3), (4096, 16, 3), (4096, 8, 4),
-                                         (2048, 8, 64))]
+# Block width, warps and programs per SM, picked by timing on the first call for each shape (so a new process may
+# pick another, which sums in another order: its losses differ from the last process's in the 7th digit). A persistent
+# grid must fit on the GPU at once, or a program waiting for a slot waits for another's whole share of rows: maxnreg
+# holds each config to its share of an SM's 64K registers (ptxas gives 40 to 64 a thread for bf16 or fp32 on sm_90,
+# so none spills), and each stays within 2,048 threads an SM. Each keeps 16 to 32 KB of loads in flight per SM; the
+# rows in flight are 13 to 53 MB in bf16 (twice that in fp32), against an L2 of 50 MB on an H100 or H200. PER_SM 0 is a
+# program per row, as inductor launches it, for comparison.
+def _config(block: int, warps: int, per_sm: int) -> triton.Config:
+    registers = 65536 // (32 * warps * per_sm) // 8 * 8 if per_sm else None
+    return triton.Config({"BLOCK": block, "PER_SM": per_sm}, num_warps=warps, maxnreg=registers)
+
+
+_CONFIGS = [_config(16384, 32, 1), _config(8192, 16, 2), _config(4096, 8, 3), _config(4096, 16, 3),
+            _config(4096, 8, 4), _config(2048, 8, 0)]
 _head_loss_rows_tuned = triton.autotune(configs=_CONFIGS, key=["rows", "vocab"])(_head_loss_rows)
 
 # The interpreter has no SMs and nothing to time: a fixed small block, and fewer programs than rows, so the tests
@@ -73,8 +79,8 @@ INTERPRETED_BLOCK, INTERPRETED_PROGRAMS = 256, 3
 @torch.library.custom_op("gatehouse::head_loss_grad", mutates_args=())
 def head_loss_grad(logits: torch.Tensor, targets: torch.Tensor, shares: torch.Tensor) -> tuple[torch.Tensor,
                                                                                                torch.Tensor]:
-    """logits (rows, vocab), contiguous; targets (rows,) int64 in range (an ignored row: any, with share 0); shares
-    (rows,) float32. Returns the gradient of sum(row losses) with respect to the logits, in their dtype, and the row
+    """logits (rows, vocab); targets (rows,) int64, in [0, vocab) where the share is not 0 (an ignored row's target
+    is not read); shares (rows,) float32, 0 for an ignored row. Returns the gradient of sum(row losses) with respect to the logits, in their dtype, and the row
     losses (float32): their sum is the mean cross-entropy."""
     rows, vocab = logits.shape
     logits, targets, shares = logits.contiguous(), targets.contiguous(), shares.float().contiguous()
@@ -87,7 +93,7 @@ def head_loss_grad(logits: torch.Tensor, targets: torch.Tensor, shares: torch.Te
                                                           BLOCK=INTERPRETED_BLOCK, PER_SM=1)
     else:
         sms = torch.cuda.get_device_properties(logits.device).multi_processor_count
-        _head_loss_rows_tuned[lambda meta: (min(rows, sms * meta["PER_SM"]),)](
+        _head_loss_rows_tuned[lambda meta: (min(rows, sms * meta["PER_SM"]) if meta["PER_SM"] else rows,)](
             logits, grad, row_loss, targets, shares, rows, vocab)
     return grad, row_loss
 

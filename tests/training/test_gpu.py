@@ -102,10 +102,42 @@ def test_fused_and_triton_head_losses_on_cuda_equal_the_plain_one_in_bf16():
             _, loss = forward(idx, targets)
         loss.backward()
         results[kind] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    from training import kernels
+
+    assert kernels._head_loss_rows_tuned.best_config is not None  # the Triton runs took the autotuned kernel
     for kind in ("fused", "triton", "triton eager"):
         assert results[kind][0] == pytest.approx(results["plain"][0], rel=1e-3), kind
         for name, grad in results["plain"][1].items():
             torch.testing.assert_close(results[kind][1][name], grad, rtol=5e-2, atol=1e-4, msg=f"{kind}: {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_every_launch_config_of_the_triton_head_loss_gives_cross_entropy(dtype):
+    """The autotuner keeps whichever config is fastest, so each must be right: a GPT-2 vocabulary (a partial last
+    block after full ones), more rows than a persistent grid has programs, ignored rows."""
+    import torch.nn.functional as F
+
+    from training import kernels
+
+    torch.manual_seed(0)
+    logits = (torch.randn(3000, 50257, device="cuda") * 4).to(dtype)
+    targets = torch.randint(0, 50257, (3000,), device="cuda")
+    targets[::7] = -100
+    valid = targets != -100
+    reference = logits.float().clone().requires_grad_()
+    loss = F.cross_entropy(reference, targets, ignore_index=-100)
+    loss.backward()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for config in kernels._CONFIGS:
+        grad = torch.full_like(logits, float("nan"))
+        row_loss = torch.full((3000,), float("nan"), device="cuda")
+        per_sm = config.kwargs["PER_SM"]
+        kernels._head_loss_rows[(min(3000, sms * per_sm) if per_sm else 3000,)](
+            logits, grad, row_loss, torch.where(valid, targets, 0), valid / valid.sum(), 3000, 50257,
+            **config.all_kwargs())  # as the autotuner launches it: block, programs per SM, warps, register cap
+        torch.testing.assert_close(row_loss.sum(), loss.detach(), rtol=1e-5, atol=1e-5, msg=str(config))
+        torch.testing.assert_close(grad.float(), reference.grad, rtol=0, atol=1e-7 if dtype == torch.float32 else 1e-5,
+                                   msg=str(config))
 
 
 def test_cuda_graph_compile_mode_and_the_compiled_optimizer_train_like_the_default(tmp_path, data_dir):

@@ -4,6 +4,7 @@ Here Triton's interpreter runs the kernel on a CPU. It must be switched on (TRIT
 defined, so these checks run in a child process. On a GPU, tests/training/test_gpu.py runs the compiled kernel,
 autotuned, against the plain path in bf16.
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,7 +19,8 @@ from training.trainer import train
 
 from .conftest import events, quick_config
 
-pytest.importorskip("triton", reason="Triton is in the dev extra on Linux x86-64 (and comes with CUDA builds of torch)")
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="Triton is in the dev extra on Linux x86-64 (and comes with CUDA builds of torch)")
 
 
 def run_interpreted(code: str, *args: str) -> str:
@@ -29,6 +31,7 @@ def run_interpreted(code: str, *args: str) -> str:
     return done.stdout
 
 
+@needs_triton
 def test_the_kernel_gives_cross_entropys_loss_and_gradient():
     """Rows past the number of programs (the persistent loop), a vocabulary ending in a partial block, ignored rows,
     large logits, a row of equal logits, float32 and bf16, and no rows at all."""
@@ -55,6 +58,10 @@ def test_the_kernel_gives_cross_entropys_loss_and_gradient():
             torch.testing.assert_close(row_loss.sum(), loss.detach(), rtol=1e-6, atol=1e-5)
             assert row_loss[[0, 7]].tolist() == [0.0, 0.0] and grad[[0, 7]].abs().max() == 0
             torch.testing.assert_close(grad.float(), reference.grad, rtol=rtol, atol=atol)
+        # An ignored row's target is not read: -100 or far past the end would read outside the logits.
+        unread = torch.where(valid, targets, torch.tensor([-100, 10**12] * 5))
+        again, again_loss = head_loss_grad(logits, unread, valid / valid.sum())
+        assert torch.equal(again, head_loss_grad(logits, torch.where(valid, targets, 0), valid / valid.sum())[0])
         grad, row_loss = head_loss_grad(torch.empty(0, 600), torch.empty(0, dtype=torch.long), torch.empty(0))
         assert grad.shape == (0, 600) and row_loss.shape == (0,)
         print("ok")
@@ -62,14 +69,25 @@ def test_the_kernel_gives_cross_entropys_loss_and_gradient():
     assert out.strip() == "ok"
 
 
+@needs_triton
 def test_the_triton_head_loss_equals_the_plain_one_eager_and_compiled():
     out = run_interpreted("""
         import json
         import torch
         from torch._dynamo.utils import counters
+        from training import kernels
         from training.config import preset
         from training.model import Transformer
 
+        launches = []
+        kernel = kernels._head_loss_rows
+
+        class Counted:  # the op looks the kernel up when it runs: count its launches, compiled or not
+            def __getitem__(self, grid):
+                launches.append(grid)
+                return kernel[grid]
+
+        kernels._head_loss_rows = Counted()
         torch.manual_seed(0)
         model = Transformer(preset("debug", vocab_size=512))
         idx = torch.randint(0, 512, (3, 24))
@@ -89,7 +107,9 @@ def test_the_triton_head_loss_equals_the_plain_one_eager_and_compiled():
             plain_loss, plain = run("plain", model, autocast)
             # compiled in float32 only: one compilation (it is the slow part of this test)
             for name, forward in (("eager", model), ("compiled", torch.compile(model)))[:1 if autocast else 2]:
+                launched = len(launches)
                 loss, grads = run("triton", forward, autocast)
+                assert len(launches) == launched + 1, name  # the Triton kernel made this loss, once
                 torch.testing.assert_close(loss, plain_loss, rtol=tolerance / 10, atol=tolerance / 10)
                 assert grads.keys() == plain.keys() and "lm_head.weight" in grads
                 for key in plain:
@@ -101,6 +121,7 @@ def test_the_triton_head_loss_equals_the_plain_one_eager_and_compiled():
     assert json.loads(out) == ["eager", "compiled", "eager bf16"]
 
 
+@needs_triton
 def test_training_with_the_triton_head_loss_follows_the_fused_run(tmp_path, data_dir):
     small = dict(batch_size=2, seq_len=32, max_steps=5, warmup_steps=1, eval_interval=5, eval_batches=1)
     assert train(quick_config(data_dir, tmp_path / "fused", head_loss="fused", **small)) == 0
