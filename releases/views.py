@@ -140,6 +140,8 @@ def downgrade_page(request, model):
 def playground(request, model):
     """Try a model the signed-in user may use, and copy the `openai` snippet that does the same. Anyone else is told
     why they may not and what to do instead of getting a form (and a snippet) that can only be refused."""
+    if request.method == "POST" and request.headers.get("Accept", "").startswith("text/event-stream"):
+        return _playground_stream(request, model)
     context = {"model": model, "base_url": request.build_absolute_uri("/v1"), "message": "", "answer": None,
                "error": None, "max_tokens": 64, "temperature": 0.7}
     if not backend_served(model):
@@ -162,12 +164,10 @@ def playground(request, model):
         context.update(message=request.POST.get("message", ""), max_tokens=request.POST.get("max_tokens", ""),
                        temperature=request.POST.get("temperature", ""))
         try:
-            numbers = {"max_tokens": _form_number(context["max_tokens"], int, 64, "Max tokens"),
-                       "temperature": _form_number(context["temperature"], float, 0.7, "Temperature")}
+            body = _playground_body(model, request.POST)
         except ValueError as exc:  # not a number at all: the gateway's range checks say the rest
             context["error"] = str(exc)
             return render(request, "releases/playground.html", context, status=400)
-        body = {"model": model.repo_id, "messages": [{"role": "user", "content": context["message"]}], **numbers}
         try:
             response = generate(request, "chat/completions", user=request.user, token=None, body=body)
             payload = json.loads(response.content)
@@ -184,6 +184,27 @@ def playground(request, model):
         except OpenAIError as exc:
             context["error"], status = exc.message, exc.status
     return render(request, "releases/playground.html", context, status=status)
+
+
+def _playground_stream(request, model):
+    """playground.js posts the form asking for text/event-stream: the answer as it is generated (the gateway's own
+    stream, relayed as it comes, usage last), or why not as OpenAI's error JSON, whose message the page shows. The
+    gateway makes every check the page makes (served, tier, gating, acceptable use, quotas)."""
+    try:
+        body = _playground_body(model, request.POST)
+        return generate(request, "chat/completions", user=request.user, token=None,
+                        body=body | {"stream": True, "stream_options": {"include_usage": True}})
+    except ValueError as exc:
+        return OpenAIError(400, str(exc), "invalid_value").response()
+    except OpenAIError as exc:
+        return exc.response()
+
+
+def _playground_body(model, form) -> dict:
+    """The chat call the playground's form asks for; ValueError names a field that is not a number."""
+    numbers = {"max_tokens": _form_number(form.get("max_tokens", ""), int, 64, "Max tokens"),
+               "temperature": _form_number(form.get("temperature", ""), float, 0.7, "Temperature")}
+    return {"model": model.repo_id, "messages": [{"role": "user", "content": form.get("message", "")}], **numbers}
 
 
 def _form_number(text: str, kind, default, label: str):

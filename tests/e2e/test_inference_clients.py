@@ -366,3 +366,29 @@ def test_playground_answers_signed_in_users_with_access_and_shows_the_snippet(ga
                                    "csrfmiddlewaretoken": csrf})
         assert gated.status_code == 403 and "request access" in gated.text
     assert login.status_code == 200
+
+
+def test_the_playground_streams_its_answer_in_chromium(gateway, chromium, screenshots):
+    """With JavaScript the answer arrives as the engine generates it, on the same page, with the metered usage; the
+    streamed text is what the openai client gets for the same greedy call."""
+    from .test_browser import log_in
+
+    base = gateway["base"].removesuffix("/v1")
+    page = log_in(chromium, base, "carol", "pw")
+    page.goto(f"{base}/releases/models/aurora/tiny-served/playground")
+    page.get_by_label("Message").fill("def")
+    page.get_by_label("Max tokens").fill("6")
+    page.get_by_label("Temperature").fill("0")
+    page.evaluate("window.stayed = true")  # gone if the form navigated instead of streaming
+    with page.expect_response(lambda r: r.url.endswith("/playground") and r.request.method == "POST") as posted:
+        page.get_by_role("button", name="Send").click()
+    assert posted.value.headers["content-type"] == "text/event-stream"
+    page.get_by_text("completion tokens (metered)").wait_for(timeout=60_000)
+    page.screenshot(path=str(screenshots / "playground-streamed.png"), full_page=True)
+    assert page.evaluate("window.stayed") is True and page.locator("#error").is_hidden()
+    reply = client(gateway, "carol").chat.completions.create(
+        model="aurora/tiny-served", messages=[{"role": "user", "content": "def"}], max_tokens=6, temperature=0)
+    assert page.locator("#answer-text").inner_text() == reply.choices[0].message.content
+    assert page.locator("#answer-usage").inner_text() == (
+        f"{reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens (metered)")
+    assert page.get_by_role("button", name="Send").is_enabled()

@@ -554,6 +554,53 @@ def test_the_playground_keeps_what_was_typed_and_names_the_field_that_is_not_a_n
     assert page.status_code == 200 and "hello there" in page.content.decode()
 
 
+def _stream_playground(browser, **fields):
+    return browser.post("/releases/models/aurora/m/playground", {"message": "hi", "max_tokens": "8", **fields},
+                        HTTP_ACCEPT="text/event-stream")
+
+
+def test_the_playground_streams_the_answer_to_its_script_and_meters_it(served, browser):
+    """playground.js posts the form asking for text/event-stream: the gateway's own stream comes back, as it comes."""
+    served.upstream.events = [chat_chunk("hel"), chat_chunk("lo"), chat_chunk(finish="stop"),
+                              chat_chunk(usage={"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}),
+                              "[DONE]"]
+    response = _stream_playground(browser, temperature="0")
+    assert response.status_code == 200 and response["Content-Type"] == "text/event-stream"
+    events = _events(response.streaming_content)
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:3]) == "hello"
+    assert events[3]["usage"]["completion_tokens"] == 2 and events[-1] == "[DONE]"
+    sent = served.upstream.requests[-1]
+    assert sent["stream"] is True and sent["stream_options"]["include_usage"] is True
+    assert sent["messages"] == [{"role": "user", "content": "hi"}] and sent["max_tokens"] == 8
+    call = InferenceCall.objects.get()
+    assert (call.user.username, call.stream, call.status, call.completion_tokens) == ("carol", True, 200, 2)
+
+
+def test_the_playground_script_gets_refusals_as_openai_errors_and_nothing_is_called(served, browser):
+    response = _stream_playground(browser, max_tokens="1e1")
+    assert response.status_code == 400 and _error(response)["message"] == "Max tokens must be a whole number; got '1e1'."
+    response = _stream_playground(browser, temperature="7")  # a number, out of the gateway's range
+    assert response.status_code == 400 and _error(response)["param"] == "temperature"
+    AccessPolicy.objects.create(model=served.model, audience="gated-manual")
+    response = _stream_playground(browser)
+    assert response.status_code == 403 and "needs approval: request access" in _error(response)["message"]
+    AccessPolicy.objects.all().delete()
+    InferenceBackend.objects.filter(pk=served.backend.pk).update(enabled=False)
+    response = _stream_playground(browser)
+    assert response.status_code == 404 and _error(response)["code"] == "model_not_served"
+    assert not served.upstream.requests and not InferenceCall.objects.exists()
+
+
+def test_the_playground_page_loads_its_script_and_holds_the_answer_and_error_parts_it_fills(served, browser):
+    page = browser.get("/releases/models/aurora/m/playground").content.decode()
+    assert '<form method="post" class="card" data-playground>' in page
+    assert '<script src="/static/releases/playground.js" defer></script>' in page
+    assert '<section id="answer" class="card" aria-live="polite" hidden>' in page
+    assert '<p id="error" class="card error" role="alert" hidden></p>' in page
+    script = browser.get("/static/releases/playground.js")
+    assert script.status_code == 200 and b"text/event-stream" in b"".join(script.streaming_content)
+
+
 def test_a_page_of_a_model_one_may_not_see_names_the_path_in_its_404(served, browser):
     page = browser.get("/releases/models/aurora/nothing-here/playground")
     assert page.status_code == 404 and b"<code>/releases/models/aurora/nothing-here/playground</code>" in page.content
