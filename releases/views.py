@@ -192,10 +192,11 @@ def _playground_stream(request, model):
     gateway makes every check the page makes (served, tier, gating, acceptable use, quotas)."""
     try:
         body = _playground_body(model, request.POST)
-        return generate(request, "chat/completions", user=request.user, token=None,
-                        body=body | {"stream": True, "stream_options": {"include_usage": True}})
     except ValueError as exc:
         return OpenAIError(400, str(exc), "invalid_value").response()
+    try:
+        return generate(request, "chat/completions", user=request.user, token=None,
+                        body=body | {"stream": True, "stream_options": {"include_usage": True}})
     except OpenAIError as exc:
         return exc.response()
 

@@ -371,6 +371,8 @@ def test_playground_answers_signed_in_users_with_access_and_shows_the_snippet(ga
 def test_the_playground_streams_its_answer_in_chromium(gateway, chromium, screenshots):
     """With JavaScript the answer arrives as the engine generates it, on the same page, with the metered usage; the
     streamed text is what the openai client gets for the same greedy call."""
+    from playwright.sync_api import expect
+
     from .test_browser import log_in
 
     base = gateway["base"].removesuffix("/v1")
@@ -391,4 +393,29 @@ def test_the_playground_streams_its_answer_in_chromium(gateway, chromium, screen
     assert page.locator("#answer-text").inner_text() == reply.choices[0].message.content
     assert page.locator("#answer-usage").inner_text() == (
         f"{reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens (metered)")
-    assert page.get_by_role("button", name="Send").is_enabled()
+    expect(page.get_by_role("button", name="Send")).to_be_enabled()  # once [DONE] is read
+
+
+def test_the_playground_shows_refusals_and_failures_mid_answer_in_chromium(gateway, chromium, screenshots):
+    from playwright.sync_api import expect
+
+    from .test_browser import log_in
+
+    base = gateway["base"].removesuffix("/v1")
+    page = log_in(chromium, base, "carol", "pw")
+    page.goto(f"{base}/releases/models/aurora/tiny-offline/playground")  # its engine does not answer
+    page.get_by_label("Message").fill("def")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("#error")).to_have_text("The engine for aurora/tiny-offline is not answering; retry shortly.")
+    assert page.locator("#answer").is_hidden()
+    gateway["slow"].events = [chat_chunk("par"), chat_chunk("tial"),
+                              json.dumps({"error": {"message": "The engine ran out of memory.", "code": "oom"}})]
+    page.goto(f"{base}/releases/models/aurora/tiny-slow/playground")
+    page.get_by_label("Message").fill("def")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("#error")).to_have_text("The engine ran out of memory.")
+    page.screenshot(path=str(screenshots / "playground-failed-mid-answer.png"), full_page=True)
+    assert page.locator("#answer-text").inner_text() == "partial" and page.locator("#answer-usage").inner_text() == ""
+    expect(page.get_by_role("button", name="Send")).to_be_enabled()
+    assert [(c["user__username"], c["status"], c["error_code"]) for c in gateway["calls"]()
+            if c["stream"]] == [("carol", 503, "engine_unavailable"), ("carol", 502, "oom")]

@@ -12,8 +12,8 @@
   const button = form.querySelector("button[type=submit]");
 
   function fail(message) {
+    error.hidden = false;  // shown first, then filled: a screen reader announces the alert's new text
     error.textContent = message;
-    error.hidden = false;
   }
 
   // One server-sent event's data; returns true once the answer is over ([DONE], or an error mid-stream).
@@ -44,6 +44,8 @@
       const payload = await response.json();
       if (payload.error && payload.error.message) return payload.error.message;
     } catch (ignored) {}
+    // Django's own 403 page: the form's CSRF token is stale (signed in again in another tab, say).
+    if (response.status === 403) return "This page is out of date: reload it, then send again.";
     return "The playground could not answer (HTTP " + response.status + "); retry.";
   }
 
@@ -53,7 +55,7 @@
     text.textContent = "";
     usage.textContent = "";
     button.disabled = true;
-    form.setAttribute("aria-busy", "true");
+    answer.setAttribute("aria-busy", "true");  // announced once whole, not token by token
     try {
       const response = await fetch(window.location.href, {
         method: "POST", body: new FormData(form), credentials: "same-origin",
@@ -82,12 +84,18 @@
           }
         }
       }
-      if (!over) fail("The answer was cut short; retry.");
+      if (over) {
+        // An error mid-stream ends the answer here: stop reading, so the gateway closes the engine's stream and the
+        // engine stops generating (and metering) what nobody will read.
+        reader.cancel().catch(function () {});
+      } else {
+        fail("The answer was cut short; retry.");
+      }
     } catch (ignored) {
       fail("The connection to the server was lost; retry.");
     } finally {
       button.disabled = false;
-      form.removeAttribute("aria-busy");
+      answer.removeAttribute("aria-busy");
     }
   });
 })();
