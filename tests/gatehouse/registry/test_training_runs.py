@@ -129,6 +129,10 @@ def test_a_bad_config_fails_the_run_with_a_readable_error(aurora, alice, corpus)
     ({"options": {"batch_size": 0}}, "must be positive integers"),
     ({"model_name": "bad name!"}, "name: Use letters, digits"),
     ({"tier": "public"}, "tier must be one of closed, api, open"),
+    ({"options": {"head_loss": "chunked"}}, "--head-loss must be auto, plain, fused or triton, not 'chunked'"),
+    ({"options": {"compile_mode": "reduce-overhead"}, "processes": 2},
+     "compile_mode reduce-overhead runs in one process: use processes 1 or another compile_mode."),
+    ({"options": {"residual_dtype": "bfloat16", "dtype": "float32"}}, "--residual-dtype bfloat16 needs bf16 training"),
 ])
 def test_bad_launches_are_refused_and_nothing_is_created(aurora, alice, corpus, kwargs, message):
     with pytest.raises(InvalidInput, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -331,6 +335,19 @@ def test_a_queued_run_whose_message_was_lost_is_sent_again_once_per_period(auror
     assert AuditEvent.objects.filter(action="training_run.requeue").count() == 1
     assert training_run_execute(run_id=run.pk, attempt=0).status == "queued"  # the lost message, should it come back
     assert training_run_execute(run_id=run.pk, attempt=1).status == "succeeded"
+
+
+def test_the_trainers_speed_settings_reach_its_command_line(aurora, alice, corpus, tmp_path):
+    from gatehouse.registry.services.training import _Lease, _train_command
+
+    speed = {"compile_mode": "max-autotune-no-cudagraphs", "attention": "math", "residual_dtype": "bfloat16",
+             "dtype": "bfloat16", "head_loss": "plain", "compile_optimizer": "no"}
+    run = _run(aurora, alice, corpus, options={**FAST, **speed})
+    command = _train_command(_Lease(run, 0), tmp_path, tmp_path / "data")
+    passed = {flag[2:].replace("-", "_"): command[i + 1] for i, flag in enumerate(command) if flag.startswith("--")}
+    assert {key: passed[key] for key in speed} == speed
+    default = _train_command(_Lease(_run(aurora, alice, corpus, model_name="plain-lm"), 0), tmp_path, tmp_path)
+    assert default[default.index("--head-loss") + 1] == "auto"  # the trainer's defaults, recorded with the run
 
 
 def test_the_gpu_worker_launches_torchrun_for_several_processes_and_nodes(settings):

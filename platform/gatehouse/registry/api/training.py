@@ -9,7 +9,9 @@ from gatehouse.accounts.models import Membership, Organization
 from gatehouse.core.errors import InvalidInput, NotAuthenticated, NotFound
 from gatehouse.registry import selectors
 from gatehouse.registry.models import DatasetVersion, TrainingMetric, TrainingRun, Tier
-from gatehouse.registry.services.training import training_run_cancel, training_run_create
+from gatehouse.registry.services.training import (
+    DATA_OPTIONS, RUN_OPTIONS, training_run_cancel, training_run_create,
+)
 
 
 class DatasetChoice(serializers.Serializer):
@@ -32,7 +34,10 @@ class TrainingRunInput(serializers.Serializer):
     datasets = DatasetChoice(many=True)
     max_steps = serializers.IntegerField(min_value=1, required=False)
     token_budget = serializers.IntegerField(min_value=1, required=False)
-    options = serializers.DictField(required=False, default=dict)
+    options = serializers.DictField(
+        required=False, default=dict,
+        help_text="the trainer's settings, named as `python -m training train`'s flags with underscores (its --help says "
+                  f"what each does): {', '.join(sorted(RUN_OPTIONS))}; and the data's: {', '.join(DATA_OPTIONS)}")
     tier = serializers.ChoiceField(Tier.choices, default=Tier.CLOSED)
     processes = serializers.IntegerField(min_value=1, max_value=64, default=1)
     license = serializers.CharField(required=False, default="", help_text="default: the base's, or the datasets' one")

@@ -41,10 +41,12 @@ def _heartbeat_interval() -> float:
     # Several heartbeats fit in the staleness window, so a live run is never mistaken for a dead one.
     return min(2.0, settings.TRAINING_HEARTBEAT_STALE_SECONDS / 4)
 
-# Trainer options a run may set; paths, devices and identities are the platform's to choose.
+# Trainer options a run may set; paths, devices and identities are the platform's to choose. The last five are the
+# trainer's speed settings (python -m training train --help says what each does).
 RUN_OPTIONS = {"batch_size", "seq_len", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "beta1",
                "beta2", "grad_clip", "eval_interval", "eval_batches", "checkpoint_interval", "seed", "lora_rank",
-               "lora_alpha", "lora_targets", "vocab_size", "dtype", "compile"}
+               "lora_alpha", "lora_targets", "vocab_size", "dtype", "compile",
+               "compile_mode", "attention", "residual_dtype", "head_loss", "compile_optimizer"}
 DATA_OPTIONS = {"tokenizer_vocab_size": 2048, "val_fraction": 0.05, "redact": False, "max_bytes": None}
 
 
@@ -153,6 +155,8 @@ def training_run_create(*, organization: Organization, model_name: str, actor: U
     cfg = _train_config(preset_name=preset_name, method=method, options=options, max_steps=max_steps,
                         base=base_version is not None)
     model_config = _model_config(cfg, base_version, data_options)
+    if cfg.compile_mode == "reduce-overhead" and processes > 1:  # the trainer would refuse it once the run starts
+        raise InvalidInput("compile_mode reduce-overhead runs in one process: use processes 1 or another compile_mode.")
     if cfg.seq_len > model_config.max_seq_len:
         raise InvalidInput(f"seq_len {cfg.seq_len} exceeds the base model's context of {model_config.max_seq_len}.")
 
