@@ -25,7 +25,7 @@ run: install
 	$(PY) infra/run_local.py --host $(HOST) --port $(PORT)
 
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15  # the slowest tests named, to keep the suite within its ~10 minutes
 
 bench: install
 	$(PY) tests/bench/registry_api.py
