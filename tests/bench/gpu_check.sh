@@ -8,11 +8,12 @@
 # (all stages, the default, outlast one 10-minute device call: run two calls back to back on the warm machine).
 # A 15-minute lease, as planned at the 2026-11-28 stop (starting a machine costs 1-2 of those minutes; the
 # 2026-11-27 evening stop's two calls took 403 and 253 s):
-#   1. TRAIN_VARIANTS=residual_dtype=bfloat16,residual_dtype=bfloat16+head_loss=triton,default PEER_RUNS=1
-#      TRAIN_LIMIT=250 bash tests/bench/gpu_check.sh train tests                       (timeout_s ~520)
+#   1. TRAIN_VARIANTS=residual_dtype=bfloat16,default,residual_dtype=bfloat16+head_loss=triton PEER_RUNS=1
+#      TRAIN_LIMIT=280 bash tests/bench/gpu_check.sh train tests                       (timeout_s ~560)
 #      (times the head loss's online-softmax form, never timed: the last figure for the first variant without it was
-#      565,665 tokens/s, MFU 0.489; and training.kernels' Triton head loss, never run on a GPU: its autotuned launch
-#      settings are printed. The tests stage checks both against the plain loss in bf16)
+#      565,665 tokens/s, MFU 0.489; and training.kernels' Triton head loss, never run on a GPU, last, so a fault in it
+#      cannot spoil the others' CUDA context: its autotuned launch settings are printed. The tests stage checks both
+#      against the plain loss in bf16, and every launch config of the Triton kernel against cross_entropy)
 #   2. with what is left, on the warm machine: DECODE_MODES=compiled GENERATE_LIMIT=240 bash tests/bench/gpu_check.sh
 #      generate (issue 7: the CUDA default decode, compiled region by region, never timed; timeout_s ~260), or, if
 #      step 1 left MFU under 0.50, PROFILE_VARIANT=residual_dtype=bfloat16 bash tests/bench/gpu_check.sh profile (~150)
