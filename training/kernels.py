@@ -58,7 +58,7 @@ def _head_loss_rows(logits, grad, row_loss, targets, shares, rows, vocab, BLOCK:
 # Block width, warps and programs per SM, picked by timing on the first call for each shape (so a new process may
 # pick another, which sums in another order: its losses differ from the last process's in the 7th digit). A persistent
 # grid must fit on the GPU at once, or a program waiting for a slot waits for another's whole share of rows: maxnreg
-# holds each config to its share of an SM's 64K registers (ptxas gives 40 to 64 a thread for bf16 or fp32 on sm_90,
+# holds each config to its share of an SM's 64K registers (ptxas gives 39 to 76 a thread for bf16 or fp32 on sm_90,
 # so none spills), and each stays within 2,048 threads an SM. Each keeps 16 to 32 KB of loads in flight per SM; the
 # rows in flight are 13 to 53 MB in bf16 (twice that in fp32), against an L2 of 50 MB on an H100 or H200. PER_SM 0 is a
 # program per row, as inductor launches it, for comparison.
