@@ -64,7 +64,7 @@ def _train_parser(sub):
         shown = ",".join(default) if isinstance(default, tuple) else default
         text = TRAIN_HELP[f.name] + (f" (default {shown})" if shown not in ("", None) else "")
         if isinstance(default, tuple):
-            parser.add_argument(flag, default=",".join(default), help=f"{text}; comma-separated")
+            parser.add_argument(flag, default=shown, help=f"{text}; comma-separated")
         elif isinstance(default, bool):
             parser.add_argument(flag, action="store_true", help=TRAIN_HELP[f.name])
         else:

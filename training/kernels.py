@@ -80,8 +80,8 @@ INTERPRETED_BLOCK, INTERPRETED_PROGRAMS = 256, 3
 def head_loss_grad(logits: torch.Tensor, targets: torch.Tensor, shares: torch.Tensor) -> tuple[torch.Tensor,
                                                                                                torch.Tensor]:
     """logits (rows, vocab); targets (rows,) int64, in [0, vocab) where the share is not 0 (an ignored row's target
-    is not read); shares (rows,) float32, 0 for an ignored row. Returns the gradient of sum(row losses) with respect to the logits, in their dtype, and the row
-    losses (float32): their sum is the mean cross-entropy."""
+    is not read); shares (rows,) float32, 0 for an ignored row. Returns the gradient of sum(row losses) with respect to
+    the logits, in their dtype, and the row losses (float32): their sum is the mean cross-entropy."""
     rows, vocab = logits.shape
     logits, targets, shares = logits.contiguous(), targets.contiguous(), shares.float().contiguous()
     grad = torch.empty_like(logits)
@@ -100,4 +100,5 @@ def head_loss_grad(logits: torch.Tensor, targets: torch.Tensor, shares: torch.Te
 
 @head_loss_grad.register_fake
 def _(logits: torch.Tensor, targets: torch.Tensor, shares: torch.Tensor):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format), logits.new_empty(logits.shape[0], dtype=torch.float32)
+    return (torch.empty_like(logits, memory_format=torch.contiguous_format),
+            logits.new_empty(logits.shape[0], dtype=torch.float32))

@@ -259,10 +259,10 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         # None keeps the embedding's dtype (fp32) for the residual stream; the trainer may set bf16 (--residual-dtype).
         self.residual_dtype: torch.dtype | None = None
-        # The trainer may set it (--head-loss fused): the head and the loss as one autograd step, HeadLoss.
-        self.fused_head_loss = False
-        # --head-loss triton: the fused head loss with its pass over the logits a Triton kernel (TritonHeadLoss).
-        self.triton_head_loss = False
+        # The trainer sets it (--head-loss): plain (logits, then cross_entropy); fused, the head and the loss as one
+        # autograd step (HeadLoss compiled, HeadLossInBlocks eager); triton, that step with its pass over the logits a
+        # Triton kernel (TritonHeadLoss).
+        self.head_loss = "plain"
         cos, sin = rope_tables(config, config.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -299,11 +299,11 @@ class Transformer(nn.Module):
         hidden = self.model.norm(x)
         # A LoRA-wrapped head computes more than its weight: it keeps the plain path. So does a loss without a
         # backward (validation), which would only pay for the gradient HeadLoss works out.
-        fused = self.fused_head_loss and torch.is_grad_enabled() and type(self.lm_head) is nn.Linear
+        fused = self.head_loss != "plain" and torch.is_grad_enabled() and type(self.lm_head) is nn.Linear
         if targets is not None and fused:
             kind = hidden.device.type
             dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
-            if self.triton_head_loss:
+            if self.head_loss == "triton":
                 head_loss = TritonHeadLoss
             else:
                 head_loss = HeadLoss if torch.compiler.is_compiling() else HeadLossInBlocks

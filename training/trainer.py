@@ -320,8 +320,7 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
         raise ConfigError("the data's tokenizer is larger than the model's vocabulary")
 
     mode = None if cfg.compile_mode == "default" else cfg.compile_mode
-    model.fused_head_loss = cfg.head_loss in ("auto", "fused", "triton")
-    model.triton_head_loss = cfg.head_loss == "triton"
+    model.head_loss = "fused" if cfg.head_loss == "auto" else cfg.head_loss
     forward_model = torch.compile(model, mode=mode) if compiled else model
 
     def clip_and_step() -> None:
@@ -349,7 +348,7 @@ def _train(cfg: TrainConfig, env: Distributed, out: Path, data_manifest: dict, e
                 flops_formula="6N + 12*L*H*Q*T (N: matmul parameters, embedding lookup excluded unless tied)",
                 peak_flops=peak, peak_source=peak_source, bf16=use_bf16, compiled=compiled,
                 compile_mode=cfg.compile_mode if compiled else None,
-                head_loss="triton" if model.triton_head_loss else "fused" if model.fused_head_loss else "plain",
+                head_loss=model.head_loss,
                 optimizer="AdamW and clipping compiled" if compiled_optimizer else "AdamW, fused",
                 attention_kernel=attention_kernel_used(model.config, env.device,
                                                        torch.bfloat16 if use_bf16 else torch.float32),

@@ -14,7 +14,7 @@ from .conftest import events, quick_config
 
 def _loss_and_grads(model, idx, targets, fused, autocast=False):
     model.zero_grad(set_to_none=True)
-    model.fused_head_loss = fused
+    model.head_loss = "fused" if fused else "plain"
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         _, loss = model(idx, targets)
     (loss * 0.5).backward()  # a scaled loss, as gradient accumulation makes, reaches the head's gradients too
@@ -70,7 +70,7 @@ def test_compiled_fused_equals_eager_plain(batch, monkeypatch):
         raise AssertionError("a compiled step takes HeadLoss, whose pointwise work inductor fuses")
     monkeypatch.setattr(HeadLossInBlocks, "forward", staticmethod(eager_only))
     compiled = torch.compile(model)
-    model.fused_head_loss = True
+    model.head_loss = "fused"
     model.zero_grad(set_to_none=True)
     _, loss = compiled(idx, targets)
     loss.backward()
@@ -83,7 +83,7 @@ def test_eager_fused_runs_in_blocks_in_place(batch, monkeypatch):
     """Eager, no tensor of the whole tokens x vocab logits is made: the largest is one block's."""
     model, idx, targets = batch
     monkeypatch.setattr(HeadLossInBlocks, "BLOCK_ELEMENTS", 1)  # blocks of 64 rows
-    model.fused_head_loss = True
+    model.head_loss = "fused"
     largest = []
 
     class Sizes(torch.overrides.TorchFunctionMode):
@@ -136,7 +136,7 @@ def test_validation_keeps_no_graph_and_skips_the_fused_gradient(batch, monkeypat
     from training.model import HeadLoss
 
     model, idx, targets = batch
-    model.fused_head_loss = True
+    model.head_loss = "fused"
     applied, grad_modes = [], []
     original = HeadLoss.apply
     monkeypatch.setattr(HeadLoss, "apply", lambda *args: applied.append(1) or original(*args))
@@ -165,7 +165,7 @@ def test_the_compiled_head_loss_has_the_shape_inductors_online_softmax_matches()
     matches = []
     torch._dynamo.reset()
     model = Transformer(preset("debug", vocab_size=512))
-    model.fused_head_loss = True
+    model.head_loss = "fused"
     idx = torch.randint(0, 512, (2, 16))
     probed = lambda graph: matches.append(probe.apply(copy.deepcopy(graph.owning_module).graph))  # noqa: E731
     with config.patch(post_grad_custom_pre_pass=probed), torch.autocast("cpu", dtype=torch.bfloat16):
