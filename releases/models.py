@@ -270,3 +270,25 @@ class InferenceCall(models.Model):
         ordering = ["-created_at", "-id"]
         indexes = [models.Index(fields=["token", "created_at"]), models.Index(fields=["organization", "created_at"]),
                    models.Index(fields=["model", "created_at"])]
+
+
+class InferenceUsage(models.Model):
+    """Tokens used per quota scope and UTC day, added to as each call finishes: the daily quota reads this one row.
+    Summing the day's calls instead cost time in proportion to them, under the scope's lock: at 100,000 calls in a
+    day, 40-60 ms on every call, which capped a busy token or organization at ~20 calls a second."""
+
+    class Scope(models.TextChoices):
+        TOKEN = "token"
+        SESSION = "session", "Signed-in session (a user's calls without a token)"
+        ORGANIZATION = "organization"
+
+    scope = models.CharField(max_length=16, choices=Scope.choices)
+    scope_id = models.BigIntegerField(help_text="The token's, the user's (session) or the organization's id")
+    day = models.DateField(help_text="UTC, the day the calls started")
+    tokens = models.BigIntegerField(default=0, help_text="Prompt and completion tokens")
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["scope", "scope_id", "day"], name="inference_usage_once")]
+
+    def __str__(self) -> str:
+        return f"{self.scope} {self.scope_id} on {self.day}: {self.tokens} tokens"

@@ -12,7 +12,7 @@ from django.db.models import Min
 from django.utils import timezone
 
 from gatehouse.core.prepared import PreparedInsert, PreparedUpdate
-from releases.models import InferenceCall
+from releases.models import InferenceCall, InferenceUsage
 
 
 @dataclass(frozen=True)
@@ -23,10 +23,11 @@ class QuotaRefusal:
 
 
 # One statement per scope, written out: this runs on every call, and compiling the same check through the ORM
-# (a count and a sum, per token and per organization) cost more than the gateway's whole remaining overhead.
-_USAGE_SQL = ("SELECT COALESCE(SUM(CASE WHEN created_at > %s THEN 1 ELSE 0 END), 0), "
-              "COALESCE(SUM(CASE WHEN created_at >= %s THEN prompt_tokens + completion_tokens ELSE 0 END), 0) "
-              f"FROM {InferenceCall._meta.db_table} WHERE {{scope}} AND created_at >= %s")
+# (a count and a sum, per token and per organization) cost more than the gateway's whole remaining overhead. The
+# count reads the index on (scope, created_at) over one minute; the day's tokens are one counter row.
+_USAGE_SQL = (f"SELECT (SELECT COUNT(*) FROM {InferenceCall._meta.db_table} WHERE {{scope}} AND created_at > %s), "
+              f"COALESCE((SELECT tokens FROM {InferenceUsage._meta.db_table} "
+              "WHERE scope = %s AND scope_id = %s AND day = %s), 0)")
 _SCOPES = {"token": "token_id = %s", "session": "user_id = %s AND token_id IS NULL",
            "organization": "organization_id = %s"}
 
@@ -35,10 +36,10 @@ def _refusal(scope: str, key: int, rpm: int, tokens_per_day: int, what: str, now
     """Both quotas of one scope: requests in the last 60 s (in-flight calls included) and tokens since midnight."""
     minute_ago = now - timedelta(seconds=60)
     midnight = datetime(now.year, now.month, now.day, tzinfo=dt_timezone.utc)
-    adapt = connection.ops.adapt_datetimefield_value
     with connection.cursor() as cursor:
         cursor.execute(_USAGE_SQL.format(scope=_SCOPES[scope]),
-                       [adapt(minute_ago), adapt(midnight), key, adapt(min(minute_ago, midnight))])
+                       [key, connection.ops.adapt_datetimefield_value(minute_ago), scope, key,
+                        connection.ops.adapt_datefield_value(midnight.date())])
         recent, used = cursor.fetchone()
     if rpm and recent >= rpm:
         oldest = _calls(scope, key).filter(created_at__gt=minute_ago).aggregate(oldest=Min("created_at"))["oldest"]
@@ -135,7 +136,34 @@ def _tokens(usage, name: str) -> int:
 
 
 def inference_call_finish(call: InferenceCall, *, status: int, usage: dict | None = None, error_code: str = "") -> None:
-    _finish_call(call.pk, status=status, error_code=error_code[:64], prompt_tokens=_tokens(usage, "prompt_tokens"),
-                 completion_tokens=_tokens(usage, "completion_tokens"),
-                 latency_ms=(time.perf_counter() - call.started) * 1000)
+    """The call's outcome, and its tokens added to the day's counters of its scopes, in one transaction. Once: a call
+    finished already (its status set) is left as it is, so no path can count its tokens twice."""
+    if call.status:
+        return
+    prompt, completion = _tokens(usage, "prompt_tokens"), _tokens(usage, "completion_tokens")
+    with transaction.atomic() if prompt or completion else contextlib.nullcontext():
+        _finish_call(call.pk, status=status, error_code=error_code[:64], prompt_tokens=prompt,
+                     completion_tokens=completion, latency_ms=(time.perf_counter() - call.started) * 1000)
+        if prompt or completion:
+            _add_usage(call, prompt + completion)
     call.status = status  # finished: the gateway's last-resort handler leaves it alone
+
+
+def _usage_scopes(call: InferenceCall) -> list[tuple[str, int]]:
+    """Every scope a call counts against, limited now or not: a limit set at noon holds the morning's calls too."""
+    scopes = [("token", call.token_id) if call.token_id is not None else ("session", call.user_id)]
+    if call.organization_id is not None:
+        scopes.append(("organization", call.organization_id))
+    return scopes
+
+
+def _add_usage(call: InferenceCall, tokens: int) -> None:
+    """One upsert for all the call's scopes (SQLite and PostgreSQL both take ON CONFLICT ... DO UPDATE)."""
+    scopes = _usage_scopes(call)
+    table = InferenceUsage._meta.db_table
+    day = connection.ops.adapt_datefield_value(call.created_at.astimezone(dt_timezone.utc).date())
+    with connection.cursor() as cursor:
+        cursor.execute(f"INSERT INTO {table} (scope, scope_id, day, tokens) VALUES "
+                       + ", ".join(["(%s, %s, %s, %s)"] * len(scopes))
+                       + f" ON CONFLICT (scope, scope_id, day) DO UPDATE SET tokens = {table}.tokens + excluded.tokens",
+                       [value for scope, key in scopes for value in (scope, key, day, tokens)])

@@ -292,9 +292,8 @@ def generate(request, endpoint: str, *, user, token, body):
         raise OpenAIError(429, call.message, call.code, headers=retry)
     try:
         return _forward(call, model, backend, endpoint, upstream_body, stream=stream, wants_usage=wants_usage)
-    except Exception:
-        if not call.status:  # a bug or an answer not foreseen: the row must not stay "in flight" (status 0) forever
-            inference_call_finish(call, status=500, error_code="internal_error")
+    except Exception:  # a bug or an answer not foreseen: the row must not stay "in flight" (status 0) forever
+        inference_call_finish(call, status=500, error_code="internal_error")  # a no-op for a call finished already
         raise
 
 
@@ -320,8 +319,7 @@ def _forward(call, model: Model, backend: InferenceBackend, endpoint: str, upstr
             # A client gone before the first event: the relay never ran, so its own cleanup did not either. Close
             # the engine's stream (it cancels) and finish the row. Runs after the relay's close, a no-op then.
             upstream.close()
-            if not call.status:
-                inference_call_finish(call, status=499, error_code="client_disconnected")
+            inference_call_finish(call, status=499, error_code="client_disconnected")
         response._resource_closers.append(never_relayed)  # Django's hook for what close() must release
         return response
     try:

@@ -18,7 +18,7 @@ from releases import policy
 from releases.inference import metering
 from releases.inference.metering import quota_check
 from gatehouse.registry.models import Model
-from releases.models import AccessPolicy, InferenceBackend, InferenceCall
+from releases.models import AccessPolicy, InferenceBackend, InferenceCall, InferenceUsage
 from tests.releases.upstream import FakeUpstream, chat_chunk
 
 OUTSIDER = policy.CallerFacts(authenticated=True, scopes=frozenset({"inference"}))
@@ -55,9 +55,11 @@ def calls(register, aurora, alice, carol, token_for):
     token = carol.api_tokens.get()
 
     def make(n, *, user=carol, tok=token, org=None, tokens=0, ago=timedelta(0)):
-        for _ in range(n):
-            InferenceCall.objects.create(user=user, token=tok, organization=org, model=model, endpoint="completions",
-                                         status=200, prompt_tokens=tokens, created_at=timezone.now() - ago)
+        for _ in range(n):  # started when the test says, finished by the gateway's own service, which counts them
+            call = InferenceCall.objects.create(user=user, token=tok, organization=org, model=model,
+                                                endpoint="completions", created_at=timezone.now() - ago)
+            call.started = time.perf_counter()
+            metering.inference_call_finish(call, status=200, usage={"prompt_tokens": tokens})
     return make, token
 
 
@@ -129,11 +131,12 @@ def test_a_gateway_call_costs_a_fixed_number_of_queries(register, aurora, alice,
 
     call()  # the token's first use is recorded once
     # token, memberships, model (with organization, policy, backend and latest version in one), quota per token,
-    # quota per organization, the call's row at the start and its completion: nothing loaded lazily. The quota
-    # check and the start are one transaction (a savepoint inside the test's; BEGIN and COMMIT when serving), under
-    # one statement taking both scopes' locks on PostgreSQL.
+    # quota per organization, the call's row at the start and its completion, its tokens added to both scopes' day
+    # (one upsert): nothing loaded lazily. The quota check and the start are one transaction (a savepoint inside the
+    # test's; BEGIN and COMMIT when serving), under one statement taking both scopes' locks on PostgreSQL; the
+    # completion and the upsert another.
     locks = 1 if connection.vendor == "postgresql" else 0
-    with django_assert_num_queries(7 + 2 + locks):
+    with django_assert_num_queries(8 + 2 + 2 + locks):
         assert call()["usage"]["completion_tokens"] == 1
     assert InferenceCall.objects.filter(organization=northwind, status=200, completion_tokens=1).count() == 2
 
@@ -171,6 +174,80 @@ def test_concurrent_calls_of_one_token_never_pass_its_per_minute_limit(register,
     assert len(admitted) == 3 and len(refused) == 3
     assert all(r.code == "rate_limit_exceeded" and r.retry_after > 0 for r in refused)
     assert InferenceCall.objects.filter(token=token).count() == 3
+
+
+def _usage() -> dict:
+    return {(u.scope, u.scope_id, u.day): u.tokens for u in InferenceUsage.objects.all()}
+
+
+def test_each_finished_call_adds_its_tokens_to_its_scopes_day_once(calls, carol, northwind):
+    make, token = calls
+    today = timezone.now().date()
+    yesterday = today - timedelta(days=1)
+    make(2, org=northwind, tokens=7)
+    make(1, tok=None, tokens=5)  # her session, no organization
+    make(1, tokens=0)  # a refused or failed call: nothing to count, no row written
+    make(1, tokens=11, ago=timedelta(days=1))  # started yesterday: counts on yesterday
+    assert _usage() == {("token", token.pk, today): 14, ("organization", northwind.pk, today): 14,
+                        ("session", carol.pk, today): 5, ("token", token.pk, yesterday): 11}
+    call = InferenceCall.objects.filter(prompt_tokens=7).first()
+    call.started = time.perf_counter()
+    metering.inference_call_finish(call, status=500, usage={"prompt_tokens": 1000})  # a second finish: a no-op
+    assert _usage()[("token", token.pk, today)] == 14
+    assert InferenceCall.objects.get(pk=call.pk).status == 200  # and the row keeps its first outcome
+
+
+def test_a_finish_that_fails_adds_nothing(calls, carol, monkeypatch):
+    make, token = calls
+    make(1, tokens=3)
+    call = InferenceCall.objects.create(user=carol, token=token, model=InferenceCall.objects.first().model,
+                                        endpoint="completions")
+    call.started = time.perf_counter()
+    monkeypatch.setattr(metering, "_add_usage", mock.Mock(side_effect=RuntimeError("the database went away")))
+    with pytest.raises(RuntimeError):
+        metering.inference_call_finish(call, status=200, usage={"prompt_tokens": 50})
+    assert InferenceCall.objects.get(pk=call.pk).status == 0  # the row and the counter move together, or neither
+    assert _usage() == {("token", token.pk, timezone.now().date()): 3}
+
+
+def test_the_migration_counts_the_calls_made_before_it(calls, carol, northwind):
+    import importlib
+
+    from django.apps import apps
+
+    make, token = calls
+    make(2, org=northwind, tokens=4)
+    make(1, tok=None, tokens=6, ago=timedelta(days=3))
+    expected = _usage()
+    InferenceUsage.objects.all().delete()
+    importlib.import_module("releases.migrations.0006_inference_usage").usage_from_calls(apps, None)
+    assert _usage() == expected and len(expected) == 3
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_finishes_of_one_scope_add_up_exactly(register, aurora, alice, carol, northwind, token_for):
+    if connection.vendor != "postgresql":
+        pytest.skip("concurrent connections are exercised on PostgreSQL (SQLite's writers queue on its one lock)")
+    model = register(aurora, "m", alice, tier="api").model
+    token_for(carol, ("inference",))
+    token = carol.api_tokens.get()
+    calls = [InferenceCall.objects.create(user=carol, token=token, organization=northwind, model=model,
+                                          endpoint="completions") for _ in range(24)]
+    barrier = threading.Barrier(8)
+
+    def finish(mine):
+        barrier.wait()
+        try:
+            for call in mine:
+                call.started = time.perf_counter()
+                metering.inference_call_finish(call, status=200, usage={"prompt_tokens": 3, "completion_tokens": 2})
+        finally:
+            connection.close()
+    threads = [threading.Thread(target=finish, args=(calls[i::8],)) for i in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    today = timezone.now().date()
+    assert _usage() == {("token", token.pk, today): 120, ("organization", northwind.pk, today): 120}
 
 
 @pytest.fixture
