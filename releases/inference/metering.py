@@ -119,7 +119,9 @@ def inference_call_admit(*, user, token, organization_id, model, endpoint: str,
 
 # Each call writes twice; statements built once, as save() and update() compile them again every time.
 _insert_call = PreparedInsert(InferenceCall)
-_finish_call = PreparedUpdate(InferenceCall, "status", "error_code", "prompt_tokens", "completion_tokens", "latency_ms")
+# Only a call still in flight (status 0) is finished: the first outcome stands, and its tokens are counted once.
+_finish_call = PreparedUpdate(InferenceCall, "status", "error_code", "prompt_tokens", "completion_tokens", "latency_ms",
+                              where={"status": 0})
 
 
 def inference_call_start(*, user, token, organization_id, model, endpoint: str, stream: bool) -> InferenceCall:
@@ -137,14 +139,14 @@ def _tokens(usage, name: str) -> int:
 
 def inference_call_finish(call: InferenceCall, *, status: int, usage: dict | None = None, error_code: str = "") -> None:
     """The call's outcome, and its tokens added to the day's counters of its scopes, in one transaction. Once: a call
-    finished already (its status set) is left as it is, so no path can count its tokens twice."""
+    finished already is left as it is (its row, by any path, even another process), so its tokens count once."""
     if call.status:
         return
     prompt, completion = _tokens(usage, "prompt_tokens"), _tokens(usage, "completion_tokens")
     with transaction.atomic() if prompt or completion else contextlib.nullcontext():
-        _finish_call(call.pk, status=status, error_code=error_code[:64], prompt_tokens=prompt,
-                     completion_tokens=completion, latency_ms=(time.perf_counter() - call.started) * 1000)
-        if prompt or completion:
+        finished = _finish_call(call.pk, status=status, error_code=error_code[:64], prompt_tokens=prompt,
+                                completion_tokens=completion, latency_ms=(time.perf_counter() - call.started) * 1000)
+        if finished and (prompt or completion):
             _add_usage(call, prompt + completion)
     call.status = status  # finished: the gateway's last-resort handler leaves it alone
 

@@ -191,10 +191,12 @@ def test_each_finished_call_adds_its_tokens_to_its_scopes_day_once(calls, carol,
     assert _usage() == {("token", token.pk, today): 14, ("organization", northwind.pk, today): 14,
                         ("session", carol.pk, today): 5, ("token", token.pk, yesterday): 11}
     call = InferenceCall.objects.filter(prompt_tokens=7).first()
+    call.status = 0  # another instance of a finished row, as a second process (or a lost COMMIT reply) would hold
     call.started = time.perf_counter()
     metering.inference_call_finish(call, status=500, usage={"prompt_tokens": 1000})  # a second finish: a no-op
     assert _usage()[("token", token.pk, today)] == 14
-    assert InferenceCall.objects.get(pk=call.pk).status == 200  # and the row keeps its first outcome
+    row = InferenceCall.objects.get(pk=call.pk)
+    assert (row.status, row.prompt_tokens) == (200, 7)  # the row keeps its first outcome
 
 
 def test_a_finish_that_fails_adds_nothing(calls, carol, monkeypatch):

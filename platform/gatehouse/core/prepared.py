@@ -122,11 +122,13 @@ class PreparedInsert:
 
 class PreparedUpdate:
     """UPDATE of named fields of one row by primary key, its SQL built once per database (QuerySet.update() compiles
-    on every call). Returns the number of rows changed."""
+    on every call). `where` adds conditions on the row's current values (field=value), so the update can be made
+    once only. Returns the number of rows changed."""
 
-    def __init__(self, model, *field_names: str):
+    def __init__(self, model, *field_names: str, where: dict | None = None):
         self.model = model
         self.fields = [model._meta.get_field(name) for name in field_names]
+        self.where = [(model._meta.get_field(name), value) for name, value in (where or {}).items()]
         self._sql: dict[str, str] = {}
 
     def __call__(self, pk, *, using: str | None = None, **values) -> int:
@@ -135,8 +137,11 @@ class PreparedUpdate:
         if db not in self._sql:
             quote = connection.ops.quote_name
             assignments = ", ".join(f"{quote(f.column)} = %s" for f in self.fields)
-            self._sql[db] = f"UPDATE {quote(meta.db_table)} SET {assignments} WHERE {quote(meta.pk.column)} = %s"
+            conditions = "".join(f" AND {quote(f.column)} = %s" for f, _ in self.where)
+            self._sql[db] = (f"UPDATE {quote(meta.db_table)} SET {assignments} "
+                             f"WHERE {quote(meta.pk.column)} = %s{conditions}")
         params = [f.get_db_prep_save(values[f.name], connection) for f in self.fields]
+        conditions = [f.get_db_prep_value(value, connection) for f, value in self.where]
         with connection.cursor() as cursor:
-            cursor.execute(self._sql[db], [*params, meta.pk.get_db_prep_value(pk, connection)])
+            cursor.execute(self._sql[db], [*params, meta.pk.get_db_prep_value(pk, connection), *conditions])
             return cursor.rowcount

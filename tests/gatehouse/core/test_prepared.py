@@ -87,6 +87,11 @@ def test_prepared_insert_and_update_write_what_save_and_update_write(register, a
         update(call.pk, status=201)  # every named field needs a value: nothing is written half
     stored.refresh_from_db()
     assert stored.status == 200
+    once = PreparedUpdate(InferenceCall, "status", "completion_tokens", where={"status": 200})
+    assert once(call.pk, status=502, completion_tokens=1) == 1  # the row matched the condition
+    assert once(call.pk, status=503, completion_tokens=2) == 0  # it no longer does: nothing written
+    stored.refresh_from_db()
+    assert (stored.status, stored.completion_tokens) == (502, 1)
 
 
 def test_a_prefetching_queryset_is_refused(db):
