@@ -6,8 +6,9 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.core.mail import send_mail
-from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db import IntegrityError, connection, transaction
+from django.db.models import F, Q
+from django.db.models.functions import Coalesce
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.functional import lazy
@@ -21,7 +22,7 @@ from gatehouse.core.prepared import PreparedQuery
 from gatehouse.registry.models import Model, ModelFile, ModelVersion, Tier
 from gatehouse.webhooks.services import webhook_emit
 from releases import policy
-from releases.models import AccessGrant, AccessPolicy, AccessRequest, Audience, Download
+from releases.models import AccessGrant, AccessPolicy, AccessRequest, Audience, Download, DownloadTotals
 
 MAX_FIELD_CHARS = 2000
 
@@ -408,9 +409,28 @@ def access_revoke_all(*, model: Model, actor: User, reason: str) -> int:
 
 def download_record(*, user, token, version: ModelVersion, file: ModelFile, bytes: int, range_start: int | None,
                     via: str) -> Download:
-    return Download.objects.create(user=user if getattr(user, "is_authenticated", False) else None, token=token,
-                                   model_id=version.model_id, version=version, path=file.path, bytes=bytes,
-                                   range_start=range_start, via=via)
+    """The transfer's row and the model's totals, together or not at all."""
+    with transaction.atomic():
+        download = Download.objects.create(user=user if getattr(user, "is_authenticated", False) else None,
+                                           token=token, model_id=version.model_id, version=version, path=file.path,
+                                           bytes=bytes, range_start=range_start, via=via)
+        _add_to_totals(version.model_id, bytes=bytes, whole=range_start is None)
+    return download
+
+
+def _add_to_totals(model_id: int, *, bytes: int, whole: bool) -> None:
+    """One upsert (SQLite and PostgreSQL both take ON CONFLICT ... DO UPDATE): concurrent downloads add up."""
+    table = DownloadTotals._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(f"INSERT INTO {table} (model_id, files, transfers, bytes) VALUES (%s, %s, 1, %s) "
+                       f"ON CONFLICT (model_id) DO UPDATE SET files = {table}.files + excluded.files, "
+                       f"transfers = {table}.transfers + 1, bytes = {table}.bytes + excluded.bytes",
+                       [model_id, int(whole), bytes])
+
+
+def downloads_of_model():
+    """A model's whole-file downloads, as an annotation of a Model queryset: its totals row, no count of rows."""
+    return Coalesce(F("download_totals__files"), 0)
 
 
 # --- Notifications -----------------------------------------------------------------------------------------

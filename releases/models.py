@@ -212,6 +212,20 @@ class Download(models.Model):
         indexes = [models.Index(fields=["model", "created_at"]), models.Index(fields=["user", "created_at"])]
 
 
+
+class DownloadTotals(models.Model):
+    """A model's downloads, added to as each is recorded: what the catalog and the Hub API sort by and report, and
+    /metrics adds up. Counting the Download rows on each request instead grew with them: at a million, sorting the
+    catalog by downloads took 0.8 s on PostgreSQL and 8.6 s on SQLite, for anyone, signed in or not."""
+
+    model = models.OneToOneField(Model, on_delete=models.CASCADE, primary_key=True, related_name="download_totals")
+    files = models.BigIntegerField(default=0, help_text="Whole-file downloads (a range request is part of one)")
+    transfers = models.BigIntegerField(default=0, help_text="Every metered transfer, ranges included")
+    bytes = models.BigIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"{self.model_id}: {self.files} downloads"
+
 class ModelFollow(models.Model):
     """Someone who asked to hear when a model's release changes (email on effective releases and downgrades)."""
 
@@ -273,9 +287,10 @@ class InferenceCall(models.Model):
 
 
 class InferenceUsage(models.Model):
-    """Tokens used per quota scope and UTC day, added to as each call finishes: the daily quota reads this one row.
-    Summing the day's calls instead cost time in proportion to them, under the scope's lock: at 100,000 calls in a
-    day, 40-60 ms on every call, which capped a busy token or organization at ~20 calls a second."""
+    """Calls and tokens per quota scope and UTC day, added to as each call finishes: the daily quota reads this one
+    row, and /metrics adds up the rows. Summing the day's calls instead cost time in proportion to them, under the
+    scope's lock: at 100,000 calls in a day, 40-60 ms on every call, which capped a busy token or organization at ~20
+    calls a second."""
 
     class Scope(models.TextChoices):
         TOKEN = "token"
@@ -285,10 +300,12 @@ class InferenceUsage(models.Model):
     scope = models.CharField(max_length=16, choices=Scope.choices)
     scope_id = models.BigIntegerField(help_text="The token's, the user's (session) or the organization's id")
     day = models.DateField(help_text="UTC, the day the calls started")
-    tokens = models.BigIntegerField(default=0, help_text="Prompt and completion tokens")
+    calls = models.BigIntegerField(default=0, help_text="Finished calls, failed ones included (not those refused before starting)")
+    prompt_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["scope", "scope_id", "day"], name="inference_usage_once")]
 
     def __str__(self) -> str:
-        return f"{self.scope} {self.scope_id} on {self.day}: {self.tokens} tokens"
+        return f"{self.scope} {self.scope_id} on {self.day}: {self.calls} calls"

@@ -1,18 +1,20 @@
 """The releases app's contributions to /metrics and /readyz (wired in by settings): downloads and tokens
 served, in aggregate, and whether the local inference engines answer."""
 import httpx
-from django.db.models import Count, Sum
+from django.db.models import Sum
 
-from releases.models import Download, InferenceBackend, InferenceCall
+from releases.models import DownloadTotals, InferenceBackend, InferenceUsage
 
 
 def metrics():
-    downloads = Download.objects.aggregate(n=Count("id"), bytes=Sum("bytes"))
+    downloads = DownloadTotals.objects.aggregate(n=Sum("transfers"), bytes=Sum("bytes"))  # a row a model
     yield "gatehouse_downloads", "Metered file downloads", downloads["n"] or 0, {}
     yield "gatehouse_download_bytes", "Bytes of metered downloads", downloads["bytes"] or 0, {}
-    tokens = InferenceCall.objects.aggregate(n=Count("id"), prompt=Sum("prompt_tokens"),
-                                             completion=Sum("completion_tokens"))
-    yield "gatehouse_inference_calls", "Metered inference calls", tokens["n"] or 0, {}
+    # Each call counts on its token's or its session's row (and its organization's too, left out here): a row per
+    # token and day, not per call.
+    tokens = InferenceUsage.objects.filter(scope__in=("token", "session")).aggregate(
+        n=Sum("calls"), prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"))
+    yield "gatehouse_inference_calls", "Metered inference calls, finished", tokens["n"] or 0, {}
     yield "gatehouse_tokens_served", "Tokens through the inference API", tokens["prompt"] or 0, {"kind": "prompt"}
     yield "gatehouse_tokens_served", "Tokens through the inference API", tokens["completion"] or 0, {"kind": "completion"}
 

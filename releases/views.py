@@ -221,8 +221,7 @@ def _form_number(text: str, kind, default, label: str):
 
 def sort_by_downloads(models):
     """The catalog's "downloads" sort (GATEHOUSE_MODEL_LIST_SORTS): whole-file downloads, most first."""
-    return models.annotate(download_count=Count("downloads", filter=Q(downloads__range_start__isnull=True))
-                           ).order_by("-download_count", "-updated_at", "-id")
+    return models.annotate(download_count=access.downloads_of_model()).order_by("-download_count", "-updated_at", "-id")
 
 
 def model_page_panel(request, model) -> str:

@@ -8,7 +8,6 @@ import functools
 import json
 
 from django.conf import settings
-from django.db.models import Count
 from django.http import HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods
@@ -21,7 +20,7 @@ from gatehouse.registry.models import Model, ModelFile, ModelRef, ModelVersion
 from gatehouse.registry.selectors import model_list, version_resolve
 from releases import access, policy
 from releases.hub.serve import serve_file
-from releases.models import AccessRequest, Audience, Download
+from releases.models import AccessRequest, Audience, DownloadTotals
 
 GATED = {Audience.GATED_AUTO: "auto", Audience.GATED_MANUAL: "manual"}
 
@@ -173,12 +172,12 @@ def model_index(request):
         limit = min(int(request.GET.get("limit") or settings.GATEHOUSE_HUB_PAGE_SIZE), settings.GATEHOUSE_HUB_PAGE_SIZE)
     except ValueError:
         raise HubError(400, "", "offset and limit must be integers.") from None
-    models = model_list(user=caller.user, q=request.GET.get("search", ""),
-                        organization=request.GET.get("author", "")).select_related("access_policy")
+    models = model_list(user=caller.user, q=request.GET.get("search", ""), organization=request.GET.get("author", "")
+                        ).select_related("access_policy").annotate(download_count=access.downloads_of_model())
     if request.GET.get("sort") == "downloads":
-        models = models.annotate(download_count=Count("downloads")).order_by("-download_count", "-id")
+        models = models.order_by("-download_count", "-id")
     page = list(models[offset:offset + limit + 1])
-    response = JsonResponse([_model_summary(m) for m in page[:limit]], safe=False)
+    response = JsonResponse([_model_summary(m, m.download_count) for m in page[:limit]], safe=False)
     if len(page) > limit:  # the client follows Link and stops by itself once it has `limit` models
         response["Link"] = _next_link(request, "offset", offset + limit)
     return response
@@ -201,7 +200,7 @@ def model_info(request, org: str, name: str, revision: str = "main"):
             entry |= {"size": f.size, "blobId": f.sha256[:40], "lfs": {"size": f.size, "sha256": f.sha256,
                                                                        "pointerSize": 134}}
         siblings.append(entry)
-    downloads = Download.objects.filter(model=model, range_start__isnull=True).count()
+    downloads = DownloadTotals.objects.filter(model=model).values_list("files", flat=True).first() or 0
     body = _model_summary(model, downloads) | {
         "sha": version.commit, "lastModified": _iso(version.verified_at or version.created_at),
         "cardData": version.card_metadata or {}, "siblings": siblings,

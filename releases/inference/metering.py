@@ -26,7 +26,7 @@ class QuotaRefusal:
 # (a count and a sum, per token and per organization) cost more than the gateway's whole remaining overhead. The
 # count reads the index on (scope, created_at) over one minute; the day's tokens are one counter row.
 _USAGE_SQL = (f"SELECT (SELECT COUNT(*) FROM {InferenceCall._meta.db_table} WHERE {{scope}} AND created_at > %s), "
-              f"COALESCE((SELECT tokens FROM {InferenceUsage._meta.db_table} "
+              f"COALESCE((SELECT prompt_tokens + completion_tokens FROM {InferenceUsage._meta.db_table} "
               "WHERE scope = %s AND scope_id = %s AND day = %s), 0)")
 _SCOPES = {"token": "token_id = %s", "session": "user_id = %s AND token_id IS NULL",
            "organization": "organization_id = %s"}
@@ -138,16 +138,15 @@ def _tokens(usage, name: str) -> int:
 
 
 def inference_call_finish(call: InferenceCall, *, status: int, usage: dict | None = None, error_code: str = "") -> None:
-    """The call's outcome, and its tokens added to the day's counters of its scopes, in one transaction. Once: a call
-    finished already is left as it is (its row, by any path, even another process), so its tokens count once."""
+    """The call's outcome, and the call and its tokens added to the day's counters of its scopes, in one transaction.
+    Once: a call finished already is left as it is (its row, by any path, even another process), so it counts once."""
     if call.status:
         return
     prompt, completion = _tokens(usage, "prompt_tokens"), _tokens(usage, "completion_tokens")
-    with transaction.atomic() if prompt or completion else contextlib.nullcontext():
-        finished = _finish_call(call.pk, status=status, error_code=error_code[:64], prompt_tokens=prompt,
-                                completion_tokens=completion, latency_ms=(time.perf_counter() - call.started) * 1000)
-        if finished and (prompt or completion):
-            _add_usage(call, prompt + completion)
+    with transaction.atomic():
+        if _finish_call(call.pk, status=status, error_code=error_code[:64], prompt_tokens=prompt,
+                        completion_tokens=completion, latency_ms=(time.perf_counter() - call.started) * 1000):
+            _add_usage(call, prompt, completion)
     call.status = status  # finished: the gateway's last-resort handler leaves it alone
 
 
@@ -159,13 +158,15 @@ def _usage_scopes(call: InferenceCall) -> list[tuple[str, int]]:
     return scopes
 
 
-def _add_usage(call: InferenceCall, tokens: int) -> None:
+def _add_usage(call: InferenceCall, prompt: int, completion: int) -> None:
     """One upsert for all the call's scopes (SQLite and PostgreSQL both take ON CONFLICT ... DO UPDATE)."""
     scopes = _usage_scopes(call)
     table = InferenceUsage._meta.db_table
     day = connection.ops.adapt_datefield_value(call.created_at.astimezone(dt_timezone.utc).date())
     with connection.cursor() as cursor:
-        cursor.execute(f"INSERT INTO {table} (scope, scope_id, day, tokens) VALUES "
-                       + ", ".join(["(%s, %s, %s, %s)"] * len(scopes))
-                       + f" ON CONFLICT (scope, scope_id, day) DO UPDATE SET tokens = {table}.tokens + excluded.tokens",
-                       [value for scope, key in scopes for value in (scope, key, day, tokens)])
+        cursor.execute(f"INSERT INTO {table} (scope, scope_id, day, calls, prompt_tokens, completion_tokens) VALUES "
+                       + ", ".join(["(%s, %s, %s, 1, %s, %s)"] * len(scopes))
+                       + f" ON CONFLICT (scope, scope_id, day) DO UPDATE SET calls = {table}.calls + 1, "
+                       f"prompt_tokens = {table}.prompt_tokens + excluded.prompt_tokens, "
+                       f"completion_tokens = {table}.completion_tokens + excluded.completion_tokens",
+                       [value for scope, key in scopes for value in (scope, key, day, prompt, completion)])

@@ -3,23 +3,24 @@
 from datetime import timezone
 
 from django.db import migrations, models
-from django.db.models import F, Sum
+from django.db.models import Count, Sum
 from django.db.models.functions import TruncDate
 
 
 def usage_from_calls(apps, schema_editor):
-    """The counters as the quota summed them until now: every call's tokens, by scope and UTC day."""
+    """The counters as the quota and /metrics summed them until now: every finished call, by scope and UTC day."""
     InferenceCall = apps.get_model("releases", "InferenceCall")
     InferenceUsage = apps.get_model("releases", "InferenceUsage")
-    calls = InferenceCall.objects.annotate(day=TruncDate("created_at", tzinfo=timezone.utc))
+    calls = InferenceCall.objects.exclude(status=0).annotate(day=TruncDate("created_at", tzinfo=timezone.utc))
     scopes = [("token", "token_id", calls.filter(token__isnull=False)),
               ("session", "user_id", calls.filter(token__isnull=True)),
               ("organization", "organization_id", calls.filter(organization__isnull=False))]
     for scope, column, rows in scopes:
-        totals = rows.values(column, "day").annotate(tokens=Sum(F("prompt_tokens") + F("completion_tokens"))) \
-            .filter(tokens__gt=0).order_by()
+        totals = rows.values(column, "day").annotate(n=Count("id"), prompt=Sum("prompt_tokens"),
+                                                     completion=Sum("completion_tokens")).order_by()
         InferenceUsage.objects.bulk_create(
-            (InferenceUsage(scope=scope, scope_id=total[column], day=total["day"], tokens=total["tokens"])
+            (InferenceUsage(scope=scope, scope_id=total[column], day=total["day"], calls=total["n"],
+                            prompt_tokens=total["prompt"], completion_tokens=total["completion"])
              for total in totals.iterator()), batch_size=1000)
 
 
@@ -37,7 +38,9 @@ class Migration(migrations.Migration):
                 ('scope', models.CharField(choices=[('token', 'Token'), ('session', "Signed-in session (a user's calls without a token)"), ('organization', 'Organization')], max_length=16)),
                 ('scope_id', models.BigIntegerField(help_text="The token's, the user's (session) or the organization's id")),
                 ('day', models.DateField(help_text='UTC, the day the calls started')),
-                ('tokens', models.BigIntegerField(default=0, help_text='Prompt and completion tokens')),
+                ('calls', models.BigIntegerField(default=0, help_text='Finished calls, failed ones included (not those refused before starting)')),
+                ('prompt_tokens', models.BigIntegerField(default=0)),
+                ('completion_tokens', models.BigIntegerField(default=0)),
             ],
             options={
                 'constraints': [models.UniqueConstraint(fields=('scope', 'scope_id', 'day'), name='inference_usage_once')],

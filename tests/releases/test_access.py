@@ -290,11 +290,16 @@ def test_my_page_lists_my_requests_downloads_and_inference_only(gated, alice, ca
 
 
 def test_catalog_sorts_by_downloads(gated, register, aurora, alice, carol):
+    from releases import access
+
     other = register(aurora, "popular", alice, tier="open").model
     version = other.latest_version
+    type(gated).objects.filter(pk=gated.pk).update(updated_at=timezone.now())  # listed first unless downloads decide
     for _ in range(3):
-        Download.objects.create(user=carol, model=other, version=version, path="model.safetensors", bytes=1,
-                                via="stream")
+        access.download_record(user=carol, token=None, version=version, file=version.files.first(), bytes=1,
+                               range_start=None, via="stream")
+    assert Client().get("/").content.decode().index("aurora/gated") < \
+        Client().get("/").content.decode().index("aurora/popular")
     html = Client().get("/?sort=downloads").content.decode()
     assert html.index("aurora/popular") < html.index("aurora/gated")
     assert '<option value="downloads" selected>' in html

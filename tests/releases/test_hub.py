@@ -246,3 +246,98 @@ def test_hub_review_routes_need_a_token_not_a_browser_session(register, aurora, 
                             data='{"user": "carol", "status": "accepted"}', content_type="application/json")
     assert response.status_code == 401 and AccessRequest.objects.get().status == "pending"
     assert AccessGrant.objects.count() == 0
+
+
+def _fetch(hub, repo: str, n: int, **headers) -> None:
+    for _ in range(n):
+        response = hub("GET", f"/{repo}/resolve/main/{WEIGHTS}", **headers)
+        assert response.status_code in (200, 206)
+        b"".join(response.streaming_content)
+
+
+def test_download_totals_are_kept_as_downloads_are_recorded_and_sort_the_listings(register, aurora, alice, hub):
+    from django.db.models import Sum
+
+    from gatehouse.registry.models import Model
+    from releases.models import DownloadTotals
+    from releases.views import sort_by_downloads
+
+    popular = register(aurora, "popular", alice, tier="open").model
+    recent = register(aurora, "recent", alice, tier="open").model  # the newer: first unless downloads decide
+    _fetch(hub, "aurora/popular", 3)
+    _fetch(hub, "aurora/recent", 1)
+    _fetch(hub, "aurora/recent", 4, range="bytes=0-9")  # parts of a download, not downloads
+    assert {t.model_id: (t.files, t.transfers) for t in DownloadTotals.objects.all()} == {
+        popular.pk: (3, 3), recent.pk: (1, 5)}
+    assert DownloadTotals.objects.aggregate(b=Sum("bytes"))["b"] == Download.objects.aggregate(b=Sum("bytes"))["b"]
+
+    listed = Client().get("/api/models?sort=downloads").json()
+    assert [(m["id"], m["downloads"]) for m in listed] == [("aurora/popular", 3), ("aurora/recent", 1)]
+    assert [m["downloads"] for m in Client().get("/api/models").json()] == [1, 3]  # newest first, counts shown
+    assert Client().get("/api/models/aurora/popular").json()["downloads"] == 3
+    html = Client().get("/?sort=downloads").content.decode()
+    assert html.index("aurora/popular") < html.index("aurora/recent")
+    metrics = Client().get("/metrics").content.decode()
+    assert "gatehouse_downloads 8.0" in metrics
+    # The sort reads each model's totals row, never the download rows: its cost does not grow with them.
+    assert '"releases_download"' not in str(sort_by_downloads(Model.objects.all()).query)
+
+
+def test_a_download_whose_totals_cannot_be_written_is_not_recorded(register, aurora, alice, monkeypatch):
+    from unittest import mock
+
+    from releases import access
+
+    version = register(aurora, "m", alice, tier="open")
+    monkeypatch.setattr(access, "_add_to_totals", mock.Mock(side_effect=RuntimeError("the database went away")))
+    with pytest.raises(RuntimeError):
+        access.download_record(user=None, token=None, version=version, file=version.files.get(path=WEIGHTS), bytes=5,
+                               range_start=None, via="stream")
+    assert Download.objects.count() == 0  # the row and the totals move together, or neither
+
+
+def test_the_migration_totals_the_downloads_made_before_it(register, aurora, alice, hub):
+    import importlib
+
+    from django.apps import apps
+
+    from releases.models import DownloadTotals
+
+    register(aurora, "m", alice, tier="open")
+    _fetch(hub, "aurora/m", 2)
+    _fetch(hub, "aurora/m", 1, range="bytes=5-")
+    expected = list(DownloadTotals.objects.values_list("model_id", "files", "transfers", "bytes"))
+    DownloadTotals.objects.all().delete()
+    importlib.import_module("releases.migrations.0007_download_totals").totals_from_downloads(apps, None)
+    assert list(DownloadTotals.objects.values_list("model_id", "files", "transfers", "bytes")) == expected
+    assert expected[0][1:3] == (2, 3)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_downloads_of_one_model_add_up_exactly(register, aurora, alice):
+    import threading
+
+    from django.db import connection
+
+    from releases import access
+    from releases.models import DownloadTotals
+
+    if connection.vendor != "postgresql":
+        pytest.skip("concurrent connections are exercised on PostgreSQL (SQLite's writers queue on its one lock)")
+    version = register(aurora, "m", alice, tier="open")
+    file = version.files.get(path=WEIGHTS)
+    barrier = threading.Barrier(8)
+
+    def record():
+        barrier.wait()
+        try:
+            for _ in range(5):
+                access.download_record(user=None, token=None, version=version, file=file, bytes=10, range_start=None,
+                                       via="stream")
+        finally:
+            connection.close()
+    threads = [threading.Thread(target=record) for _ in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    totals = DownloadTotals.objects.get(model=version.model)
+    assert (totals.files, totals.transfers, totals.bytes) == (40, 40, 400) == (Download.objects.count(), 40, 400)

@@ -177,7 +177,8 @@ def test_concurrent_calls_of_one_token_never_pass_its_per_minute_limit(register,
 
 
 def _usage() -> dict:
-    return {(u.scope, u.scope_id, u.day): u.tokens for u in InferenceUsage.objects.all()}
+    """Tokens by (scope, id, day)."""
+    return {(u.scope, u.scope_id, u.day): u.prompt_tokens + u.completion_tokens for u in InferenceUsage.objects.all()}
 
 
 def test_each_finished_call_adds_its_tokens_to_its_scopes_day_once(calls, carol, northwind):
@@ -186,10 +187,14 @@ def test_each_finished_call_adds_its_tokens_to_its_scopes_day_once(calls, carol,
     yesterday = today - timedelta(days=1)
     make(2, org=northwind, tokens=7)
     make(1, tok=None, tokens=5)  # her session, no organization
-    make(1, tokens=0)  # a refused or failed call: nothing to count, no row written
+    make(1, tokens=0)  # a failed call: a call, no tokens
     make(1, tokens=11, ago=timedelta(days=1))  # started yesterday: counts on yesterday
     assert _usage() == {("token", token.pk, today): 14, ("organization", northwind.pk, today): 14,
                         ("session", carol.pk, today): 5, ("token", token.pk, yesterday): 11}
+    assert dict(InferenceUsage.objects.values_list("scope", "calls").filter(day=today)) == {
+        "token": 3, "organization": 2, "session": 1}
+    metrics = Client().get("/metrics").content.decode()  # every call once: its token's row or its session's
+    assert "gatehouse_inference_calls 5.0" in metrics and 'gatehouse_tokens_served{kind="prompt"} 30.0' in metrics
     call = InferenceCall.objects.filter(prompt_tokens=7).first()
     call.status = 0  # another instance of a finished row, as a second process (or a lost COMMIT reply) would hold
     call.started = time.perf_counter()
