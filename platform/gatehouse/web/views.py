@@ -1,6 +1,10 @@
+import math
+
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
+from django.db.models import F, Q
+from django.db.models.functions import Mod
 from django.shortcuts import render
 from django.utils.module_loading import import_string
 from django.views.decorators.http import require_http_methods, require_safe
@@ -20,6 +24,7 @@ from gatehouse.web.cards import card_html
 
 
 SORTS = {"recent": ("-updated_at", "-id"), "name": ("organization__slug", "name")}
+CHART_POINTS = 400  # what line_chart draws at most of a series
 
 
 @require_safe
@@ -110,12 +115,26 @@ def _loss_chart(model, version):
                                           status=TrainingRun.Status.RUNNING).order_by("-created_at").first())
     if run is None:
         return "", None
-    metrics = list(TrainingMetric.objects.filter(run=run).order_by("step").values_list("kind", "step", "loss",
-                                                                                       "val_loss"))
-    chart = line_chart({"train loss": [(step, loss) for kind, step, loss, _ in metrics if kind == "step"],
-                        "validation loss": [(step, val) for kind, step, _, val in metrics if kind == "eval"]},
-                       x_label="step", y_label="loss")
+    chart = line_chart({"train loss": _points(run, "step", "loss"),
+                        "validation loss": _points(run, "eval", "val_loss")}, x_label="step", y_label="loss")
     return chart, run
+
+
+def _points(run, kind: str, field: str, limit: int = CHART_POINTS) -> list[tuple[int, float]]:
+    """At most ~limit (step, value) points of one series, evenly spaced, thinned by the database: a run logs a row
+    per step or few, and loading 100,000 of them to draw 400 took 130 ms, on a page a live run refreshes every 5 s.
+    Rows come at a regular interval (the trainer's logging interval), read from the first two: every k-th row is a
+    step k intervals on from the one before. The first rows and the last are index seeks on (run, kind, step), not a
+    count of them all; the last point is always kept."""
+    rows = TrainingMetric.objects.filter(run=run, kind=kind)
+    head = list(rows.order_by("step").values_list("step", flat=True)[:2])
+    if not head:
+        return []
+    last = rows.order_by("-step").values_list("step", flat=True)[0]
+    interval = head[1] - head[0] if len(head) == 2 else 1
+    stride = interval * max(1, math.ceil(((last - head[0]) // interval + 1) / limit))
+    picked = rows.annotate(offset=Mod(F("step") - head[0], stride)).filter(Q(offset=0) | Q(step=last))
+    return list(picked.order_by("step").values_list("step", field))
 
 
 def _scaling_chart(model):

@@ -183,6 +183,26 @@ def test_a_running_training_run_refreshes_its_loss_chart_and_a_finished_one_does
     assert "data-live" not in html and "live.js" not in html and '<svg class="chart"' in html
 
 
+
+def test_the_loss_chart_is_thinned_by_the_database(aurora, alice, django_assert_max_num_queries):
+    from gatehouse.registry.models import TrainingMetric, TrainingRun
+    from gatehouse.web.views import _points
+
+    run = TrainingRun.objects.create(organization=aurora, model_name="long", created_by=alice, status="running")
+    logged = list(range(10, 100_001, 10)) + [100_003]  # every 10 steps, and the step it stopped at
+    TrainingMetric.objects.bulk_create([TrainingMetric(run=run, kind="step", step=s, loss=1000 / s) for s in logged],
+                                       batch_size=5000)
+    TrainingMetric.objects.bulk_create([TrainingMetric(run=run, kind="eval", step=s, val_loss=s / 1000)
+                                        for s in (250, 500, 750)])
+    with django_assert_max_num_queries(3):  # the first rows, the last, the rows drawn: none of the 10,000 others
+        points = _points(run, "step", "loss")
+    steps = [step for step, _ in points]
+    assert 300 <= len(points) <= 401 and steps == sorted(steps) and steps[0] == 10 and steps[-1] == 100_003
+    assert len({b - a for a, b in zip(steps[:-2], steps[1:-1])}) == 1  # evenly spaced
+    assert all(loss == 1000 / step for step, loss in points)
+    assert _points(run, "eval", "val_loss") == [(250, 0.25), (500, 0.5), (750, 0.75)]  # few: every one
+    assert _points(run, "nothing", "loss") == []
+
 def test_catalog_filters_by_worst_risk_outcome(aurora, alice, register, client):
     from gatehouse.registry.models import RiskThreshold
     from gatehouse.registry.services.records import risk_assessment_record
