@@ -68,11 +68,15 @@ def caller_facts(*, user, token, model: Model, organization_ids: list[int] | Non
     if not policy.needs_grant(access_policy.audience, bool(access_policy.acceptable_use)):
         return policy.CallerFacts(authenticated=True, scopes=scopes)
     now = timezone.now()
-    mine = Q(user=user) | Q(organization_id__in=organization_ids)
-    if _active_grants(model).filter(mine).exists():
+    # The caller's grants, the user's and their organizations' apart: each an index seek, and a caller holds few. As
+    # one OR (or with the active test's OR on expiry), SQLite read every grant of the model: 28 ms at 100,000 of
+    # them, on every gated download and call.
+    mine = [Q(user=user)] + ([Q(organization_id__in=organization_ids)] if organization_ids else [])
+    grants = [grant for q in mine for grant in AccessGrant.objects.filter(q, model=model).order_by()]
+    if any(grant.revoked_at is None and (grant.expires_at is None or grant.expires_at > now) for grant in grants):
         return policy.CallerFacts(authenticated=True, scopes=scopes, grant="active")
     grant_state = grant_at = grant_reason = ""
-    latest = AccessGrant.objects.filter(mine, model=model).order_by("-created_at", "-id").first()
+    latest = max(grants, key=lambda grant: (grant.created_at, grant.id), default=None)
     if latest is not None:
         if latest.revoked_at is not None:
             grant_state, grant_at, grant_reason = "revoked", _day(latest.revoked_at), latest.revoke_reason

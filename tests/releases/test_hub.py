@@ -141,6 +141,24 @@ def test_organization_grant_opens_the_gate_for_every_member_of_that_organization
     assert hub("HEAD", f"/aurora/gated/resolve/main/{WEIGHTS}", user=carol).status_code == 200
 
 
+
+def test_the_gate_weighs_the_callers_own_and_organization_grants_together(register, aurora, alice, carol, northwind,
+                                                                          hub, django_assert_max_num_queries):
+    from releases import access
+
+    version = register(aurora, "gated", alice, tier="open")
+    gate(version.model, "gated-auto")
+    now = timezone.now()
+    org_grant = AccessGrant.objects.create(model=version.model, organization=northwind, created_at=now - timedelta(days=9))
+    AccessGrant.objects.create(model=version.model, user=carol, revoked_at=now, revoke_reason="misuse")
+    assert hub("HEAD", f"/aurora/gated/resolve/main/{WEIGHTS}", user=carol).status_code == 200  # her team's still holds
+    AccessGrant.objects.filter(pk=org_grant.pk).update(expires_at=now - timedelta(days=1))
+    refused = hub("HEAD", f"/aurora/gated/resolve/main/{WEIGHTS}", user=carol)
+    assert refused.status_code == 403 and "misuse" in refused["X-Error-Message"]  # the latest of both: hers, revoked
+    model = type(version.model).objects.get(pk=version.model.pk)
+    with django_assert_max_num_queries(5):  # memberships, policy, her grants, her organizations', her request
+        assert access.caller_facts(user=carol, token=None, model=model).grant == "revoked"
+
 def test_missing_repo_revision_and_file_get_the_clients_error_codes(register, aurora, alice, hub):
     version = register(aurora, "m", alice, tier="open")
     missing_repo = hub("HEAD", f"/aurora/nope/resolve/main/{WEIGHTS}")
