@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.core.mail import send_mail
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.db.models.functions import Coalesce
 from django.urls import reverse
@@ -18,7 +18,7 @@ from gatehouse.audit.services import audit_record
 from gatehouse.core import ratelimit
 from gatehouse.core.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from gatehouse.core.locks import for_update
-from gatehouse.core.prepared import PreparedQuery
+from gatehouse.core.prepared import PreparedQuery, counters_add
 from gatehouse.registry.models import Model, ModelFile, ModelVersion, Tier
 from gatehouse.webhooks.services import webhook_emit
 from releases import policy
@@ -418,18 +418,9 @@ def download_record(*, user, token, version: ModelVersion, file: ModelFile, byte
         download = Download.objects.create(user=user if getattr(user, "is_authenticated", False) else None,
                                            token=token, model_id=version.model_id, version=version, path=file.path,
                                            bytes=bytes, range_start=range_start, via=via)
-        _add_to_totals(version.model_id, bytes=bytes, whole=range_start is None)
+        counters_add(DownloadTotals, keys=("model",), counts=("files", "transfers", "bytes"),
+                     rows=[(version.model_id, int(range_start is None), 1, bytes)])
     return download
-
-
-def _add_to_totals(model_id: int, *, bytes: int, whole: bool) -> None:
-    """One upsert (SQLite and PostgreSQL both take ON CONFLICT ... DO UPDATE): concurrent downloads add up."""
-    table = DownloadTotals._meta.db_table
-    with connection.cursor() as cursor:
-        cursor.execute(f"INSERT INTO {table} (model_id, files, transfers, bytes) VALUES (%s, %s, 1, %s) "
-                       f"ON CONFLICT (model_id) DO UPDATE SET files = {table}.files + excluded.files, "
-                       f"transfers = {table}.transfers + 1, bytes = {table}.bytes + excluded.bytes",
-                       [model_id, int(whole), bytes])
 
 
 def downloads_of_model():

@@ -212,7 +212,6 @@ class Download(models.Model):
         indexes = [models.Index(fields=["model", "created_at"]), models.Index(fields=["user", "created_at"])]
 
 
-
 class DownloadTotals(models.Model):
     """A model's downloads, added to as each is recorded: what the catalog and the Hub API sort by and report, and
     /metrics adds up. Counting the Download rows on each request instead grew with them: at a million, sorting the
@@ -225,6 +224,7 @@ class DownloadTotals(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model_id}: {self.files} downloads"
+
 
 class ModelFollow(models.Model):
     """Someone who asked to hear when a model's release changes (email on effective releases and downgrades)."""

@@ -11,7 +11,7 @@ from django.db import connection, transaction
 from django.db.models import Min
 from django.utils import timezone
 
-from gatehouse.core.prepared import PreparedInsert, PreparedUpdate
+from gatehouse.core.prepared import PreparedInsert, PreparedUpdate, counters_add
 from releases.models import InferenceCall, InferenceUsage
 
 
@@ -71,15 +71,23 @@ def quota_organization(model, organization_ids: list[int]) -> int | None:
     return min(organization_ids, default=None)
 
 
+def _scope_keys(*, user_id: int, token_id: int | None, organization_id: int | None) -> list[tuple[str, int]]:
+    """The scopes a call counts against, as (scope, key): its token (a signed-in session counts as one token of its
+    user), then the caller's organization. Every caller locks them in this order."""
+    keys = [("token", token_id) if token_id is not None else ("session", user_id)]
+    if organization_id:
+        keys.append(("organization", organization_id))
+    return keys
+
+
 def _quota_scopes(*, user, token, organization_id: int | None) -> list[tuple[str, int, int, int, str]]:
     """The scopes this call is held to, those with a limit set, as (scope, key, requests per minute, tokens per day,
-    what the message calls it): the token (a signed-in session counts as one token of its user), then the caller's
-    organization. Every caller locks them in this order."""
-    scopes = [(*(("token", token.pk) if token is not None else ("session", user.pk)),
-               settings.INFERENCE_RPM_PER_TOKEN, settings.INFERENCE_TOKENS_PER_DAY_PER_TOKEN, "token")]
-    if organization_id:
-        scopes.append(("organization", organization_id, settings.INFERENCE_RPM_PER_ORGANIZATION,
-                       settings.INFERENCE_TOKENS_PER_DAY_PER_ORGANIZATION, "organization"))
+    what the message calls it)."""
+    own, *organization = _scope_keys(user_id=user.pk, token_id=token.pk if token is not None else None,
+                                     organization_id=organization_id)
+    scopes = [(*own, settings.INFERENCE_RPM_PER_TOKEN, settings.INFERENCE_TOKENS_PER_DAY_PER_TOKEN, "token")]
+    scopes += [(*key, settings.INFERENCE_RPM_PER_ORGANIZATION, settings.INFERENCE_TOKENS_PER_DAY_PER_ORGANIZATION,
+                "organization") for key in organization]
     return [scope for scope in scopes if scope[2] or scope[3]]
 
 
@@ -150,23 +158,12 @@ def inference_call_finish(call: InferenceCall, *, status: int, usage: dict | Non
     call.status = status  # finished: the gateway's last-resort handler leaves it alone
 
 
-def _usage_scopes(call: InferenceCall) -> list[tuple[str, int]]:
-    """Every scope a call counts against, limited now or not: a limit set at noon holds the morning's calls too."""
-    scopes = [("token", call.token_id) if call.token_id is not None else ("session", call.user_id)]
-    if call.organization_id is not None:
-        scopes.append(("organization", call.organization_id))
-    return scopes
-
-
 def _add_usage(call: InferenceCall, prompt: int, completion: int) -> None:
-    """One upsert for all the call's scopes (SQLite and PostgreSQL both take ON CONFLICT ... DO UPDATE)."""
-    scopes = _usage_scopes(call)
-    table = InferenceUsage._meta.db_table
-    day = connection.ops.adapt_datefield_value(call.created_at.astimezone(dt_timezone.utc).date())
-    with connection.cursor() as cursor:
-        cursor.execute(f"INSERT INTO {table} (scope, scope_id, day, calls, prompt_tokens, completion_tokens) VALUES "
-                       + ", ".join(["(%s, %s, %s, 1, %s, %s)"] * len(scopes))
-                       + f" ON CONFLICT (scope, scope_id, day) DO UPDATE SET calls = {table}.calls + 1, "
-                       f"prompt_tokens = {table}.prompt_tokens + excluded.prompt_tokens, "
-                       f"completion_tokens = {table}.completion_tokens + excluded.completion_tokens",
-                       [value for scope, key in scopes for value in (scope, key, day, prompt, completion)])
+    """The call on its scopes' rows for its day, every scope it counts against, limited now or not: a limit set at
+    noon holds the morning's calls too."""
+    day = call.created_at.astimezone(dt_timezone.utc).date()
+    counters_add(InferenceUsage, keys=("scope", "scope_id", "day"),
+                 counts=("calls", "prompt_tokens", "completion_tokens"),
+                 rows=[(scope, key, day, 1, prompt, completion)
+                       for scope, key in _scope_keys(user_id=call.user_id, token_id=call.token_id,
+                                                     organization_id=call.organization_id)])

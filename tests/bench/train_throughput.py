@@ -89,13 +89,20 @@ def triton_head_loss_config() -> str | None:
     return str(kernels._head_loss_rows_tuned.best_config)
 
 
+def bench_device(args):
+    """The device both trainers run on."""
+    import torch
+
+    return torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
 def transformers_peer(args, data: Path, init_dir: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
     from training.data import TokenStream
 
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = bench_device(args)
     model = AutoModelForCausalLM.from_pretrained(str(init_dir), local_files_only=True, dtype=torch.float32,
                                                  attn_implementation="sdpa").to(device)
     model.train()
@@ -268,8 +275,7 @@ def main() -> None:
         ours_runs = [variants[0]["tokens_per_s"]] if variants else []
         if args.peer_runs > 1:
             peer_runs.append(transformers_peer(args, data, tmp / "init"))
-            on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
-            if variants and on_cpu:  # on a GPU each run's compile warms it, and a run costs a minute of lease
+            if variants and bench_device(args).type == "cpu":  # on a GPU each run's compile warms it (and costs lease)
                 # Ours again, after the peer's second run: a process's first training run is the slower (on a
                 # 2-core CPU, 1,465 then 1,758 tokens/s for one setting, as the peer's 1,411 then 1,496), so
                 # comparing ours once against the better of the peer's two compared a cold run with a warm one.

@@ -307,7 +307,7 @@ def test_a_download_whose_totals_cannot_be_written_is_not_recorded(register, aur
     from releases import access
 
     version = register(aurora, "m", alice, tier="open")
-    monkeypatch.setattr(access, "_add_to_totals", mock.Mock(side_effect=RuntimeError("the database went away")))
+    monkeypatch.setattr(access, "counters_add", mock.Mock(side_effect=RuntimeError("the database went away")))
     with pytest.raises(RuntimeError):
         access.download_record(user=None, token=None, version=version, file=version.files.get(path=WEIGHTS), bytes=5,
                                range_start=None, via="stream")

@@ -145,3 +145,25 @@ class PreparedUpdate:
         with connection.cursor() as cursor:
             cursor.execute(self._sql[db], [*params, meta.pk.get_db_prep_value(pk, connection), *conditions])
             return cursor.rowcount
+
+
+def counters_add(model, *, keys: tuple[str, ...], counts: tuple[str, ...], rows: list[tuple],
+                 using: str | None = None) -> None:
+    """Add to counter rows, creating those missing, in one statement: each row gives the key fields' values then
+    the amounts for the count fields. `INSERT … ON CONFLICT (keys) DO UPDATE SET count = count + excluded.count`,
+    which SQLite and PostgreSQL both take, so concurrent writers add up without a lock or a read first. The key
+    fields must carry a unique constraint."""
+    db = using or router.db_for_write(model)
+    connection, meta = connections[db], model._meta
+    quote = connection.ops.quote_name
+    table = quote(meta.db_table)
+    fields = [meta.get_field(name) for name in (*keys, *counts)]
+    columns = ", ".join(quote(f.column) for f in fields)
+    values = ", ".join(["(" + ", ".join(["%s"] * len(fields)) + ")"] * len(rows))
+    additions = ", ".join(f"{quote(f.column)} = {table}.{quote(f.column)} + excluded.{quote(f.column)}"
+                          for f in fields[len(keys):])
+    params = [f.get_db_prep_save(value, connection) for row in rows for f, value in zip(fields, row)]
+    with connection.cursor() as cursor:
+        cursor.execute(f"INSERT INTO {table} ({columns}) VALUES {values} "
+                       f"ON CONFLICT ({', '.join(quote(f.column) for f in fields[:len(keys)])}) DO UPDATE SET "
+                       f"{additions}", params)
