@@ -9,7 +9,6 @@ import functools
 import json
 import logging
 
-import httpx
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import JsonResponse, StreamingHttpResponse
@@ -23,6 +22,7 @@ from gatehouse.core.unavailable import dependency_down
 from gatehouse.registry.models import Model
 from gatehouse.registry.selectors import model_visible_queryset
 from releases import access, policy
+from releases.inference.backend import BackendError, backend_post, lines, read_whole
 from releases.inference.metering import QuotaRefusal, inference_call_admit, inference_call_finish, quota_organization
 from releases.inference.params import InvalidParameter, check_engine_support, check_generation_parameters
 from releases.models import InferenceBackend
@@ -37,16 +37,6 @@ TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permi
 # fix. Passed through, they would tell the caller that their own key is wrong or that a model we list does not exist.
 MISCONFIGURED = {401: "its api_key", 403: "its api_key", 404: "its upstream_model or URL"}
 MAX_BODY_BYTES = 4 * 1024 * 1024
-_backend_client: httpx.Client | None = None
-
-
-def backend_client() -> httpx.Client:
-    """One pooled client per process: a new one per call costs more than the call (TLS setup, no keep-alive)."""
-    global _backend_client
-    if _backend_client is None:
-        _backend_client = httpx.Client(timeout=httpx.Timeout(settings.INFERENCE_BACKEND_TIMEOUT_SECONDS, connect=5.0),
-                                       limits=httpx.Limits(max_connections=256, max_keepalive_connections=32))
-    return _backend_client
 
 
 class OpenAIError(Exception):
@@ -221,7 +211,7 @@ def _generate(request, endpoint: str):
                                f"{MAX_DIGITS}.", "invalid_value") from None
     except (ValueError, RecursionError):
         raise OpenAIError(400, "The body must be a JSON object (not nested without bound).", "invalid_json") from None
-    return generate(request, endpoint, user=user, token=token, body=body)
+    return generate(request, endpoint, user=user, token=token, body=body, meter_after_sending=True)
 
 
 def _is_chunked(request) -> bool:
@@ -255,8 +245,9 @@ def _json_int(text: str) -> int:
     return int(text)
 
 
-def generate(request, endpoint: str, *, user, token, body):
-    """One completion or chat call for an authenticated caller (a token, or None for a signed-in session)."""
+def generate(request, endpoint: str, *, user, token, body, meter_after_sending: bool = False):
+    """One completion or chat call for an authenticated caller (a token, or None for a signed-in session). With
+    `meter_after_sending`, a whole (not streamed) answer is metered when the server closes the response it sent."""
     if not isinstance(body, dict) or not isinstance(body.get("model"), str):
         raise OpenAIError(400, "Name the model: {\"model\": \"org/name\", …}.", "invalid_value", param="model")
     organization_ids = access.user_organization_ids(user)
@@ -291,25 +282,23 @@ def generate(request, endpoint: str, *, user, token, body):
             retry["x-should-retry"] = "false"
         raise OpenAIError(429, call.message, call.code, headers=retry)
     try:
-        return _forward(call, model, backend, endpoint, upstream_body, stream=stream, wants_usage=wants_usage)
+        return _forward(call, model, backend, endpoint, upstream_body, stream=stream, wants_usage=wants_usage,
+                        meter_after_sending=meter_after_sending)
     except Exception:  # a bug or an answer not foreseen: the row must not stay "in flight" (status 0) forever
         inference_call_finish(call, status=500, error_code="internal_error")  # a no-op for a call finished already
         raise
 
 
 def _forward(call, model: Model, backend: InferenceBackend, endpoint: str, upstream_body: dict, *, stream: bool,
-             wants_usage: str):
+             wants_usage: str, meter_after_sending: bool):
     """Send the call to the backend and answer with what it answers; every outcome finishes the call's row."""
-    headers = {"Authorization": f"Bearer {backend.api_key}"} if backend.api_key else {}
-    url = backend.url.rstrip("/") + "/" + endpoint
-    client = backend_client()
     try:
-        upstream = client.send(client.build_request("POST", url, json=upstream_body, headers=headers), stream=True)
-    except httpx.HTTPError:
+        upstream = backend_post(backend.url.rstrip("/") + "/" + endpoint, upstream_body, api_key=backend.api_key)
+    except BackendError:
         inference_call_finish(call, status=503, error_code="engine_unavailable")
         raise OpenAIError(503, f"The engine for {model.repo_id} is not answering; retry shortly.",
                           "engine_unavailable", headers={"Retry-After": "5"}) from None
-    if upstream.status_code == 200 and stream:
+    if upstream.status == 200 and stream:
         response = StreamingHttpResponse(_relay(upstream, call, model.repo_id, wants_usage),
                                          content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
@@ -323,20 +312,31 @@ def _forward(call, model: Model, backend: InferenceBackend, endpoint: str, upstr
         response._resource_closers.append(never_relayed)  # Django's hook for what close() must release
         return response
     try:
-        payload = json.loads(upstream.read() or b"{}")
-    except (httpx.HTTPError, ValueError):  # cut off while sending its body, or not JSON
+        payload = json.loads(read_whole(upstream) or b"{}")
+    except (*BackendError, ValueError):  # cut off while sending its body, or not JSON
         payload = None
-    finally:
         upstream.close()
-    if upstream.status_code != 200:
+    if upstream.status != 200:
         raise _upstream_refusal(call, model, upstream, payload)
     if not isinstance(payload, dict) or not isinstance(payload.get("choices"), list):
         inference_call_finish(call, status=502, error_code="engine_bad_answer")
         raise OpenAIError(502, f"The engine for {model.repo_id} sent an answer that is not a completion; retry "
                                "shortly.", "engine_bad_answer")
-    inference_call_finish(call, status=200, usage=payload.get("usage"))
+    usage = payload.get("usage")
     payload["model"] = model.repo_id
-    return JsonResponse(payload)
+    response = JsonResponse(payload)
+    if meter_after_sending:
+        # The caller does not wait for the bookkeeping (a transaction, ~0.5 ms): the server closes every response
+        # after sending it (gunicorn in a finally; Django's test client too), and closing it meters the call.
+        def meter():
+            try:
+                inference_call_finish(call, status=200, usage=usage)
+            except Exception:  # Django's close() would swallow it unseen
+                log.exception("inference gateway: metering call %s after sending its answer failed", call.pk)
+        response._resource_closers.append(meter)
+    else:  # a page that reads the answer and renders its own (the playground without JavaScript)
+        inference_call_finish(call, status=200, usage=usage)
+    return response
 
 
 def _error_of(payload) -> dict:
@@ -353,8 +353,8 @@ def _text(value) -> str | None:
     return value if isinstance(value, str) and value else None  # vLLM's code is the HTTP status, an int
 
 
-def _upstream_refusal(call, model: Model, upstream: httpx.Response, payload) -> OpenAIError:
-    error, status = _error_of(payload), upstream.status_code
+def _upstream_refusal(call, model: Model, upstream, payload) -> OpenAIError:
+    error, status = _error_of(payload), upstream.status
     message = _text(error.get("message")) or f"The engine answered {status}."
     if status in MISCONFIGURED:
         log.warning("inference backend of %s answered %s: %s", model.repo_id, status, message[:500])
@@ -395,7 +395,7 @@ def _relay(upstream, call, repo_id: str, wants_usage: str):
     short, and the client is told so (an error event) rather than left to take what it got for the whole answer."""
     usage, status, error_code, done, generated, answered = None, 200, "", False, 0, False
     try:
-        for line in upstream.iter_lines():
+        for line in lines(upstream):
             if not line.startswith("data: "):
                 continue
             data = line[6:]
@@ -428,7 +428,7 @@ def _relay(upstream, call, repo_id: str, wants_usage: str):
         if not done and status == 200:
             status, error_code = 502, "engine_incomplete"
             yield _error_event("The engine's answer ended before it was complete; retry.", error_code)
-    except (httpx.HTTPError, httpx.StreamError):
+    except BackendError:
         status, error_code = 502, "engine_disconnected"
         yield _error_event("The engine stopped in the middle of the answer.", error_code)
     except Exception:

@@ -11,13 +11,12 @@ import zipfile
 from html.parser import HTMLParser
 from io import BytesIO
 
-import httpx
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from gatehouse.registry.models import Model, ModelFile, ModelVersion
-from releases.inference import views as gateway
 from releases.models import InferenceBackend, InferenceCall
+from tests.releases.upstream import FakeUpstream
 
 VERSIONS = "/api/v1/models/aurora/m/versions"
 CONFIG = json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}).encode()
@@ -301,26 +300,22 @@ def test_hostile_markup_in_an_edited_card_never_reaches_the_page(aurora, alice, 
 # --- inference gateway ------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def engine(monkeypatch):
-    """A fake OpenAI-compatible backend that records what reaches it."""
-    sent = []
-
-    def handle(request):
-        sent.append(json.loads(request.content))
-        if request.url.path.endswith("/chat/completions"):
-            choice = {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
-        else:
-            choice = {"index": 0, "text": "hi", "finish_reason": "stop"}
-        return httpx.Response(200, json={"id": "x", "object": "text_completion", "choices": [choice],
-                                         "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
-    monkeypatch.setattr(gateway, "_backend_client", httpx.Client(transport=httpx.MockTransport(handle)))
-    return sent
+def upstream():
+    """An OpenAI-compatible backend, a real HTTP server, that records what reaches it."""
+    backend = FakeUpstream()
+    yield backend
+    backend.close()
 
 
 @pytest.fixture
-def served(aurora, alice, register, token_for, engine):
+def engine(upstream):
+    return upstream.requests
+
+
+@pytest.fixture
+def served(aurora, alice, register, token_for, upstream):
     version = register(aurora, "m", alice, tier="api")
-    InferenceBackend.objects.create(model=version.model, kind="upstream", url="http://engine.test/v1",
+    InferenceBackend.objects.create(model=version.model, kind="upstream", url=upstream.url,
                                     upstream_model="tiny")
     return {"Authorization": f"Bearer {token_for(alice, ('inference',))}"}
 

@@ -10,12 +10,13 @@ from unittest import mock
 import pytest
 from django.core.signals import request_finished
 from django.db import connection
-from django.test import Client
+from django.test import Client, RequestFactory
 from django.utils import timezone
 
 from gatehouse.accounts.models import Membership, Organization
 from releases import policy
 from releases.inference import metering
+from releases.inference import views as gateway
 from releases.inference.metering import quota_check
 from gatehouse.registry.models import Model
 from releases.models import AccessPolicy, InferenceBackend, InferenceCall, InferenceUsage
@@ -289,6 +290,22 @@ def _events(chunks) -> list:
     """The `data:` payloads of a relayed stream, JSON decoded (but "[DONE]")."""
     lines = b"".join(chunks).decode().split("\n\n")
     return [line[6:] if line == "data: [DONE]" else json.loads(line[6:]) for line in lines if line]
+
+
+def test_a_whole_answer_is_metered_once_the_server_has_sent_it(served):
+    """The caller does not wait for the metering transaction: the call is finished when the server closes the
+    response it sent (gunicorn does in a finally, whatever happened to the client)."""
+    request = RequestFactory().post("/v1/completions", {"model": "aurora/m", "prompt": "x", "max_tokens": 1},
+                                    content_type="application/json",
+                                    HTTP_AUTHORIZATION=served.client.defaults["HTTP_AUTHORIZATION"])
+    response = gateway.completions(request)
+    assert response.status_code == 200 and json.loads(response.content)["usage"]["completion_tokens"] == 1
+    call = InferenceCall.objects.get()
+    assert call.status == 0 and not InferenceUsage.objects.exists()  # in flight while the answer is on its way
+    _client_leaves(response)
+    call.refresh_from_db()
+    assert (call.status, call.prompt_tokens, call.completion_tokens) == (200, 3, 1)
+    assert InferenceUsage.objects.get(scope="token").completion_tokens == 1
 
 
 def test_every_v1_failure_is_openai_error_json(served):
@@ -636,6 +653,9 @@ def test_the_playground_keeps_what_was_typed_and_names_the_field_that_is_not_a_n
     page = browser.post("/releases/models/aurora/m/playground", {"message": "hi", "max_tokens": "8",
                                                                   "temperature": "0"})
     assert page.status_code == 200 and "hello there" in page.content.decode()
+    # Metered: the gateway meters an answer when it is closed, and the page closes the one it read.
+    latest = InferenceCall.objects.latest("id")
+    assert (latest.status, latest.completion_tokens) == (200, 2)
 
 
 def _stream_playground(browser, **fields):
