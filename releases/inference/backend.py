@@ -48,13 +48,14 @@ def read_whole(response: urllib3.BaseHTTPResponse) -> bytes:
         response.release_conn()
 
 
-def lines(response: urllib3.BaseHTTPResponse) -> Iterator[str]:
+def line_batches(response: urllib3.BaseHTTPResponse) -> Iterator[list[str]]:
     """The body's lines as they arrive (server-sent events), whatever its framing: chunked, or until the connection
-    closes. read1 returns what has come, where read(n) would wait for n bytes."""
+    closes; the complete lines of each read together. read1 returns what has come, where read(n) would wait for n
+    bytes."""
     pending = b""
     while chunk := response.read1(65536):
         *complete, pending = (pending + chunk).split(b"\n")
-        for line in complete:
-            yield line.rstrip(b"\r").decode("utf-8", "replace")
+        if complete:
+            yield [line.rstrip(b"\r").decode("utf-8", "replace") for line in complete]
     if pending:
-        yield pending.rstrip(b"\r").decode("utf-8", "replace")
+        yield [pending.rstrip(b"\r").decode("utf-8", "replace")]

@@ -22,7 +22,7 @@ from gatehouse.core.unavailable import dependency_down
 from gatehouse.registry.models import Model
 from gatehouse.registry.selectors import model_visible_queryset
 from releases import access, policy
-from releases.inference.backend import BackendError, backend_post, lines, read_whole
+from releases.inference.backend import BackendError, backend_post, line_batches, read_whole
 from releases.inference.metering import QuotaRefusal, inference_call_admit, inference_call_finish, quota_organization
 from releases.inference.params import InvalidParameter, check_engine_support, check_generation_parameters
 from releases.models import InferenceBackend
@@ -395,36 +395,45 @@ def _relay(upstream, call, repo_id: str, wants_usage: str):
     short, and the client is told so (an error event) rather than left to take what it got for the whole answer."""
     usage, status, error_code, done, generated, answered = None, 200, "", False, 0, False
     try:
-        for line in lines(upstream):
-            if not line.startswith("data: "):
-                continue
-            data = line[6:]
-            if data == "[DONE]":
-                done = True
-                yield b"data: [DONE]\n\n"
+        # The events that came in one read go out in one write: a backend ahead of us (a loaded gateway) costs a
+        # send per read, not per token; one that is not is relayed event by event, as before.
+        for batch in line_batches(upstream):
+            out = []
+            for line in batch:
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    done = True
+                    out.append(b"data: [DONE]\n\n")
+                    break
+                try:
+                    event = json.loads(data)
+                except ValueError:
+                    continue
+                if not isinstance(event, dict):
+                    continue
+                if error := _error_of(event):  # relayed in OpenAI's shape, whichever the backend used
+                    status, error_code = 502, _text(error.get("code")) or "engine_error"
+                    out.append(_error_event(_text(error.get("message")) or "The engine failed while generating.",
+                                            error_code))
+                    continue
+                if isinstance(event.get("usage"), dict):
+                    usage = event["usage"]
+                    if not event.get("choices"):  # the closing usage chunk: the answer was whole
+                        answered = True
+                        if not wants_usage:
+                            continue
+                    elif wants_usage != "every":
+                        del event["usage"]  # asked of the engine for metering, not by this client
+                generated += _content_chunks(event)
+                if "model" in event:
+                    event["model"] = repo_id
+                out.append(f"data: {json.dumps(event)}\n\n".encode())
+            if out:
+                yield b"".join(out)
+            if done:
                 break
-            try:
-                event = json.loads(data)
-            except ValueError:
-                continue
-            if not isinstance(event, dict):
-                continue
-            if error := _error_of(event):  # relayed in OpenAI's shape, whichever the backend used
-                status, error_code = 502, _text(error.get("code")) or "engine_error"
-                yield _error_event(_text(error.get("message")) or "The engine failed while generating.", error_code)
-                continue
-            if isinstance(event.get("usage"), dict):
-                usage = event["usage"]
-                if not event.get("choices"):  # the closing usage chunk: the answer was whole
-                    answered = True
-                    if not wants_usage:
-                        continue
-                elif wants_usage != "every":
-                    del event["usage"]  # asked of the engine for metering, not by this client
-            generated += _content_chunks(event)
-            if "model" in event:
-                event["model"] = repo_id
-            yield f"data: {json.dumps(event)}\n\n".encode()
         if not done and status == 200:
             status, error_code = 502, "engine_incomplete"
             yield _error_event("The engine's answer ended before it was complete; retry.", error_code)

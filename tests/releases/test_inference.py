@@ -462,12 +462,24 @@ def test_a_complete_stream_is_relayed_and_metered_from_its_usage(served):
 def test_a_client_that_leaves_before_the_usage_chunk_is_metered_for_what_was_relayed(served):
     served.upstream.events = [chat_chunk(""), chat_chunk("a"), chat_chunk("b"), chat_chunk("c"),
                               chat_chunk(finish="stop"), chat_chunk(usage={"completion_tokens": 3}), "[DONE]"]
+    served.upstream.gap = 0.05  # one event a read: events that come together are relayed in one write
     response = _chat(served, stream=True)
     relayed = iter(response.streaming_content)
     assert [next(relayed) for _ in range(3)]  # the role chunk, "a", "b": then the client goes away
     _client_leaves(response)
     assert list(InferenceCall.objects.values_list("status", "error_code", "completion_tokens")) == [
         (499, "client_disconnected", 2)]
+
+
+def test_events_that_come_in_one_read_are_relayed_in_one_write(served):
+    """A backend ahead of the gateway (a loaded one) costs a send per read, not one per token."""
+    together = [chat_chunk("a"), chat_chunk("b"), chat_chunk(finish="stop"), "[DONE]"]
+    served.upstream.events = ["\n\ndata: ".join(together)]  # the stand-in sends them in one write
+    writes = list(_chat(served, stream=True).streaming_content)
+    assert len(writes) == 1
+    events = _events(writes)
+    assert [e["choices"][0]["delta"].get("content") for e in events[:2]] == ["a", "b"] and events[-1] == "[DONE]"
+    assert InferenceCall.objects.get().completion_tokens == 2
 
 
 @pytest.mark.parametrize("backend", [{"kind": "local"},  # our engine, at the stand-in's address
@@ -478,6 +490,7 @@ def test_usage_in_every_chunk_is_asked_for_so_a_client_leaving_early_pays_for_it
     events = [chat_chunk("a"), chat_chunk("b"), chat_chunk("c"), chat_chunk(finish="stop")]
     served.upstream.events = [e[:-1] + f', "usage": {json.dumps(usage(n))}}}' for n, e in enumerate(events, 1)] + [
         chat_chunk(usage=usage(3)), "[DONE]"]
+    served.upstream.gap = 0.05  # one event a read: events that come together are relayed in one write
     response = _chat(served, stream=True)
     relayed = iter(response.streaming_content)
     first_two = _events([next(relayed), next(relayed)])
