@@ -11,6 +11,7 @@ import logging
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
+from django.core.handlers.wsgi import WSGIRequest
 from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -211,7 +212,10 @@ def _generate(request, endpoint: str):
                                f"{MAX_DIGITS}.", "invalid_value") from None
     except (ValueError, RecursionError):
         raise OpenAIError(400, "The body must be a JSON object (not nested without bound).", "invalid_json") from None
-    return generate(request, endpoint, user=user, token=token, body=body, meter_after_sending=True)
+    # A WSGI server closes every response it sent, in a finally; Django's ASGI handler does not when the client has
+    # gone, and the call would stay in flight, unmetered.
+    return generate(request, endpoint, user=user, token=token, body=body,
+                    meter_after_sending=isinstance(request, WSGIRequest))
 
 
 def _is_chunked(request) -> bool:

@@ -10,7 +10,7 @@ from unittest import mock
 import pytest
 from django.core.signals import request_finished
 from django.db import connection
-from django.test import Client, RequestFactory
+from django.test import AsyncRequestFactory, Client, RequestFactory
 from django.utils import timezone
 
 from gatehouse.accounts.models import Membership, Organization
@@ -306,6 +306,12 @@ def test_a_whole_answer_is_metered_once_the_server_has_sent_it(served):
     call.refresh_from_db()
     assert (call.status, call.prompt_tokens, call.completion_tokens) == (200, 3, 1)
     assert InferenceUsage.objects.get(scope="token").completion_tokens == 1
+    # Django's ASGI handler does not close a response whose client has gone: there the call is metered before.
+    request = AsyncRequestFactory().post("/v1/completions", {"model": "aurora/m", "prompt": "x", "max_tokens": 1},
+                                         content_type="application/json",
+                                         headers={"Authorization": served.client.defaults["HTTP_AUTHORIZATION"]})
+    assert gateway.completions(request).status_code == 200
+    assert InferenceCall.objects.latest("id").status == 200
 
 
 def test_every_v1_failure_is_openai_error_json(served):
