@@ -250,6 +250,9 @@ INFERENCE_RPM_PER_ORGANIZATION = int(os.environ.get("GATEHOUSE_INFERENCE_RPM_PER
 INFERENCE_TOKENS_PER_DAY_PER_ORGANIZATION = int(os.environ.get("GATEHOUSE_INFERENCE_TOKENS_PER_DAY_PER_ORGANIZATION",
                                                                "2000000"))
 INFERENCE_BACKEND_TIMEOUT_SECONDS = float(os.environ.get("GATEHOUSE_INFERENCE_BACKEND_TIMEOUT_SECONDS", "300"))
+# A call still in flight this long after it started was abandoned (a stream may outlast the backend timeout, which
+# bounds each wait for the next event, not the whole answer).
+INFERENCE_ABANDONED_SECONDS = int(os.environ.get("GATEHOUSE_INFERENCE_ABANDONED_SECONDS", "3600"))
 # The engine supervisor (manage.py serve_engines): a GPU engine compiles and captures every shape before it opens
 # its port (minutes); a running engine that stops answering /health this long is taken for hung and restarted.
 ENGINE_START_TIMEOUT_SECONDS = float(os.environ.get("GATEHOUSE_ENGINE_START_TIMEOUT_SECONDS", "1800"))
@@ -310,6 +313,9 @@ CELERY_BEAT_SCHEDULE = {
     # that was down when the work was committed) is queued again: pending verifications, webhook deliveries.
     "redeliver-stranded-work": {"task": "gatehouse.core.tasks.redeliver_stranded_work_task",
                                 "schedule": float(os.environ.get("GATEHOUSE_REDELIVERY_INTERVAL_SECONDS", "60"))},
+    "finish-abandoned-inference-calls": {"task": "releases.tasks.finish_abandoned_inference_calls_task",
+                                         "schedule": float(os.environ.get("GATEHOUSE_INFERENCE_SWEEP_INTERVAL_SECONDS",
+                                                                          "300"))},
 }
 # Pending work untouched for this long counts as stranded (well above a normal queue wait and task run).
 GATEHOUSE_STRANDED_WORK_SECONDS = int(os.environ.get("GATEHOUSE_STRANDED_WORK_SECONDS", "600"))

@@ -145,17 +145,35 @@ def _tokens(usage, name: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
-def inference_call_finish(call: InferenceCall, *, status: int, usage: dict | None = None, error_code: str = "") -> None:
+def inference_call_finish(call: InferenceCall, *, status: int, usage: dict | None = None, error_code: str = "",
+                          latency_ms: float | None = None) -> None:
     """The call's outcome, and the call and its tokens added to the day's counters of its scopes, in one transaction.
-    Once: a call finished already is left as it is (its row, by any path, even another process), so it counts once."""
+    Once: a call finished already is left as it is (its row, by any path, even another process), so it counts once.
+    The latency is measured from the call's start in this process, unless given."""
     if call.status:
         return
     prompt, completion = _tokens(usage, "prompt_tokens"), _tokens(usage, "completion_tokens")
+    if latency_ms is None:
+        latency_ms = (time.perf_counter() - call.started) * 1000
     with transaction.atomic():
         if _finish_call(call.pk, status=status, error_code=error_code[:64], prompt_tokens=prompt,
-                        completion_tokens=completion, latency_ms=(time.perf_counter() - call.started) * 1000):
+                        completion_tokens=completion, latency_ms=latency_ms):
             _add_usage(call, prompt, completion)
     call.status = status  # finished: the gateway's last-resort handler leaves it alone
+
+
+def inference_calls_finish_abandoned(*, limit: int = 1000) -> int:
+    """Calls still in flight long after they started (GATEHOUSE_INFERENCE_ABANDONED_SECONDS): the process serving
+    them died in the middle, or metering an answer after sending it failed. Finished as 504 `abandoned`, with the
+    tokens nobody recorded left at 0, so they leave the calls in flight and are counted as calls. Returns how many;
+    a sweep that races another, or a late finish, finishes each call once."""
+    now = timezone.now()
+    cutoff = now - timedelta(seconds=settings.INFERENCE_ABANDONED_SECONDS)
+    stale = list(InferenceCall.objects.filter(status=0, created_at__lt=cutoff).order_by("created_at")[:limit])
+    for call in stale:
+        inference_call_finish(call, status=504, error_code="abandoned",
+                              latency_ms=(now - call.created_at).total_seconds() * 1000)
+    return len(stale)
 
 
 def _add_usage(call: InferenceCall, prompt: int, completion: int) -> None:

@@ -10,6 +10,7 @@ from unittest import mock
 import pytest
 from django.core.signals import request_finished
 from django.db import connection
+from django.db.models import Sum
 from django.test import AsyncRequestFactory, Client, RequestFactory
 from django.utils import timezone
 
@@ -203,6 +204,35 @@ def test_each_finished_call_adds_its_tokens_to_its_scopes_day_once(calls, carol,
     assert _usage()[("token", token.pk, today)] == 14
     row = InferenceCall.objects.get(pk=call.pk)
     assert (row.status, row.prompt_tokens) == (200, 7)  # the row keeps its first outcome
+
+
+def test_calls_abandoned_in_flight_are_finished_once_and_counted_without_tokens(calls, carol, northwind, settings,
+                                                                               django_assert_max_num_queries):
+    make, token = calls
+    make(1, org=northwind, tokens=7)  # finished: left alone
+    model = InferenceCall.objects.get().model
+
+    def in_flight(ago):
+        return InferenceCall.objects.create(user=carol, token=token, organization=northwind, model=model,
+                                            endpoint="chat/completions", created_at=timezone.now() - ago)
+    abandoned, streaming = in_flight(timedelta(hours=2)), in_flight(timedelta(minutes=20))  # a long stream, live
+    with django_assert_max_num_queries(1 + 4):  # the in-flight rows by their index; a finish of each
+        assert metering.inference_calls_finish_abandoned() == 1
+    rows = dict(InferenceCall.objects.values_list("pk", "status"))
+    assert (rows[abandoned.pk], rows[streaming.pk]) == (504, 0) and sorted(rows.values()) == [0, 200, 504]
+    row = InferenceCall.objects.get(pk=abandoned.pk)
+    assert row.error_code == "abandoned" and row.latency_ms >= 2 * 3600 * 1000 and row.prompt_tokens == 0
+    assert _calls_by_scope() == {"token": 2, "organization": 2}
+    assert sum(_usage().values()) == 14  # no tokens made up: the finished call's 7, on its token and organization
+    assert metering.inference_calls_finish_abandoned() == 0  # once
+    settings.INFERENCE_ABANDONED_SECONDS = 600
+    assert metering.inference_calls_finish_abandoned() == 1 and not InferenceCall.objects.filter(status=0).exists()
+    assert _calls_by_scope() == {"token": 3, "organization": 3}
+
+
+def _calls_by_scope() -> dict:
+    """Calls per scope, whatever their day (a call abandoned before midnight counts on its own day)."""
+    return dict(InferenceUsage.objects.order_by().values("scope").annotate(n=Sum("calls")).values_list("scope", "n"))
 
 
 def test_a_finish_that_fails_adds_nothing(calls, carol, monkeypatch):

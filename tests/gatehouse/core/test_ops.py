@@ -95,3 +95,13 @@ def test_secrets_can_come_from_files_and_a_name_set_twice_is_refused(tmp_path):
     missing = subprocess.run(show, env=env | {"SECRET_KEY_FILE": str(tmp_path / "nope")}, capture_output=True,
                              text=True, cwd=root)
     assert missing.returncode != 0 and "SECRET_KEY_FILE=" in missing.stderr and "cannot be read" in missing.stderr
+
+
+def test_every_periodic_task_is_a_registered_task():
+    """A typo in a beat schedule's task name fails only in production, when beat sends a message no worker knows."""
+    from django.conf import settings
+
+    from gatehouse import celery_app
+
+    celery_app.loader.import_default_modules()  # what a worker imports at start (autodiscover_tasks)
+    assert {entry["task"] for entry in settings.CELERY_BEAT_SCHEDULE.values()} <= set(celery_app.tasks)
