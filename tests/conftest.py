@@ -12,6 +12,7 @@ from gatehouse.accounts.services import api_token_create
 from gatehouse.registry.demo import write_model_folder
 from gatehouse.registry.services.ingest import files_from_directory, model_version_ingest
 from gatehouse.registry.services.versions import model_version_verify
+from tests.releases.upstream import FakeUpstream
 
 
 @pytest.fixture(autouse=True)
@@ -138,3 +139,11 @@ def register(model_folder):
 @pytest.fixture
 def weights_storage():
     return storages["weights"]
+
+
+@pytest.fixture
+def upstream():
+    """An OpenAI-compatible backend for the inference gateway, a real HTTP server that records what reaches it."""
+    server = FakeUpstream()
+    yield server
+    server.close()

@@ -68,7 +68,7 @@ def _manager() -> urllib3.PoolManager:
 
 def backend_post(url: str, body: dict, *, api_key: str = "") -> urllib3.BaseHTTPResponse:
     """POST `body` as JSON and return as soon as the answer's headers are in; its body is left to read, whole
-    (`read_whole`) or line by line (`lines`). Raises one of BackendError."""
+    (`read_whole`) or line by line (`line_batches`). Raises one of BackendError."""
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"

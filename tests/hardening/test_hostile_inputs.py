@@ -16,7 +16,6 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 
 from gatehouse.registry.models import Model, ModelFile, ModelVersion
 from releases.models import InferenceBackend, InferenceCall
-from tests.releases.upstream import FakeUpstream
 
 VERSIONS = "/api/v1/models/aurora/m/versions"
 CONFIG = json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}).encode()
@@ -298,14 +297,6 @@ def test_hostile_markup_in_an_edited_card_never_reaches_the_page(aurora, alice, 
 
 
 # --- inference gateway ------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def upstream():
-    """An OpenAI-compatible backend, a real HTTP server, that records what reaches it."""
-    backend = FakeUpstream()
-    yield backend
-    backend.close()
-
 
 @pytest.fixture
 def engine(upstream):

@@ -21,7 +21,7 @@ from releases.inference import views as gateway
 from releases.inference.metering import quota_check
 from gatehouse.registry.models import Model
 from releases.models import AccessPolicy, InferenceBackend, InferenceCall, InferenceUsage
-from tests.releases.upstream import FakeUpstream, chat_chunk
+from tests.releases.upstream import chat_chunk
 
 OUTSIDER = policy.CallerFacts(authenticated=True, scopes=frozenset({"inference"}))
 GRANTED = policy.CallerFacts(authenticated=True, scopes=frozenset({"inference"}), grant="active")
@@ -109,13 +109,6 @@ def test_each_scope_counts_only_its_own_calls(calls, alice, carol, northwind, se
     assert refusal.code == "insufficient_quota" and "(1500 tokens today)" in refusal.message
     make(1, tokens=100)
     assert quota_check(user=carol, token=token, organization_id=None).code == "insufficient_quota"
-
-
-@pytest.fixture
-def upstream():
-    server = FakeUpstream()
-    yield server
-    server.close()
 
 
 def test_a_gateway_call_costs_a_fixed_number_of_queries(register, aurora, alice, carol, northwind, token_for,
