@@ -24,8 +24,10 @@ run: install
 	$(PY) manage.py seed_release_demo
 	$(PY) infra/run_local.py --host $(HOST) --port $(PORT)
 
+# A worker per CPU (pytest-xdist), each taking whole files so a module's fixtures are built once; the slowest tests
+# named, to keep the suite within its ~10 minutes.
 test: install
-	$(PY) -m pytest --durations=15  # the slowest tests named, to keep the suite within its ~10 minutes
+	$(PY) -m pytest -n logical --dist loadfile --durations=15
 
 bench: install
 	$(PY) tests/bench/registry_api.py

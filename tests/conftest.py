@@ -1,18 +1,65 @@
 """Personas and helpers. alice owns aurora (admin), bob is her teammate (member), carol is an outsider
 (admin of her own organization), root is a superuser who approves."""
+import os
+import sys
 from pathlib import Path
 
 import pytest
 from django.core.files.storage import storages
+from pytest_django.plugin import blocking_manager_key
 from rest_framework.test import APIClient
 
 from gatehouse import celery_app
 from gatehouse.accounts.models import Membership, Organization, User
 from gatehouse.accounts.services import api_token_create
 from gatehouse.registry.demo import write_model_folder
+from gatehouse.registry.reference_data import load_reference_data
 from gatehouse.registry.services.ingest import files_from_directory, model_version_ingest
 from gatehouse.registry.services.versions import model_version_verify
 from tests.releases.upstream import FakeUpstream
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs -n logical) each worker gets its share of the CPUs for PyTorch's threads,
+    and so do the processes a test starts: a worker per core, each with every core's threads, would oversubscribe."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+# The directories whose files take longest (compiling, training, whole deployments), sent to pytest-xdist's workers
+# first: pytest-django orders them last (they use no test database), and the suite then ended with one worker alone
+# on a training file while the other had nothing left. The short database tests now fill the end.
+SLOWEST_FIRST = ("tests/training/", "tests/e2e/")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: not item.nodeid.startswith(SLOWEST_FIRST))  # stable: the order within kept
+
+
+def _empties_every_table(item: pytest.Item) -> bool:
+    marker = item.get_closest_marker("django_db")
+    return bool(marker and (marker.kwargs.get("transaction") or marker.kwargs.get("reset_sequences"))) \
+        or bool({"transactional_db", "live_server"} & set(getattr(item, "fixturenames", ())))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """A test with real transactions ends by emptying every table (TransactionTestCase's flush), the reference data
+    the migrations loaded (licences, frameworks, thresholds) with them. Run in one process, pytest-django orders such
+    tests after every other database test; a pytest-xdist worker may go on to another module's database tests, so
+    the reference data is put back once the flush is done."""
+    result = yield
+    if _empties_every_table(item):
+        from django.apps import apps
+
+        with item.config.stash[blocking_manager_key].unblock():
+            load_reference_data(apps)
+    return result
 
 
 @pytest.fixture(autouse=True)

@@ -128,9 +128,12 @@ def stop_processes(processes: list[subprocess.Popen]) -> None:
 CHROMIUM = os.environ.get("GATEHOUSE_CHROMIUM", "/usr/bin/chromium")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium():
-    """Chromium driven by Playwright (the system's browser: `playwright install` cannot download here)."""
+    """Chromium driven by Playwright (the system's browser: `playwright install` cannot download here). One per
+    module: Playwright's sync API keeps an event loop running in the test's thread while it is open, and Django then
+    refuses database calls from that thread as if from async code (SynchronousOnlyOperation) in the tests after it,
+    which under pytest-xdist may be any module's."""
     if not Path(CHROMIUM).exists():
         if os.environ.get("GATEHOUSE_REQUIRE_BROWSER"):
             pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")

@@ -201,11 +201,6 @@ def test_systemic_risk_needs_two_approvers(releasable, alice, erin, frank):
 def test_two_approvers_racing_produce_one_transition(aurora, alice, erin, frank, register):
     if connection.vendor != "postgresql":
         pytest.skip("row locks (select_for_update) are exercised on PostgreSQL")
-    from django.apps import apps
-
-    from gatehouse.registry.reference_data import load_reference_data
-
-    load_reference_data(apps)  # the licences: an earlier test with real transactions ends by emptying every table
     dataset = Dataset.objects.create(organization=aurora, name="corpus", provenance="licensed")
     dataset.licenses.set(License.objects.filter(key="mit"))
     DatasetVersion.objects.create(dataset=dataset, version="v1", manifest_sha256="a" * 64)

@@ -289,8 +289,10 @@ def test_the_cuda_graph_compile_mode_trains_where_there_are_no_graphs(tmp_path, 
     assert train(quick_config(data_dir, out, compile="yes", compile_mode="reduce-overhead", max_steps=20)) == 0
     losses = [e["loss"] for e in events(out, "step")]
     assert losses[-1] < losses[0] - 0.5
-    assert events(out, "start")[0]["compile_mode"] == "reduce-overhead"
-    assert events(out, "start")[0]["optimizer"] == "AdamW and clipping compiled"  # auto, with the model
+    start = events(out, "start")[0]
+    assert start["compile_mode"] == "reduce-overhead"
+    assert start["optimizer"] == "AdamW and clipping compiled"  # auto, with the model
+    assert start["train_config"]["head_loss"] == "auto" and start["head_loss"] == "fused"  # compiled too
 
 
 def test_the_compiled_optimizer_follows_the_fused_one_and_resumes_exactly(tmp_path, data_dir):
