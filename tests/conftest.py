@@ -47,19 +47,30 @@ def _empties_every_table(item: pytest.Item) -> bool:
         or bool({"transactional_db", "live_server"} & set(getattr(item, "fixturenames", ())))
 
 
+_SET_UP = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    result = yield  # raises when a fixture failed or a skipif marker skipped the test: then no test database was used
+    item.stash[_SET_UP] = True
+    return result
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item, nextitem):
     """A test with real transactions ends by emptying every table (TransactionTestCase's flush), the reference data
     the migrations loaded (licences, frameworks, thresholds) with them. Run in one process, pytest-django orders such
     tests after every other database test; a pytest-xdist worker may go on to another module's database tests, so
-    the reference data is put back once the flush is done."""
-    result = yield
-    if _empties_every_table(item):
-        from django.apps import apps
+    the reference data is put back once the flush is done, even when another teardown failed."""
+    try:
+        return (yield)
+    finally:
+        if item.stash.get(_SET_UP, False) and _empties_every_table(item):
+            from django.apps import apps
 
-        with item.config.stash[blocking_manager_key].unblock():
-            load_reference_data(apps)
-    return result
+            with item.config.stash[blocking_manager_key].unblock():
+                load_reference_data(apps)
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -81,6 +81,11 @@ def _site(tmp, database_url):
                GATEHOUSE_BROKER_VISIBILITY_TIMEOUT="3", GATEHOUSE_REDELIVERY_INTERVAL_SECONDS="1",
                GATEHOUSE_STRANDED_WORK_SECONDS="3", GATEHOUSE_DB_CONNECT_TIMEOUT="2")
     env.pop("CELERY_TASK_ALWAYS_EAGER", None)
+    if env.get("CELERY_BROKER_URL", "").startswith("redis"):
+        # With a 3 s visibility timeout these workers put back every message left unacknowledged 3 s in their Redis
+        # database, whoever sent it: the drills get a database of their own, so no deployment of another file running
+        # beside them (pytest-xdist) has its long training tasks delivered twice.
+        env["CELERY_BROKER_URL"] = urlunsplit(urlsplit(env["CELERY_BROKER_URL"])._replace(path="/13"))
     manage = [sys.executable, str(ROOT / "manage.py")]
     out = _shell({"env": env, "manage": manage}, SETUP.format(var=tmp), CELERY_TASK_ALWAYS_EAGER="1")
     processes: list[subprocess.Popen] = []
