@@ -1,7 +1,6 @@
 """Personas and helpers. alice owns aurora (admin), bob is her teammate (member), carol is an outsider
 (admin of her own organization), root is a superuser who approves."""
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,11 @@ from tests.releases.upstream import FakeUpstream
 
 def pytest_configure(config):
     """Under pytest-xdist (`make test` runs -n logical) each worker gets its share of the CPUs for PyTorch's threads,
-    and so do the processes a test starts: a worker per core, each with every core's threads, would oversubscribe."""
+    and so do the processes a test starts: a worker per core, each with every core's threads, would oversubscribe.
+    Nothing has imported torch yet (the test modules do, at collection), so it reads the variable."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
-        if "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 # The directories whose files take longest (compiling, training, whole deployments), sent to pytest-xdist's workers
