@@ -463,11 +463,13 @@ def test_a_busy_engine_is_passed_on_as_503_with_its_retry_after(served):
 
 
 def test_a_client_gone_before_the_first_event_is_metered_and_the_engine_stream_closed(served):
-    served.upstream.events = [chat_chunk(""), chat_chunk("a"), "[DONE]"]
+    served.upstream.events = [chat_chunk(""), *[chat_chunk("a")] * 20, "[DONE]"]
+    served.upstream.gap = 0.05  # still sending when the client leaves
     response = _chat(served, stream=True)
     assert list(InferenceCall.objects.values_list("status", flat=True)) == [0]  # in flight
     _client_leaves(response)  # the relay never ran
     assert list(InferenceCall.objects.values_list("status", "error_code")) == [(499, "client_disconnected")]
+    assert served.upstream.hung_up.wait(5)  # the engine's write failed: it stops generating
 
 
 def test_a_stream_cut_short_is_an_error_not_a_normal_end(served):
@@ -498,6 +500,7 @@ def test_a_client_that_leaves_before_the_usage_chunk_is_metered_for_what_was_rel
     _client_leaves(response)
     assert list(InferenceCall.objects.values_list("status", "error_code", "completion_tokens")) == [
         (499, "client_disconnected", 2)]
+    assert served.upstream.hung_up.wait(5)
 
 
 def test_events_that_come_in_one_read_are_relayed_in_one_write(served):

@@ -22,7 +22,8 @@ def chat_chunk(content: str | None = None, *, finish: str | None = None, usage: 
 class FakeUpstream:
     """By default every call gets COMPLETION. Set `status`, `body` (bytes) and `headers` for another answer, or
     `events` (the `data:` payloads, "[DONE]" included or not) to stream them, `gap` seconds apart. With `cut`, the
-    answer promises more bytes than it sends: the connection breaks in the middle of the body."""
+    answer promises more bytes than it sends: the connection breaks in the middle of the body. `hung_up` is set when
+    the gateway closed a stream before its last event (a write to it failed): what cancels the engine's generation."""
 
     def __init__(self):
         self.requests: list[dict] = []
@@ -30,6 +31,7 @@ class FakeUpstream:
         self.events: list[str] | None = None
         self.gap = 0.0
         self.cut = False
+        self.hung_up = threading.Event()
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -41,11 +43,14 @@ class FakeUpstream:
                     if upstream.cut:
                         self.send_header("Content-Length", "1000000")
                     self.end_headers()  # else (HTTP/1.0) the body ends when the connection closes
-                    for index, event in enumerate(upstream.events):
-                        if index and upstream.gap:
-                            time.sleep(upstream.gap)
-                        self.wfile.write(f"data: {event}\n\n".encode())
-                        self.wfile.flush()
+                    try:
+                        for index, event in enumerate(upstream.events):
+                            if index and upstream.gap:
+                                time.sleep(upstream.gap)
+                            self.wfile.write(f"data: {event}\n\n".encode())
+                            self.wfile.flush()
+                    except (BrokenPipeError, ConnectionResetError):
+                        upstream.hung_up.set()
                     return
                 body = upstream.body if upstream.body is not None else json.dumps(COMPLETION).encode()
                 self.send_response(upstream.status)
