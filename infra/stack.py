@@ -26,10 +26,38 @@ PG_ADMIN = os.environ.get("STACK_POSTGRES_URL", "postgres://postgres:postgres@12
 REDIS = os.environ.get("STACK_REDIS_URL", "redis://127.0.0.1:6379/14")
 
 
+def _port_block() -> range:
+    """The ports this process picks from: just below the kernel's ephemeral range, where outgoing connections take
+    their local ports (one could take a port picked there between the probe and the server's bind), and a block of
+    its own per pytest-xdist worker (gw0, gw1, ...), so two workers never pick the same port."""
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768  # Linux's default; other systems' ranges start higher
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    index = int(worker) % 16 if worker.isdigit() else 0
+    size = 500
+    top = ephemeral_low - index * size
+    return range(top - size, top)
+
+
+_PORTS = _port_block()
+_next_port = secrets.randbelow(len(_PORTS))  # a run right after another starts elsewhere: its ports may be in TIME_WAIT
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port nothing listens on, for a server about to start; successive calls give different ports."""
+    global _next_port
+    for _ in range(len(_PORTS)):
+        port = _PORTS[_next_port % len(_PORTS)]
+        _next_port += 1
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # in use, or closed moments ago (TIME_WAIT)
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_PORTS.start}-{_PORTS.stop - 1}")
 
 
 class Stack:

@@ -102,7 +102,9 @@ class _Server:
     def __init__(self):
         import httpx
 
-        port = _free_port()
+        from infra.stack import free_port
+
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port)])
         for _ in range(200):
@@ -116,14 +118,6 @@ class _Server:
     def stop(self):
         self.proc.terminate()
         self.proc.wait(timeout=10)
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def measure_ours(token, server, cases):

@@ -3,7 +3,6 @@ suite runs on PostgreSQL, else a SQLite file), var/ folder and Celery queues. Th
 migrated from scratch once per session: `migrate` takes seconds, a copy a fraction of one."""
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,9 @@ import httpx
 import psutil
 import pytest
 
+from infra.stack import free_port  # noqa: F401  (the end-to-end tests' servers take their ports from it)
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_http(url: str, timeout: float = 30) -> None:
