@@ -203,6 +203,7 @@ class Engine:
         if self.decode_mode == "graphs" and not use_cuda:
             raise ConfigError("decode graphs needs a CUDA device; on a CPU use dynamic (the default there)")
         self._use_graphs = use_cuda and self.decode_mode in ("graphs", "compiled")
+        self._key_positions = torch.arange(self.max_seq_len, device=self.device)
         self._set_step_regions(compiled=self.decode_mode == "compiled")
         self._graphs: dict[tuple[int, int], tuple] = {}
         self._graph_inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -211,8 +212,10 @@ class Engine:
         # One row more than the batch: the fixed-shape step's padding rows write there, never into a live slot.
         self.scratch_slot = max_batch
         # One tensor per layer, not one for all: torch.compile turns an in-place write into a view of a bigger
-        # input into a copy of that whole input (every layer's cache, twice, at every step).
-        shape = (max_batch + 1, c.num_kv_heads, self.max_seq_len, c.head_dim)
+        # input into a copy of that whole input (every layer's cache, twice, at every step). One position more than
+        # the longest context, never read: the fixed-shape step's keys, a slice up to its context bucket, are then
+        # never the whole cache, which torch.compile takes for a constant size, not the dynamic context.
+        shape = (max_batch + 1, c.num_kv_heads, self.max_seq_len + 1, c.head_dim)
         self.cache_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         self.cache_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         self.lengths = [0] * max_batch
@@ -712,7 +715,7 @@ class Engine:
         were prepared; 0 in the dynamic and static modes, which have nothing to prepare."""
         if self.decode_mode not in ("graphs", "compiled"):
             return 0
-        batches = sorted({self._bucket(n, 1, self.max_batch) for n in range(1, self.max_batch + 1)})
+        batches = sorted({self._batch_bucket(n) for n in range(1, self.max_batch + 1)})
         contexts = sorted({self._bucket(n, 64, self.max_seq_len) for n in range(1, self.max_seq_len + 1)})
         prepared = 0
         for batch in batches:
@@ -729,6 +732,12 @@ class Engine:
                 prepared += 1
         return prepared
 
+    def _batch_bucket(self, n: int) -> int:
+        """The fixed-shape step's rows for n requests. The compiled step has two at least: torch.compile takes a
+        dimension of size 1 for a constant, and would compile every region again for batch 1 alone; a padding row
+        adds next to nothing to a step whose time goes on reading the weights, as a GPU's does at batch 1."""
+        return self._bucket(n, 2 if self.decode_mode == "compiled" else 1, self.max_batch)
+
     def _bucket(self, n: int, smallest: int, largest: int) -> int:
         size = smallest
         while size < n:
@@ -740,7 +749,7 @@ class Engine:
         write only to the scratch slot), keys read up to a power-of-two context under a mask. Replayed from a
         CUDA graph in the graphs and compiled modes on a GPU, captured by warm_up or the first time a shape is seen."""
         n = len(tokens)
-        batch = self._bucket(n, 1, self.max_batch)
+        batch = self._batch_bucket(n)
         context = self._bucket(max(self.lengths[s] for s in slots) + 1, 64, self.max_seq_len)
         token_in, slot_in, position_in = self._step_inputs(batch)
         pad = batch - n
@@ -767,10 +776,16 @@ class Engine:
         """The fixed-shape step's three regions (_decode_start, _decode_layer, _decode_end), compiled or eager.
         Compiled region by region, not as one step: every layer runs the same compiled code with its own weights and
         cache as inputs, so a model's layers cost one layer's compilation; as one function, each layer was traced
-        and compiled again (the 'small' preset's warm-up, 12 shapes on this CPU: 73 s against 288 s). dynamic=True: a few
-        compilations serve every (batch, context) bucket, where static shapes would compile once per bucket."""
+        and compiled again (the 'small' preset's warm-up, 12 shapes on this CPU: 73 s against 288 s). Each region is
+        compiled once for every (batch, context) bucket: those two dimensions are marked dynamic (_dynamic), every
+        other size stays static. dynamic=True made every size and config integer symbolic instead, and sizes that
+        happened to be equal (a batch of 2 and 2 key heads) were guarded equal, so the next batch compiled again:
+        the 'small' preset's warm-up (batches up to 4, contexts up to 1,024), cold, took 76-83 s and 8 graphs that
+        way, batch 1 included, and takes 25 s and 3 graphs now."""
+        self._compiled = compiled
+
         def region(function):
-            return torch.compile(function, dynamic=True, fullgraph=True) if compiled else function
+            return torch.compile(function, fullgraph=True) if compiled else function
         self._start, self._layer, self._end = region(self._decode_start), region(self._decode_layer), \
             region(self._decode_end)
 
@@ -813,17 +828,30 @@ class Engine:
                      context: int) -> torch.Tensor:
         """Logits for one new token per row at `positions`, attending to keys [0, context) of each row's slot.
         Only tensor operations on fixed shapes: nothing here may read a value back to the host."""
-        x, cos, sin, visible = self._start(tokens, positions, context)
+        keys = self._key_positions[:context]  # the context as a tensor's size, a dimension the compiler keeps dynamic
+        self._dynamic(tokens, positions, keys)
+        x, cos, sin, visible = self._start(tokens, positions, keys)
+        self._dynamic(cos, sin, slots)
+        self._dynamic(visible, dims=(0, 3))
         for layer, w in enumerate(self.layers):
+            self._dynamic(x)
             x = self._layer(x, w, self.cache_k[layer], self.cache_v[layer], cos, sin, visible, slots, positions)
+        self._dynamic(x)
         return self._end(x)
 
-    def _decode_start(self, tokens: torch.Tensor, positions: torch.Tensor, context: int):
-        """The step's embeddings, its rows' RoPE factors and which of the context's keys each row sees."""
+    def _dynamic(self, *tensors: torch.Tensor, dims: tuple[int, ...] = (0,)) -> None:
+        """Marks the tensors' `dims` (the batch; the context) dynamic for the compiled regions."""
+        if self._compiled:
+            for tensor in tensors:
+                torch._dynamo.mark_dynamic(tensor, dims)
+
+    def _decode_start(self, tokens: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor):
+        """The step's embeddings, its rows' RoPE factors and which of the context's keys (their positions) each row
+        sees."""
         model = self.model
         cos = model.rope_cos[positions][:, None, None]  # (batch, 1, 1, head_dim)
         sin = model.rope_sin[positions][:, None, None]
-        visible = (torch.arange(context, device=self.device)[None, :] <= positions[:, None])[:, None, None]
+        visible = (keys[None, :] <= positions[:, None])[:, None, None]
         return model.model.embed_tokens(tokens[:, None]), cos, sin, visible
 
     def _decode_layer(self, x: torch.Tensor, w: "_LayerWeights", cache_k: torch.Tensor, cache_v: torch.Tensor,

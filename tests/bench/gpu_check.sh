@@ -2,7 +2,8 @@
 # GPU checks for a lent NVIDIA machine (device tool), from the repo root:
 #   bash tests/bench/gpu_check.sh generate               # compiling the 124M decode step takes most of it: 5.5+
 #                                                        # minutes compiled whole (an H200, 2026-11-27, ran out of
-#                                                        # time); now compiled per layer region, not yet timed
+#                                                        # time); now each region (embeddings, a layer, the head)
+#                                                        # compiled once for every shape, not yet timed on a GPU
 #   bash tests/bench/gpu_check.sh train tests torchrun   # ~6 minutes (train: ~1 minute a variant, with its compile)
 #   bash tests/bench/gpu_check.sh profile                # ~1.5 minutes: where a training step's GPU time goes
 # (all stages, the default, outlast one 10-minute device call: run two calls back to back on the warm machine).
@@ -15,7 +16,8 @@
 #      cannot spoil the others' CUDA context: its autotuned launch settings are printed. The tests stage checks both
 #      against the plain loss in bf16, and every launch config of the Triton kernel against cross_entropy)
 #   2. with what is left, on the warm machine: DECODE_MODES=compiled GENERATE_LIMIT=240 bash tests/bench/gpu_check.sh
-#      generate (issue 7: the CUDA default decode, compiled region by region, never timed; timeout_s ~260), or, if
+#      generate (issue 7: the CUDA default decode, compiled region by region, each once, never timed; on this
+#      CPU its warm-up went from 76-83 s to 25 s with that; timeout_s ~260), or, if
 #      step 1 left MFU under 0.50, PROFILE_VARIANT=residual_dtype=bfloat16 bash tests/bench/gpu_check.sh profile (~150)
 # TRAIN_VARIANTS (train_throughput --ours), PEER_RUNS (1 or 2), TRAIN_LIMIT and GENERATE_LIMIT (seconds) and
 # DECODE_MODES adjust stages.
