@@ -840,10 +840,12 @@ class Engine:
         return self._end(x)
 
     def _dynamic(self, *tensors: torch.Tensor, dims: tuple[int, ...] = (0,)) -> None:
-        """Marks the tensors' `dims` (the batch; the context) dynamic for the compiled regions."""
+        """Marks the tensors' `dims` (the batch; the context) dynamic for the compiled regions. "maybe": a model whose
+        code made one of them a constant would compile once per bucket, not fail its capture (and decode without
+        graphs); the test of the compiled step counts its graphs."""
         if self._compiled:
             for tensor in tensors:
-                torch._dynamo.mark_dynamic(tensor, dims)
+                torch._dynamo.maybe_mark_dynamic(tensor, dims)
 
     def _decode_start(self, tokens: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor):
         """The step's embeddings, its rows' RoPE factors and which of the context's keys (their positions) each row

@@ -1,6 +1,8 @@
 """The generation engine: greedy output equals transformers' generate token for token, batched equals
 unbatched, and sampling controls, stop sequences, limits and cancellation behave."""
 import contextlib
+import json
+import shutil
 
 import pytest
 import torch
@@ -161,25 +163,33 @@ def test_the_fixed_shape_decode_step_equals_the_dynamic_one(engine, export_dir):
         Engine(export_dir, device="cpu", decode="graphs")
 
 
-def test_the_compiled_decode_step_equals_the_eager_one(engine, export_dir):
+def test_the_compiled_decode_step_equals_the_eager_one(export_dir, tmp_path):
     """decode=compiled (the CUDA default, there captured as graphs) runs here as torch.compile made it, each
     shape compiled by warm_up, scattered slots and padding rows included (the first request ends a step before
-    the other three: three rows padded to four; one request alone runs as two rows)."""
+    the other three: three rows padded to four; one request alone runs as two rows). The model's context is
+    stretched to 256 positions, so the answers cross from the 64-key bucket into the 128-key one."""
     from torch._dynamo.utils import counters
 
+    longer = tmp_path / "longer"
+    shutil.copytree(export_dir, longer)
+    config = json.loads((longer / "config.json").read_text())
+    (longer / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 256}))
+    dynamic = Engine(longer, device="cpu", max_batch=4)
+    alone = [generate_alone(dynamic, p, max_tokens=70, temperature=0, ignore_eos=True).output_ids for p in PROMPTS]
     torch._dynamo.reset()
     counters.clear()
-    compiled = Engine(export_dir, device="cpu", max_batch=4, decode="compiled")
-    assert compiled.warm_up() == 2  # batches 2 and 4 at the model's one context bucket, compiled before serving
+    compiled = Engine(longer, device="cpu", max_batch=4, decode="compiled")
+    assert compiled.warm_up() == 2 * 3  # batches 2 and 4 x 64, 128 and 256 keys, compiled before serving
     # Each region (embeddings, a layer, the head) compiled once for every batch and context: a GPU's warm-up of the
-    # 124M step ran out of time when each shape compiled anew.
+    # 124M step ran out of time when shapes compiled anew.
     assert counters["stats"]["unique_graphs"] == 3
-    alone = [generate_alone(engine, p, max_tokens=20, temperature=0).output_ids for p in PROMPTS]
-    first = compiled.submit(compiled.encode(PROMPTS[0]), SamplingParams(max_tokens=20, temperature=0))
+    params = SamplingParams(max_tokens=70, temperature=0, ignore_eos=True)
+    first = compiled.submit(compiled.encode(PROMPTS[0]), params)
     compiled.step()
-    later = [compiled.submit(compiled.encode(p), SamplingParams(max_tokens=20, temperature=0)) for p in PROMPTS[1:]]
+    later = [compiled.submit(compiled.encode(p), params) for p in PROMPTS[1:]]
     compiled.run_until_idle()
-    assert [r.output_ids for r in [first] + later] == alone
+    assert [r.output_ids for r in [first] + later] == alone and all(len(a) == 70 for a in alone)
+    assert counters["stats"]["unique_graphs"] == 3  # nothing compiled while serving
     assert compiled.decode_mode == "compiled" and not compiled._graphs  # no graphs on a CPU
 
 
