@@ -1,10 +1,12 @@
 """Chromium (Playwright) against a live server: a visitor browses the catalog and opens a card; a user requests
 gated access, an admin approves it in the reviewers' queue, and the user then sees the download snippet and a
-file link that works. Screenshots go to test-output/<test name>/."""
+file link that works. Screenshots go to test-output/<test name>/. What a click leads to is checked with Playwright's
+expect, which waits for it: the click returns once the next page has started loading, not when it has arrived."""
 import subprocess
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect
 
 from .conftest import free_port, wait_for_http
 from .test_hub_clients import tiny_hf_folder
@@ -69,11 +71,12 @@ def test_visitor_browses_the_catalog_and_opens_a_card(site, chromium, screenshot
     page.screenshot(path=str(screenshots / "catalog.png"), full_page=True)
     page.get_by_label("Search models").fill("gated")
     page.get_by_role("button", name="Search").click()
-    assert page.get_by_role("link", name="aurora/tiny-gated").is_visible()
-    assert page.get_by_role("link", name="aurora/tiny-open").count() == 0
+    expect(page.get_by_role("link", name="aurora/tiny-gated")).to_be_visible()
+    expect(page.get_by_role("link", name="aurora/tiny-open")).to_have_count(0)
     page.get_by_label("Search models").fill("")
     page.get_by_label("Sort").select_option("name")
     page.get_by_role("button", name="Search").click()
+    page.wait_for_load_state()  # the click returns once the next page starts loading; read it whole
     links = page.locator("ul.models a").all_inner_texts()
     assert links == sorted(links) and "aurora/tiny-open" in links
     page.screenshot(path=str(screenshots / "catalog-filtered.png"), full_page=True)
@@ -94,7 +97,7 @@ def test_gated_access_is_requested_approved_in_the_queue_and_then_downloads(site
     carol.get_by_label("I accept the acceptable-use policy").check()
     carol.screenshot(path=str(screenshots / "1-request-form.png"), full_page=True)
     carol.get_by_role("button", name="Request access").click()
-    assert carol.get_by_text("pending review since").is_visible()
+    expect(carol.get_by_text("pending review since")).to_be_visible()
     carol.screenshot(path=str(screenshots / "2-pending.png"), full_page=True)
 
     alice = log_in(chromium, site, "alice", "pw-alice")
@@ -103,8 +106,8 @@ def test_gated_access_is_requested_approved_in_the_queue_and_then_downloads(site
     assert request.get_by_text("Northwind Research").is_visible() and "Waiting for" in request.inner_text()
     alice.screenshot(path=str(screenshots / "3-queue.png"), full_page=True)
     request.get_by_role("button", name="Approve").click()
-    assert alice.get_by_text("carol's request for aurora/tiny-gated: accepted").is_visible()
-    assert alice.get_by_text("No access requests wait for you").is_visible()
+    expect(alice.get_by_text("carol's request for aurora/tiny-gated: accepted")).to_be_visible()
+    expect(alice.get_by_text("No access requests wait for you")).to_be_visible()
 
     carol.goto(site + "/aurora/tiny-gated")
     assert 'snapshot_download("aurora/tiny-gated"' in carol.inner_text("div.access-panel")
@@ -129,7 +132,7 @@ def test_a_token_is_created_shown_once_works_and_is_revoked(site, chromium, scre
     page.goto(site + "/accounts/tokens")
     assert secret not in page.content()  # shown once
     page.get_by_role("button", name="Revoke laptop").click()
-    assert page.get_by_text("revoked").first.is_visible()
+    expect(page.get_by_text("revoked").first).to_be_visible()
     page.screenshot(path=str(screenshots / "2-revoked.png"), full_page=True)
     refused = httpx.get(site + "/api/v1/me", headers={"Authorization": f"Bearer {secret}"})
     assert refused.status_code == 401 and "revoked" in refused.json()["error"]["message"]
@@ -194,7 +197,7 @@ def test_a_release_request_is_approved_in_the_queue_and_the_badge_changes(deploy
     erin.screenshot(path=str(screenshots / "1-queue.png"), full_page=True)
     erin.get_by_label("Comment").fill("Checks pass; API first.")
     erin.get_by_role("button", name="Approve").click()
-    assert erin.get_by_text("approve recorded").is_visible()
+    expect(erin.get_by_text("approve recorded")).to_be_visible()
     erin.goto(site + "/aurora/coder")
     assert erin.locator("h1 .badge").inner_text() == "API only"
     panel = erin.inner_text("div.access-panel")
