@@ -27,18 +27,26 @@ REDIS = os.environ.get("STACK_REDIS_URL", "redis://127.0.0.1:6379/14")
 
 
 def _port_block() -> range:
-    """The ports this process picks from: just below the kernel's ephemeral range, where outgoing connections take
-    their local ports (one could take a port picked there between the probe and the server's bind), and a block of
-    its own per pytest-xdist worker (gw0, gw1, ...), so two workers never pick the same port."""
+    """The ports this process picks from: below the kernel's ephemeral range, where outgoing connections take their
+    local ports (one could take a port picked there between the probe and the server's bind), and a block of its own
+    per pytest-xdist worker (gw0, gw1, ...), so two workers never pick the same port (63 workers with Linux's
+    default range; more share blocks). With no room below that range, the ports above it."""
     try:
-        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral_low = 32768  # Linux's default; other systems' ranges start higher
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
-    index = int(worker) % 16 if worker.isdigit() else 0
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2])
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
     size = 500
-    top = ephemeral_low - index * size
-    return range(top - size, top)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    index = int(worker) if worker.isdigit() else 0
+    below = (low - 1024) // size  # blocks between the privileged ports and the ephemeral range
+    if below >= 1:
+        top = low - (index % below) * size
+        return range(top - size, top)
+    above = (65536 - high - 1) // size
+    if above >= 1:
+        bottom = high + 1 + (index % above) * size
+        return range(bottom, bottom + size)
+    return range(1024, 65536)  # every unprivileged port is ephemeral: any
 
 
 _PORTS = _port_block()

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the repository, for infra.stack, which e2e.conftest imports
 from e2e.conftest import free_port, wait_for_http  # noqa: E402  (the end-to-end tests' plain helpers)
 SIZE_MIB = int(os.environ.get("BENCH_SIZE_MIB", "1024"))
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))

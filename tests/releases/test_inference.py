@@ -491,8 +491,8 @@ def test_a_complete_stream_is_relayed_and_metered_from_its_usage(served):
 
 
 def test_a_client_that_leaves_before_the_usage_chunk_is_metered_for_what_was_relayed(served):
-    served.upstream.events = [chat_chunk(""), chat_chunk("a"), chat_chunk("b"), chat_chunk("c"),
-                              chat_chunk(finish="stop"), chat_chunk(usage={"completion_tokens": 3}), "[DONE]"]
+    served.upstream.events = [chat_chunk(""), chat_chunk("a"), chat_chunk("b"), *[chat_chunk("c")] * 10,
+                              chat_chunk(finish="stop"), chat_chunk(usage={"completion_tokens": 12}), "[DONE]"]
     served.upstream.gap = 0.05  # one event a read: events that come together are relayed in one write
     response = _chat(served, stream=True)
     relayed = iter(response.streaming_content)
