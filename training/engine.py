@@ -782,8 +782,6 @@ class Engine:
         happened to be equal (a batch of 2 and 2 key heads) were guarded equal, so the next batch compiled again:
         the 'small' preset's warm-up (batches up to 4, contexts up to 1,024), cold, took 76-83 s and 8 graphs that
         way, batch 1 included, and takes 25 s and 3 graphs now."""
-        self._compiled = compiled
-
         def region(function):
             return torch.compile(function, fullgraph=True) if compiled else function
         self._start, self._layer, self._end = region(self._decode_start), region(self._decode_layer), \
@@ -843,7 +841,7 @@ class Engine:
         """Marks the tensors' `dims` (the batch; the context) dynamic for the compiled regions. "maybe": a model whose
         code made one of them a constant would compile once per bucket, not fail its capture (and decode without
         graphs); the test of the compiled step counts its graphs."""
-        if self._compiled:
+        if self.decode_mode == "compiled":
             for tensor in tensors:
                 torch._dynamo.maybe_mark_dynamic(tensor, dims)
 
