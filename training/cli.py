@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--model", type=Path, required=True, help="a Llama-architecture Hugging Face folder")
     srv.add_argument("--model-id", default="", help="the id clients ask for (default: the folder's name)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    srv.add_argument("--port", type=int, default=8100, help="port to listen on (default 8100)")
+    srv.add_argument("--port", type=int, default=8100, help="port to listen on (default 8100; 0: one the system picks)")
+    srv.add_argument("--port-file", type=Path, help="once serving, write the port listened on to this file (replaced "
+                     "whole; with --port 0, how a supervisor learns the port)")
     srv.add_argument("--max-batch", type=int, default=32, help="requests decoded together (KV cache slots)")
     srv.add_argument("--max-waiting", type=int, default=256,
                      help="requests that may wait for a slot; beyond it new ones get 503 + Retry-After")
@@ -208,10 +210,13 @@ def _run(args) -> int:
             raise ConfigError(f"--max-batch must be at least 1, not {args.max_batch}")
         if not 0 <= args.port <= 65535:
             raise ConfigError(f"--port must be from 0 to 65535, not {args.port}")
+        if args.port_file is not None and not args.port_file.parent.is_dir():  # found out now, not after warm-up
+            raise ConfigError(f"--port-file {args.port_file}: the folder {args.port_file.parent} does not exist")
         try:
             serve(str(args.model), model_id=args.model_id or args.model.resolve().name, host=args.host, port=args.port,
                   max_batch=args.max_batch, device=args.device, decode=args.decode, max_waiting=args.max_waiting,
-                  max_seq_len=args.max_seq_len, prefix_cache=args.prefix_cache)
+                  max_seq_len=args.max_seq_len, prefix_cache=args.prefix_cache,
+                  port_file=str(args.port_file) if args.port_file else None)
         except KeyboardInterrupt:
             pass
         return 0

@@ -174,22 +174,6 @@ class Engine:
         model, hf_config = load_exported(model_dir, device=self.device)
         self.model = model.to(self.dtype).eval()  # the RoPE tables (buffers) are in this dtype too
         self.config = model.config
-        on_cpu = self.device.type == "cpu"
-        self.layers = [_LayerWeights.of(block, transposed=on_cpu) for block in self.model.model.layers]
-        self.lm_head = _Linear.of([self.model.lm_head.weight], [None], transposed=on_cpu)
-        if on_cpu:
-            # The blocks stay only where they read faster, which is not so on every CPU. Timed once per process and
-            # model shape: engines of one model in one process read it alike, so their greedy tokens cannot differ
-            # by the rounding of one layout against the other.
-            shapes = (tuple(p.shape for p in self.model.parameters()), self.dtype, torch.get_num_threads())
-            if shapes not in _BLOCKS_FASTER:
-                _BLOCKS_FASTER[shapes] = self._blocks_are_faster()
-            if not _BLOCKS_FASTER[shapes]:
-                self._drop_blocks()
-        self.model_dir = model_dir
-        self.tokenizer, self.chat_template, self.special_tokens, self.eos_ids = _load_tokenizer(model_dir, hf_config)
-        self.max_batch = max_batch
-        self.max_seq_len = min(max_seq_len or self.config.max_seq_len, self.config.max_seq_len)
         # dynamic: each decode step slices the cache to the longest row (eager; the CPU default). static: one
         # fixed-shape step per (batch, context) bucket. graphs: that step captured as CUDA graphs and replayed —
         # at small batch a GPU otherwise waits on the host launching ~35 kernels a layer. compiled (the CUDA
@@ -202,6 +186,24 @@ class Engine:
             raise ConfigError(f"decode must be auto, dynamic, static, graphs or compiled, not {decode!r}")
         if self.decode_mode == "graphs" and not use_cuda:
             raise ConfigError("decode graphs needs a CUDA device; on a CPU use dynamic (the default there)")
+        # A compiled step reads the weights as a GPU does: the blocks' few-rows branch is a guard on the batch, which
+        # would compile every region again for batches above _Linear.FEW_ROWS.
+        blocks = self.device.type == "cpu" and self.decode_mode != "compiled"
+        self.layers = [_LayerWeights.of(block, transposed=blocks) for block in self.model.model.layers]
+        self.lm_head = _Linear.of([self.model.lm_head.weight], [None], transposed=blocks)
+        if blocks:
+            # The blocks stay only where they read faster, which is not so on every CPU. Timed once per process and
+            # model shape: engines of one model in one process read it alike, so their greedy tokens cannot differ
+            # by the rounding of one layout against the other.
+            shapes = (tuple(p.shape for p in self.model.parameters()), self.dtype, torch.get_num_threads())
+            if shapes not in _BLOCKS_FASTER:
+                _BLOCKS_FASTER[shapes] = self._blocks_are_faster()
+            if not _BLOCKS_FASTER[shapes]:
+                self._drop_blocks()
+        self.model_dir = model_dir
+        self.tokenizer, self.chat_template, self.special_tokens, self.eos_ids = _load_tokenizer(model_dir, hf_config)
+        self.max_batch = max_batch
+        self.max_seq_len = min(max_seq_len or self.config.max_seq_len, self.config.max_seq_len)
         self._use_graphs = use_cuda and self.decode_mode in ("graphs", "compiled")
         self._key_positions = torch.arange(self.max_seq_len, device=self.device)
         self._set_step_regions(compiled=self.decode_mode == "compiled")

@@ -12,6 +12,7 @@ OpenAI's shape. A client that goes away cancels its request at the next decode s
 """
 import dataclasses
 import json
+import os
 import queue
 import select
 import socket
@@ -20,6 +21,7 @@ import threading
 import time
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import unquote
 
 from training.config import ConfigError
@@ -513,7 +515,7 @@ class Handler(BaseHTTPRequestHandler):
 
 def serve(model_dir: str, *, model_id: str, host: str = "127.0.0.1", port: int = 8100, max_batch: int = 32,
           device: str = "auto", decode: str = "auto", max_waiting: int = MAX_WAITING, max_seq_len: int | None = None,
-          prefix_cache: bool = True, ready=None) -> None:
+          prefix_cache: bool = True, port_file: str | None = None, ready=None) -> None:
     engine = Engine(model_dir, device=device, max_batch=max_batch, decode=decode, max_waiting=max_waiting,
                     max_seq_len=max_seq_len, prefix_cache=prefix_cache)
     # Before the port opens: the supervisor marks the engine ready only once /health answers.
@@ -529,6 +531,8 @@ def serve(model_dir: str, *, model_id: str, host: str = "127.0.0.1", port: int =
     # failed get their 503 first.
     engine.on_failure = lambda: threading.Timer(1.0, server.shutdown).start()
     engine.start()
+    if port_file:  # with port 0 the system chose it, and whoever started us learns it here: no port to race for
+        _write_atomically(Path(port_file), f"{server.server_address[1]}\n")
     print(f"engine serving {model_id} from {model_dir} on http://{host}:{server.server_address[1]}/v1 "
           f"(device {engine.device}, batch {max_batch}, context {engine.max_seq_len}, decode {engine.decode_mode})", flush=True)
     if ready is not None:
@@ -540,6 +544,13 @@ def serve(model_dir: str, *, model_id: str, host: str = "127.0.0.1", port: int =
         server.server_close()
     if engine.failure:
         raise EngineError(f"the engine failed: {engine.failure}")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Whoever reads `path` finds it whole or not at all."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def serve_in_thread(model_dir: str, *, model_id: str, **kwargs) -> EngineServer:

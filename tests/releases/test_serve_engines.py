@@ -1,8 +1,10 @@
 """The engine supervisor's judgement of its engines: one that never becomes ready, or that stops answering while it
 runs (hung, not exited), is marked down, stopped and started again after a backoff; a busy one that answers is left
-alone. The engine here is a process that only sleeps; whether it "answers /health" is the test's to say."""
+alone. The engine here is a process that only sleeps; the port it "bound" and whether it "answers /health" are the
+test's to say."""
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,10 +19,13 @@ def supervisor(register, aurora, alice, monkeypatch, tmp_path, settings):
     backend = InferenceBackend.objects.create(model=model, kind="local")
     started = []
     real_popen = subprocess.Popen
+    answers = {"health": False, "port": 43210}
 
     def popen(command, **kwargs):  # the real start_engine, with a sleeper in place of `python -m training serve`
         started.append(real_popen([sys.executable, "-c", "import time; time.sleep(120)"], **kwargs))
         started[-1].command = command  # what would have run
+        if answers["port"]:  # it bound a port at once and wrote it where it was told
+            Path(command[command.index("--port-file") + 1]).write_text(f"{answers['port']}\n")
         return started[-1]
 
     monkeypatch.setattr(serve_engines.subprocess, "Popen", popen)
@@ -28,7 +33,6 @@ def supervisor(register, aurora, alice, monkeypatch, tmp_path, settings):
     (tmp_path / "engines").mkdir()
     settings.VAR_DIR = tmp_path
     command = serve_engines.Command()
-    answers = {"health": False}
     monkeypatch.setattr(command, "ready", lambda engine: answers["health"])
     clock = {"now": 1000.0}
     monkeypatch.setattr(serve_engines, "time", SimpleNamespace(monotonic=lambda: clock["now"]))  # its clock only
@@ -59,7 +63,32 @@ def test_an_engine_not_ready_in_time_is_stopped_and_restarted_after_a_backoff(su
     assert len(started) == 2
     command.reconcile(engines)
     backend.refresh_from_db()
-    assert backend.url == f"http://127.0.0.1:{engines[backend.pk].port}/v1"
+    assert backend.url == "http://127.0.0.1:43210/v1"
+
+
+def test_an_engine_is_routed_to_on_the_port_it_reported_and_never_on_an_earlier_runs(supervisor, settings):
+    command, engines, backend, started, answers, clock = supervisor
+    answers["health"] = True
+    command.reconcile(engines)
+    command.reconcile(engines)
+    backend.refresh_from_db()
+    assert backend.url == "http://127.0.0.1:43210/v1"
+    assert started[0].command[started[0].command.index("--port") + 1] == "0"  # the engine binds; nothing to race for
+    started[0].kill()  # it crashed
+    started[0].wait()
+    command.reconcile(engines)
+    backend.refresh_from_db()
+    assert backend.url == "" and engines[backend.pk].failures == 1
+    answers["port"] = None  # the next one is still loading: it has bound nothing yet
+    clock["now"] += 3
+    for _ in range(3):
+        command.reconcile(engines)
+    backend.refresh_from_db()
+    assert len(started) == 2 and backend.url == "" and engines[backend.pk].port == 0  # not the old run's port
+    engines[backend.pk].port_file.write_text("43211\n")  # it serves
+    command.reconcile(engines)
+    backend.refresh_from_db()
+    assert backend.url == "http://127.0.0.1:43211/v1"
 
 
 def test_a_running_engine_that_stops_answering_is_taken_for_hung(supervisor, settings):

@@ -345,6 +345,8 @@ def test_a_cpu_engine_keeps_the_weight_blocks_only_where_they_read_faster(export
     monkeypatch.setattr(F, "linear", real_linear)
     assert blocks.few_row_layout == "blocks" and blocks.lm_head.blocks is not None
     assert Engine(export_dir, device="cpu", max_batch=2).few_row_layout == "blocks"  # chosen once per process
+    # Not for a compiled step: the blocks' few-rows branch would compile each region again for more rows.
+    assert Engine(export_dir, device="cpu", max_batch=2, decode="compiled").few_row_layout == "weight"
 
     engine_module._BLOCKS_FASTER.clear()
     monkeypatch.setattr(torch, "bmm", lambda *args: time.sleep(0.001) or real_bmm(*args))

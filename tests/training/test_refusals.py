@@ -252,6 +252,14 @@ def test_serve_settings_that_cannot_serve_are_one_line(trained, flag, message):
     assert out.returncode == 2 and out.stderr == f"error: {message}\n"
 
 
+def test_a_port_file_in_a_missing_folder_is_one_line_before_the_model_loads(tmp_path):
+    port_file = tmp_path / "nowhere" / "engine.port"
+    out = _cli("serve", "--model", tmp_path / "no-model", "--port", "0", "--port-file", port_file)
+    assert out.returncode == 2
+    assert out.stderr == f"error: --port-file {port_file}: the folder {port_file.parent} does not exist\n"
+    assert not port_file.parent.exists()
+
+
 def test_code_version_says_when_the_files_differ_from_the_commit(tmp_path):
     from training.trainer import code_version
 

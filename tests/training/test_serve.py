@@ -1,6 +1,8 @@
 """The engine's HTTP server: OpenAI shapes, errors (4xx, 500, 503 when full), and a client that leaves cancelling
 its request, streaming or not."""
 import json
+import subprocess
+import sys
 import time
 
 import httpx
@@ -377,3 +379,22 @@ def test_vllm_habits_top_k_minus_one_and_typed_stream_and_the_prompt_named_when_
     assert (refused.status_code, error["code"], error["param"]) == (400, "context_length_exceeded", "prompt")
     model = httpx.get(base + "/v1/models").json()["data"][0]
     assert model["root"] == "acme/coder" and model["max_model_len"] == running.engine.max_seq_len
+
+
+def test_an_engine_on_port_0_writes_the_port_it_bound_whole_once_it_serves(trained, tmp_path):
+    (tmp_path / "run").mkdir()
+    port_file = tmp_path / "run" / "engine.port"
+    process = subprocess.Popen([sys.executable, "-m", "training", "serve", "--model", str(trained / "export"),
+                                "--model-id", "acme/coder", "--device", "cpu", "--port", "0", "--port-file",
+                                str(port_file)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not port_file.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        port = int(port_file.read_text())
+        assert 0 < port < 65536 and [p.name for p in port_file.parent.iterdir()] == ["engine.port"]  # no partial file left
+        answer = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
+        assert answer["status"] == "ok" and answer["model"] == "acme/coder"
+    finally:
+        process.terminate()
+        print(process.communicate(timeout=30)[0])

@@ -3,8 +3,9 @@
     python manage.py serve_engines          # infra/run_local.py (`make run`) starts it beside web and worker
 
 Each enabled backend of kind "local" gets its model version's files copied out of weight storage (streamed)
-into VAR_DIR/engines/<commit>/, an engine on a free loopback port, and its URL recorded on the backend once
-the engine answers /health, so the gateway starts routing to it. An engine that exits, that is not ready within
+into VAR_DIR/engines/<commit>/, an engine on a loopback port the system picks (the engine binds port 0 and writes
+the port to a file: no port to race other processes for), and its URL recorded on the backend once the engine
+answers /health, so the gateway starts routing to it. An engine that exits, that is not ready within
 GATEHOUSE_ENGINE_START_TIMEOUT_SECONDS, or that stops answering /health for GATEHOUSE_ENGINE_UNRESPONSIVE_SECONDS
 while it runs (hung) is marked down (the gateway answers 503 with Retry-After), stopped and restarted with backoff.
 So is one whose files could not be copied out or whose process could not be started: the others keep running.
@@ -13,7 +14,6 @@ SIGTERM/SIGINT stop every engine.
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,12 +29,6 @@ from releases.ops import engine_healthy
 
 ROOT = Path(__file__).resolve().parents[3]
 POLL_SECONDS = 2.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def materialize(version) -> Path:
@@ -70,9 +64,17 @@ class Engine:
     def __init__(self, backend_id: int):
         self.backend_id, self.process, self.port, self.failures, self.next_start = backend_id, None, 0, 0, 0.0
         self.commit = ""
+        self.port_file: Path | None = None  # where the engine writes the port it bound, once it serves
         self.log = None  # the engine's log file, open while it runs
         self.started_at = 0.0  # when the process was started (time.monotonic, as every time here)
         self.first_miss, self.misses = None, 0  # a ready engine's unanswered /health probes in a row, since when
+
+    def reported_port(self) -> int:
+        """The port the engine listens on, 0 until it has said (the file is written whole, after the bind)."""
+        try:
+            return int(self.port_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
 
     def mark(self, url: str) -> None:
         InferenceBackend.objects.filter(pk=self.backend_id).update(url=url, updated_at=timezone.now())
@@ -128,7 +130,8 @@ class Command(BaseCommand):
         if engine.process is None and now >= engine.next_start:
             self.start_engine(engine, backend, version)
         elif engine.process is not None and not backend.url:  # starting: loading, compiling, capturing
-            if self.ready(engine):
+            engine.port = engine.port or engine.reported_port()
+            if engine.port and self.ready(engine):
                 engine.mark(f"http://127.0.0.1:{engine.port}/v1")
                 engine.failures, engine.first_miss, engine.misses = 0, None, 0
                 self.stdout.write(f"engine for {backend.model.repo_id} is ready on port {engine.port}")
@@ -157,16 +160,18 @@ class Command(BaseCommand):
 
     def start_engine(self, engine: Engine, backend: InferenceBackend, version) -> None:
         folder = materialize(version)
-        engine.port, engine.commit, engine.started_at = _free_port(), version.commit, time.monotonic()
-        engine.log = open(Path(settings.VAR_DIR) / "engines" /
-                          f"{backend.model.organization.slug}--{backend.model.name}.log", "a")
+        engine.port, engine.commit, engine.started_at = 0, version.commit, time.monotonic()
+        name = f"{backend.model.organization.slug}--{backend.model.name}"
+        engine.port_file = Path(settings.VAR_DIR) / "engines" / f"{name}.port"
+        engine.port_file.unlink(missing_ok=True)  # the last run's port is not this one's
+        engine.log = open(Path(settings.VAR_DIR) / "engines" / f"{name}.log", "a")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "platform"), str(ROOT)]))
         engine.process = subprocess.Popen(
             [sys.executable, "-m", "training", "serve", "--model", str(folder), "--model-id", backend.model.repo_id,
-             "--port", str(engine.port), "--max-seq-len", str(settings.ENGINE_MAX_SEQ_LEN)],
+             "--port", "0", "--port-file", str(engine.port_file), "--max-seq-len", str(settings.ENGINE_MAX_SEQ_LEN)],
             cwd=ROOT, env=env, stdout=engine.log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         InferenceBackend.objects.filter(pk=backend.pk).update(url="", upstream_model=backend.model.repo_id)
-        self.stdout.write(f"starting the engine for {backend.model.repo_id}@{version.commit[:12]} on port {engine.port}")
+        self.stdout.write(f"starting the engine for {backend.model.repo_id}@{version.commit[:12]}")
 
     def ready(self, engine: Engine) -> bool:
         return engine_healthy(f"http://127.0.0.1:{engine.port}/v1", timeout=1)
