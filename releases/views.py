@@ -30,7 +30,7 @@ def with_visible_model(view):
     def wrapper(request, org, name):
         try:
             model = model_get(user=request.user, org=org, name=name)
-        except ApplicationError as exc:
+        except ApplicationError:
             return render(request, "web/404.html", {"path": request.path}, status=404)
         return view(request, model)
     return wrapper
