@@ -531,13 +531,13 @@ def serve(model_dir: str, *, model_id: str, host: str = "127.0.0.1", port: int =
     # failed get their 503 first.
     engine.on_failure = lambda: threading.Timer(1.0, server.shutdown).start()
     engine.start()
-    if port_file:  # with port 0 the system chose it, and whoever started us learns it here: no port to race for
-        _write_atomically(Path(port_file), f"{server.server_address[1]}\n")
     print(f"engine serving {model_id} from {model_dir} on http://{host}:{server.server_address[1]}/v1 "
           f"(device {engine.device}, batch {max_batch}, context {engine.max_seq_len}, decode {engine.decode_mode})", flush=True)
     if ready is not None:
         ready(server)
     try:
+        if port_file:  # with port 0 the system chose it, and whoever started us learns it here: no port to race for
+            _write_atomically(Path(port_file), f"{server.server_address[1]}\n")
         server.serve_forever()
     finally:
         engine.stop()
@@ -549,8 +549,12 @@ def serve(model_dir: str, *, model_id: str, host: str = "127.0.0.1", port: int =
 def _write_atomically(path: Path, text: str) -> None:
     """Whoever reads `path` finds it whole or not at all."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except BaseException:  # a full disk, say: nothing half-written left behind
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def serve_in_thread(model_dir: str, *, model_id: str, **kwargs) -> EngineServer:

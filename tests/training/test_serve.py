@@ -398,3 +398,13 @@ def test_an_engine_on_port_0_writes_the_port_it_bound_whole_once_it_serves(train
     finally:
         process.terminate()
         print(process.communicate(timeout=30)[0])
+
+
+def test_a_port_file_that_cannot_be_written_stops_the_engine_in_one_line_and_leaves_nothing(trained, tmp_path):
+    port_file = tmp_path / "run" / "engine.port"
+    port_file.mkdir(parents=True)  # a folder where the file should go: os.replace refuses
+    done = subprocess.run([sys.executable, "-m", "training", "serve", "--model", str(trained / "export"), "--device",
+                           "cpu", "--port", "0", "--port-file", str(port_file)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1
+    assert sorted(p.name for p in port_file.parent.iterdir()) == ["engine.port"] and port_file.is_dir()
