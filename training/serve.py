@@ -552,9 +552,9 @@ def _write_atomically(path: Path, text: str) -> None:
     try:
         partial.write_text(text)
         os.replace(partial, path)
-    except BaseException:  # a full disk, say: nothing half-written left behind
+    except OSError as exc:  # a full disk, a folder in its place: nothing half-written left, and the path asked for named
         partial.unlink(missing_ok=True)
-        raise
+        raise OSError(exc.errno, f"cannot write it: {exc.strerror}", str(path)) from None
 
 
 def serve_in_thread(model_dir: str, *, model_id: str, **kwargs) -> EngineServer:
