@@ -161,10 +161,10 @@ class Command(BaseCommand):
     def start_engine(self, engine: Engine, backend: InferenceBackend, version) -> None:
         folder = materialize(version)
         engine.port, engine.commit, engine.started_at = 0, version.commit, time.monotonic()
-        name = f"{backend.model.organization.slug}--{backend.model.name}"
-        engine.port_file = Path(settings.VAR_DIR) / "engines" / f"{name}.port"
+        engines, name = Path(settings.VAR_DIR) / "engines", f"{backend.model.organization.slug}--{backend.model.name}"
+        engine.port_file = engines / f"{name}.port"
         engine.port_file.unlink(missing_ok=True)  # the last run's port is not this one's
-        engine.log = open(Path(settings.VAR_DIR) / "engines" / f"{name}.log", "a")
+        engine.log = open(engines / f"{name}.log", "a")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "platform"), str(ROOT)]))
         engine.process = subprocess.Popen(
             [sys.executable, "-m", "training", "serve", "--model", str(folder), "--model-id", backend.model.repo_id,
